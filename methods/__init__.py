@@ -1,0 +1,1 @@
+"""Built-in methods: one file each, registered with @register_method(<file stem>)."""

@@ -1,0 +1,265 @@
+"""The contracts every method and task implements, and the small records they exchange with core.
+
+A **method** rewrites a backbone's linear layers in place (adapters), says which of its parameters play which role
+(so optimizer grouping, freezing and counting never depend on parameter-name substrings), routes per-task adapters
+from per-example task ids, and may contribute callbacks and an auxiliary loss.
+
+A **task** owns data (one datamodule per profile), heads, per-subtask losses and versioned metrics with a direction.
+Core owns everything else: backbone-family knowledge (:mod:`mtbench.backbones`), the training loop, measurement and
+tracking. Methods never import tasks and tasks never import methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    import torchmetrics
+
+    from .data import LoaderConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigBase:
+    """Base of every method and task config: frozen, keyword-only, every field typed and defaulted.
+
+    Each field carries an attribute docstring; ``mtbench ls`` shows fields and defaults. Cross-field checks go in
+    ``__post_init__`` and raise ``ValueError`` naming the CLI key (``"method.r must be > 0"``).
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig(ConfigBase):
+    """Fields shared by every method."""
+
+    target_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    """Linear layers to adapt: backbone roles (q, k, v, qkv, proj, fc1, fc2), exact module names, or one regex."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig(ConfigBase):
+    """Fields shared by every task."""
+
+    subtasks: tuple[str, ...] = ()
+    """Subtasks to train and evaluate; empty means the task's default list."""
+    backbone: str = ""
+    """Backbone: a registered backbone name, a hub id, or a local directory / checkpoint."""
+    data_root: str = ""
+    """Local data folder; empty means $MTBENCH_DATA, then the hub (when online)."""
+
+
+RoleKind = Literal["A", "B", "scale", "router", "other"]
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """What an adapter parameter is, declared by the layer that owns it.
+
+    ``kind`` drives optimizer grouping (LoRA+ multiplies the learning rate of every ``B``, whatever the method);
+    ``task`` is set for task-specific tensors (MTLoRA's per-task factors).
+    """
+
+    kind: RoleKind
+    task: str | None = None
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    """An adapter layer: it names its own trainable parameters and their roles (relative names)."""
+
+    def adapter_params(self) -> dict[str, ParamRole]:
+        """Map each adapter parameter's name (relative to this module) to its role."""
+        ...
+
+
+class TaskRouting:
+    """Per-example task ids shared by a method's adapter layers (set by the runner before every forward).
+
+    A batch may mix tasks; layers read :meth:`ids_for` to pick each example's task adapter without a Python loop.
+    Inputs whose leading dimension is a multiple of the batch (for example Swin's windows, batch-major) are handled
+    by repeating each id.
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.tasks = tuple(tasks)
+        self.task_ids: Tensor | None = None
+
+    def set(self, task_ids: Tensor | str | None) -> None:
+        """Route every example to ``task_ids`` (per-example ids, a task name, or ``None`` for 'no task')."""
+        if isinstance(task_ids, str):
+            task_ids = torch.tensor([self.tasks.index(task_ids)])
+        self.task_ids = task_ids
+
+    def ids_for(self, x: Tensor) -> Tensor | None:
+        """Task ids aligned with ``x``'s leading dimension, or ``None`` when no task is set."""
+        ids = self.task_ids
+        if ids is None:
+            return None
+        n = x.shape[0]
+        if ids.numel() == 1:
+            return ids.to(x.device).expand(n)
+        if n % ids.numel():
+            raise ValueError(f"cannot align {ids.numel()} task ids with a leading dimension of {n}")
+        return ids.to(x.device).repeat_interleave(n // ids.numel())
+
+
+class Method(ABC):
+    """A fine-tuning method. Subclasses set ``config_cls`` and implement :meth:`apply`."""
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    mergeable: ClassVar[bool] = False
+    """Whether :meth:`merge` folds the adapters into the base weights exactly."""
+
+    def __init__(self, cfg: MethodConfig, tasks: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.tasks = tuple(tasks)
+        self.routing = TaskRouting(self.tasks)
+
+    @abstractmethod
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        """Wrap the backbone's target layers in place with adapter layers and return the model."""
+
+    def trainable(self, model: nn.Module) -> set[str]:
+        """Names of parameters to train (before heads and task-declared extras); default: adapter parameters."""
+        return set(adapter_roles(model))
+
+    def set_task(self, model: nn.Module, task_ids: Tensor | str | None) -> None:
+        """Route the next forward pass: per-example task ids ``(B,)``, one task name, or ``None``."""
+        self.routing.set(task_ids)
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups over every trainable parameter, each exactly once.
+
+        Default: 2-D+ tensors decay, biases and norms (1-D) do not.
+        """
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"}]
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"})
+        return [g for g in groups if g["params"]]
+
+    def callbacks(self) -> list[pl.Callback]:
+        """Lightning callbacks the method needs (schedules such as LoRASC's stages)."""
+        return []
+
+    def aux_loss(self, model: nn.Module) -> Tensor | None:
+        """An auxiliary loss gathered during the last forward (MoSLD's balance loss), added by the runner."""
+        return None
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold adapters into the base weights (mergeable methods only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo :meth:`merge` exactly."""
+        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+
+
+def adapter_roles(model: nn.Module) -> dict[str, ParamRole]:
+    """Full parameter name -> role for every adapter parameter in ``model``."""
+    roles: dict[str, ParamRole] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, AdapterModule) and not isinstance(module, type):
+            for name, role in module.adapter_params().items():
+                roles[f"{prefix}.{name}" if prefix else name] = role
+    return roles
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: a torchmetrics factory, its direction, whether it is the subtask's headline, and its version.
+
+    Runs whose metric versions differ are never merged into one leaderboard row.
+    """
+
+    factory: Callable[[], torchmetrics.Metric]
+    higher_is_better: bool
+    primary: bool = False
+    version: str = "1"
+
+
+class MultiTaskModel(nn.Module):
+    """The trained model: an adapted backbone plus one head per subtask (heads may be empty, e.g. an LM)."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = heads if heads is not None else nn.ModuleDict()
+
+
+class Task(ABC):
+    """A task family (GLUE, PASCAL-Context, an LLM mixture): data, heads, losses and metrics of its subtasks.
+
+    Subclasses set ``config_cls``, ``version`` (bump it whenever preprocessing, splits or metrics change) and
+    ``profiles`` (``smoke``, ``cpu``, ``paper``), each a dict of experiment overrides (``task``, ``train``,
+    ``trainer`` sections).
+    """
+
+    config_cls: ClassVar[type[TaskConfig]] = TaskConfig
+    version: ClassVar[str]
+    profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    default_subtasks: ClassVar[tuple[str, ...]] = ()
+    unfrozen_with_peft: ClassVar[str | None] = None
+    """Regex of backbone parameters that train beside the adapters for every PEFT method (recorded in the config)."""
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        self.subtasks: tuple[str, ...] = tuple(cfg.subtasks) or self.default_subtasks
+
+    @abstractmethod
+    def backbone(self) -> nn.Module:
+        """Build the (pretrained or config-built) backbone; core's backbone registry knows the families."""
+
+    @abstractmethod
+    def datamodule(self, loader: LoaderConfig) -> pl.LightningDataModule:
+        """Batches are dicts with ``task_ids`` (B,) indexing :attr:`subtasks`, plus the task's inputs."""
+
+    @abstractmethod
+    def heads(self, backbone: nn.Module) -> nn.ModuleDict:
+        """One head per subtask, keyed by subtask name."""
+
+    @abstractmethod
+    def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Outputs per subtask present in the batch."""
+
+    @abstractmethod
+    def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """One mean loss per subtask present in the batch."""
+
+    @abstractmethod
+    def metrics(self) -> dict[str, dict[str, MetricSpec]]:
+        """Subtask -> metric name -> spec; exactly one primary metric per subtask."""
+
+    @abstractmethod
+    def update_metrics(
+        self,
+        metrics: Mapping[str, Mapping[str, torchmetrics.Metric]],
+        model: MultiTaskModel,
+        batch: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+    ) -> None:
+        """Update the metrics of the subtasks present in an evaluation batch."""
+
+    def loss_weights(self) -> dict[str, float]:
+        """Per-subtask loss weights (default 1)."""
+        return dict.fromkeys(self.subtasks, 1.0)
+
+    def baselines(self) -> dict[str, dict[str, float]] | None:
+        """Single-task reference scores for Δm, ``{subtask: {metric: value}}``, or ``None``."""
+        return None
+
+    def batch_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
+        """(examples, tokens) in a batch, for throughput; tokens is 0 for non-text tasks."""
+        n = int(batch["task_ids"].shape[0])
+        mask = batch.get("attention_mask")
+        return n, int(mask.sum()) if isinstance(mask, Tensor) else 0
