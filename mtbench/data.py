@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
@@ -34,9 +36,9 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ValueError("train.batch_size and train.eval_batch_size must be > 0")
+            raise ConfigError("train.batch_size and train.eval_batch_size must be > 0")
         if self.temperature <= 0:
-            raise ValueError("train.temperature must be > 0")
+            raise ConfigError("train.temperature must be > 0")
 
 
 def task_probabilities(sizes: Sequence[int], sampler: str, temperature: float) -> torch.Tensor:

@@ -221,8 +221,11 @@ class Task(ABC):
         """Build the (pretrained or config-built) backbone; core's backbone registry knows the families."""
 
     @abstractmethod
-    def datamodule(self, loader: LoaderConfig) -> pl.LightningDataModule:
-        """Batches are dicts with ``task_ids`` (B,) indexing :attr:`subtasks`, plus the task's inputs."""
+    def datamodule(self, loader: LoaderConfig, seed: int = 0) -> pl.LightningDataModule:
+        """Batches are dicts with ``task_ids`` (B,) indexing :attr:`subtasks`, plus the task's inputs.
+
+        ``seed`` seeds the task sampler and any subsampling, so a run is reproducible from its seed.
+        """
 
     @abstractmethod
     def heads(self, backbone: nn.Module) -> nn.ModuleDict:

@@ -1,0 +1,114 @@
+"""Measurement callbacks, identical for every method and task: parameters, throughput, peak memory, wall time.
+
+Lightning's ``ThroughputMonitor`` logs rolling per-step windows; a leaderboard needs one figure per run measured the
+same way everywhere (timed steps after a warm-up, synchronised on GPU, summed over ranks), so the timing is here.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from .interfaces import adapter_roles
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Adapter-only, all trainable (incl. heads and unfrozen backbone parts) and total parameter counts."""
+    params = dict(model.named_parameters())
+    adapter = sum(params[n].numel() for n in adapter_roles(model) if n in params)
+    return {
+        "adapter": adapter,
+        "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+        "total": sum(p.numel() for p in params.values()),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable device name (GPU model, or the CPU with its thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Measurements(pl.Callback):
+    """Times training steps after ``warmup_steps`` and evaluation batches, and records peak memory.
+
+    Results land in :attr:`values` (also logged under ``perf/`` and ``params/``). Peak memory is
+    ``torch.cuda.max_memory_allocated`` (reset once the model is on the device) on CUDA, and the process's peak
+    resident set size on CPU (which includes the interpreter and libraries; tagged ``memory_kind``).
+    """
+
+    def __init__(self, warmup_steps: int = 3) -> None:
+        self.warmup_steps = warmup_steps
+        self.values: dict[str, Any] = {}
+        self._train_time = 0.0
+        self._train_samples = self._train_tokens = self._timed_steps = 0
+        self._eval_time = 0.0
+        self._eval_samples = 0
+        self._t0 = self._fit_start = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self.values["params"] = count_parameters(pl_module)
+        self.values["device"] = device_name(pl_module.device)
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step >= self.warmup_steps:
+            _sync(pl_module.device)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if self._t0:
+            _sync(pl_module.device)
+            self._train_time += time.perf_counter() - self._t0
+            samples, tokens = pl_module.task.batch_size(batch)
+            self._train_samples += samples
+            self._train_tokens += tokens
+            self._timed_steps += 1
+            self._t0 = 0.0
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int, dl: int = 0) -> None:
+        _sync(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int, dl: int = 0
+    ) -> None:
+        _sync(pl_module.device)
+        self._eval_time += time.perf_counter() - self._t0
+        self._eval_samples += pl_module.task.batch_size(batch)[0]
+        self._t0 = 0.0
+
+    def summary(self, trainer: pl.Trainer, device: torch.device) -> dict[str, Any]:
+        """Final figures: throughput summed over ranks, peak memory, wall time."""
+        world = trainer.world_size
+        perf: dict[str, Any] = {"wall_s": time.perf_counter() - self._fit_start, "timed_steps": self._timed_steps}
+        if self._train_time > 0:
+            # Every rank processes its own batch in the same wall time, so global throughput is the per-rank rate
+            # times the number of ranks.
+            perf["train_samples_per_s"] = world * self._train_samples / self._train_time
+            if self._train_tokens:
+                perf["train_tokens_per_s"] = world * self._train_tokens / self._train_time
+        if self._eval_time > 0:
+            perf["eval_samples_per_s"] = world * self._eval_samples / self._eval_time
+        if device.type == "cuda":
+            perf["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            perf["memory_kind"] = "cuda_max_allocated"
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            perf["peak_mem_mb"] = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+            perf["memory_kind"] = "cpu_peak_rss"
+        return perf

@@ -1,0 +1,177 @@
+"""``mtbench`` command line: run, ls, validate, leaderboard, demo.
+
+Only argparse is imported at start-up, so ``mtbench --help`` answers at once; torch, Lightning and MLflow load inside
+the subcommand that needs them. User errors print one line and exit with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+EXIT_USAGE = 2
+_STATUS_EXIT = {"FINISHED": 0, "FAILED": 1, "KILLED": 130}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                        help="load a method/task plugin file (repeatable)")
+    common.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store in ./mtbench-runs)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(prog="mtbench", description="Benchmark parameter-efficient multi-task "
+                                     "fine-tuning methods on multi-task benchmarks, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="train one method on one task")
+    run.add_argument("--method", help="registered method name (see `mtbench ls methods`)")
+    run.add_argument("--task", help="registered task name (see `mtbench ls tasks`)")
+    run.add_argument("--profile", help="task profile: smoke, cpu or paper (default smoke)")
+    run.add_argument("--seed", type=int, help="random seed (default 0)")
+    run.add_argument("--config", metavar="FILE.yaml", help="experiment YAML (sections method/task/train/trainer)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                     help="override a config key, e.g. method.r=16 or trainer.max_steps=50 (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    ls = sub.add_parser("ls", parents=[common], help="list registered methods, tasks or backbones")
+    ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "backbones"], default="methods")
+
+    validate = sub.add_parser("validate", parents=[common], help="build every method x task x profile without training")
+    validate.add_argument("--profile", action="append", help="only these profiles (default: smoke)")
+
+    board = sub.add_parser("leaderboard", parents=[common], help="write leaderboard CSV and Markdown from the runs")
+    board.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
+
+    demo = sub.add_parser("demo", parents=[common], help="every method on every task's smoke profile, then the board")
+    demo.add_argument("--out", default=None, help="leaderboard folder (default: <store home>/leaderboard)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mtbench`` console script."""
+    args = _parser().parse_args(argv)
+    _quiet_environment()
+    try:
+        from . import registry
+
+        registry.discover(args.plugin)
+        return int(_COMMANDS[args.command](args))
+    except Exception as exc:
+        from .errors import MtbenchError
+
+        if args.debug or not isinstance(exc, MtbenchError):
+            raise
+        print(f"mtbench: error: {exc}".splitlines()[0], file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "mlflow", "alembic", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train and evaluate one method on one task."""
+    from .config import resolve
+    from .execute import run_experiment
+
+    exp = resolve(args.method, args.task, args.profile, args.seed, args.config, args.sets)
+    outcome = run_experiment(exp, args.tracking_uri, progress=not args.no_progress)
+    headline = ", ".join(f"{k}={v:.4f}" for k, v in sorted(outcome.metrics.items()))
+    print(f"run {outcome.run_id} {outcome.status}: {headline or outcome.error}")
+    return _STATUS_EXIT[outcome.status]
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Print name, origin, description and config fields of each registered method, task or backbone."""
+    from . import registry
+    from .config import config_fields
+
+    reg = getattr(registry, args.kind)
+    for name in reg.names():
+        obj = reg.get(name)
+        doc = (obj.__doc__ or "").strip().splitlines()
+        print(f"{name}  [{reg.origin(name)}]\n    {doc[0] if doc else ''}")
+        if args.kind == "tasks":
+            print(f"    version {obj.version}; profiles: {', '.join(obj.profiles)}")
+        if hasattr(obj, "config_cls"):
+            for field, kind, default, help_text in config_fields(obj.config_cls):
+                print(f"    {field}: {kind} = {default!r}  {help_text}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Resolve and build every method x task x profile; print one line each."""
+    from . import registry
+    from .config import resolve
+    from .runner import build_module
+
+    failures = 0
+    for task in registry.tasks.names():
+        profiles = args.profile or ["smoke"]
+        for method in registry.methods.names():
+            for profile in profiles:
+                try:
+                    module = build_module(resolve(method, task, profile))
+                    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+                    print(f"ok    {method:12s} {task:14s} {profile:6s} trainable={trainable:,}")
+                except Exception as exc:
+                    failures += 1
+                    print(f"FAIL  {method:12s} {task:14s} {profile:6s} {exc.__class__.__name__}: {exc}")
+    return 1 if failures else 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Write leaderboard.csv and LEADERBOARD.md from the tracking store."""
+    from .leaderboard import build_leaderboard, write_leaderboard
+    from .tracking import tracking_uri
+
+    board = build_leaderboard(tracking_uri(args.tracking_uri))
+    paths = write_leaderboard(board, args.out)
+    print(f"{len(board.rows)} rows from {board.finished} finished runs "
+          f"({board.excluded} excluded: {board.excluded_detail or 'none'}) -> {', '.join(map(str, paths))}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Every registered method on every task's smoke profile, then the leaderboard."""
+    from . import registry
+    from .config import resolve
+    from .execute import run_experiment
+    from .tracking import home_dir
+
+    failed = []
+    combos = [(m, t) for t in registry.tasks.names() for m in registry.methods.names()]
+    for i, (method, task) in enumerate(combos, 1):
+        outcome = run_experiment(resolve(method, task, "smoke"), args.tracking_uri, progress=False)
+        avg = outcome.metrics.get("val/avg")
+        print(f"[{i}/{len(combos)}] {method} on {task}: {outcome.status}"
+              + (f" val/avg={avg:.4f}" if avg is not None else f" ({outcome.error})"), flush=True)
+        if outcome.status != "FINISHED":
+            failed.append(f"{method}/{task}")
+    args.out = args.out or str(home_dir() / "leaderboard")
+    cmd_leaderboard(args)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+_COMMANDS: dict[str, Any] = {
+    "run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "leaderboard": cmd_leaderboard, "demo": cmd_demo,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

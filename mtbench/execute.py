@@ -1,0 +1,189 @@
+"""One tracked run: create the MLflow run with its provenance, train and evaluate, record the outcome.
+
+Whatever happens, the run ends recorded with a status: FINISHED, FAILED (error tag and traceback artifact) or
+KILLED (Ctrl-C, SIGTERM). The ``result.json`` artifact is written atomically in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Experiment
+from .results import SCHEMA, write_result
+from .tracking import (EXPERIMENT, artifact_root, client, experiment_id, flatten, git_state, host_info,
+                       package_versions, safe_params, tracking_uri)
+
+
+@dataclass
+class Outcome:
+    """What a run ended with."""
+
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+    result: dict[str, Any]
+    error: str | None = None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so a terminated run is recorded as KILLED, like Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = True) -> Outcome:
+    """Train and evaluate ``exp`` under MLflow tracking at ``uri`` (default: the embedded store)."""
+    from mlflow.entities import Param
+
+    uri = tracking_uri(uri)
+    mlflow = client(uri)
+    exp_id = experiment_id(mlflow, uri)
+    commit, dirty = git_state()
+    config = exp.as_dict()
+    tags = {
+        "mtbench.method": exp.method_name,
+        "mtbench.task": exp.task_name,
+        "mtbench.task_version": exp.task_cls.version,
+        "mtbench.profile": exp.profile,
+        "mtbench.seed": str(exp.seed),
+        "mtbench.method_config_id": exp.method_config_id(),
+        "mtbench.config_id": exp.config_id(),
+        "mtbench.git_commit": commit,
+        "mtbench.git_dirty": str(dirty).lower(),
+        "mtbench.versions": json.dumps(package_versions(), sort_keys=True),
+        "mlflow.runName": f"{exp.method_name}--{exp.task_name}--{exp.profile}--seed{exp.seed}",
+    }
+    run = mlflow.create_run(exp_id, tags=tags)
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in safe_params(flatten(config)).items()]
+    for i in range(0, len(params), 100):
+        mlflow.log_batch(run_id, params=params[i : i + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        mlflow.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+    return _train(exp, mlflow, run_id, uri, config, progress)
+
+
+def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str, Any], progress: bool) -> Outcome:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from .callbacks import Measurements
+    from .runner import build_module
+
+    _quiet_libraries()
+
+    status, error, trace = "FAILED", None, None
+    module: Any = None
+    trainer: Any = None
+    measurements = Measurements()
+    started = time.time()
+    try:
+        with _sigterm_as_interrupt():
+            module = build_module(exp)
+            datamodule = module.task.datamodule(exp.train, seed=exp.seed)
+            logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_id=run_id,
+                                  artifact_location=artifact_root(uri))
+            with tempfile.TemporaryDirectory() as scratch:
+                trainer = pl.Trainer(**_trainer_kwargs(exp), logger=logger, default_root_dir=scratch,
+                                     callbacks=[measurements, *module.method.callbacks()],
+                                     enable_checkpointing=False, enable_progress_bar=progress)
+                trainer.fit(module, datamodule=datamodule)
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+            status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit) as exc:
+        status, error = "KILLED", f"interrupted ({exc.__class__.__name__}{': ' + str(exc) if str(exc) else ''})"
+    except Exception as exc:
+        status, error, trace = "FAILED", f"{exc.__class__.__name__}: {exc}", traceback.format_exc()
+    return _record(exp, mlflow, run_id, config, status, error, trace, module, trainer, measurements, started)
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to the progress bar and mtbench's own lines (Lightning resets its level at import)."""
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:
+    kwargs = dict(exp.trainer)
+    every = exp.train.val_every_n_steps
+    # Validation runs once at the end unless asked for every N steps; Lightning's epoch-based default would
+    # otherwise validate at arbitrary points depending on the epoch length.
+    kwargs.setdefault("check_val_every_n_epoch", None)
+    kwargs.setdefault("val_check_interval", every if every else 10**12)
+    kwargs.setdefault("use_distributed_sampler", False)
+    return kwargs
+
+
+def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], status: str, error: str | None,
+            trace: str | None, module: Any, trainer: Any, measurements: Any, started: float) -> Outcome:
+    import torch
+
+    from .callbacks import count_parameters
+
+    metrics = dict(module.final_metrics) if module is not None and status == "FINISHED" else {}
+    device = module.device if module is not None else torch.device("cpu")
+    perf = measurements.summary(trainer, device) if trainer is not None else {"wall_s": time.time() - started}
+    params = measurements.values.get("params") or (count_parameters(module) if module is not None else {})
+    specs = module.specs if module is not None else {}
+    result = {
+        "schema": SCHEMA, "run_id": run_id, "status": status, "error": error,
+        "method": exp.method_name, "task": exp.task_name, "task_version": exp.task_cls.version,
+        "profile": exp.profile, "seed": exp.seed, "method_config_id": exp.method_config_id(),
+        "config_id": exp.config_id(), "config": config, "metrics": metrics,
+        "metric_specs": {f"val/{sub}/{name}": {"higher_is_better": s.higher_is_better, "primary": s.primary,
+                                               "version": s.version}
+                         for sub, group in specs.items() for name, s in group.items()},
+        "params": params, "perf": perf,
+        "provenance": {"device": measurements.values.get("device", str(device)), **host_info(),
+                       "git_commit": git_state()[0], "versions": package_versions(),
+                       "started": started, "finished": time.time()},
+    }
+    result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False, "version": exp.task_cls.version}
+    _log_outcome(mlflow, run_id, result, trace)
+    return Outcome(run_id, status, metrics, result, error)
+
+
+def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | None) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    values = {f"params/{k}": v for k, v in result["params"].items()}
+    values.update({f"perf/{k}": v for k, v in result["perf"].items() if isinstance(v, (int, float))})
+    tags = {
+        "mtbench.device": result["provenance"]["device"],
+        "mtbench.memory_kind": str(result["perf"].get("memory_kind", "")),
+        "mtbench.metric_specs": json.dumps(result["metric_specs"], sort_keys=True),
+    }
+    if result["error"]:
+        tags["mtbench.error"] = result["error"][:5000]
+    mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_result(Path(tmp) / "result.json", result)
+        mlflow.log_artifact(run_id, str(Path(tmp) / "result.json"))
+        if trace:
+            (Path(tmp) / "traceback.txt").write_text(trace)
+            mlflow.log_artifact(run_id, str(Path(tmp) / "traceback.txt"))
+    mlflow.set_terminated(run_id, result["status"])

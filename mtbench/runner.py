@@ -1,0 +1,144 @@
+"""The one LightningModule: any method on any task.
+
+``training_step`` routes the batch's per-example task ids to the method, sums the weighted per-subtask losses (plus a
+method's auxiliary loss) and logs each; ``validation_step`` updates the task's metrics; ``configure_optimizers`` builds
+AdamW from the method's parameter groups with linear warm-up and cosine/linear/constant decay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from .config import Experiment, TrainConfig
+from .interfaces import Method, MultiTaskModel, Task
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+class BenchModule(pl.LightningModule):
+    """Trains ``model`` (adapted backbone + heads) on ``task`` with ``method``'s parameter groups."""
+
+    def __init__(self, task: Task, method: Method, model: MultiTaskModel, train: TrainConfig) -> None:
+        super().__init__()
+        self.task, self.method, self.model, self.train_cfg = task, method, model, train
+        self.specs = task.metrics()
+        self.metrics = nn.ModuleDict(
+            {sub: nn.ModuleDict({name: spec.factory() for name, spec in specs.items()}) for sub, specs in self.specs.items()}
+        )
+        self.weights = task.loss_weights()
+        self.final_metrics: dict[str, float] = {}
+        self.skipped_steps = 0
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.method.set_task(self.model, batch.get("task_ids"))
+        return self.task.forward(self.model, batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        losses = self.task.loss(self(batch), batch)
+        task_ids = batch.get("task_ids")
+        total = torch.zeros((), device=self.device)
+        for sub, loss in losses.items():
+            # In a mixed batch a subtask's mean loss counts in proportion to its share of the examples, so the sum
+            # equals the per-example mean a homogeneous batch would give.
+            share = (task_ids == self.task.subtasks.index(sub)).float().mean() if task_ids is not None else 1.0
+            total = total + self.weights.get(sub, 1.0) * share * loss
+            self.log(f"train/{sub}/loss", loss.detach(), on_step=True, batch_size=1)
+        aux = self.method.aux_loss(self.model)
+        if aux is not None:
+            total = total + aux
+            self.log("train/aux_loss", aux.detach(), on_step=True, batch_size=1)
+        if not torch.isfinite(total):
+            if self.train_cfg.on_nonfinite_loss == "skip":
+                self.skipped_steps += 1
+                return None
+            raise NonFiniteLossError(f"non-finite loss {total.item()} at step {self.global_step}")
+        self.log("train/loss", total.detach(), on_step=True, prog_bar=True, batch_size=1)
+        return total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        outputs = self(batch)
+        self.task.update_metrics(self.metrics, self.model, batch, outputs)
+
+    def on_validation_epoch_end(self) -> None:
+        values: dict[str, float] = {}
+        for sub, metrics in self.metrics.items():
+            for name, metric in metrics.items():
+                if metric.update_count == 0:
+                    continue
+                values[f"val/{sub}/{name}"] = float(metric.compute())
+                metric.reset()
+        primaries = [values[k] for k in self.primary_keys() if k in values]
+        if primaries:
+            values["val/avg"] = sum(primaries) / len(primaries)
+        for key, value in values.items():
+            self.log(key, value, sync_dist=False, batch_size=1)
+        self.final_metrics = values
+
+    def primary_keys(self) -> list[str]:
+        """``val/<subtask>/<metric>`` of each subtask's headline metric."""
+        return [f"val/{sub}/{name}" for sub, specs in self.specs.items() for name, s in specs.items() if s.primary]
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.train_cfg
+        groups = self.method.param_groups(self.model, cfg.lr, cfg.weight_decay)
+        for group in groups:
+            group.setdefault("initial_lr", group["lr"])
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+        schedule = lr_lambda(cfg.schedule, warmup, total, cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Any:
+    """Multiplier of the base rate at a step: linear warm-up, then cosine, linear or constant decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return factor
+
+
+def set_trainable(model: MultiTaskModel, method: Method, task: Task) -> list[str]:
+    """Freeze everything, then unfreeze the method's parameters, the heads and the task's PEFT extras.
+
+    Core, not the method, does this, so every method is counted and frozen the same way. Returns the names of the
+    backbone parameters unfrozen because of ``task.unfrozen_with_peft`` (recorded with the run).
+    """
+    keep = method.trainable(model)
+    keep |= {f"heads.{n}" for n, _ in model.heads.named_parameters()}
+    extras = []
+    if task.unfrozen_with_peft:
+        pattern = re.compile(task.unfrozen_with_peft)
+        extras = [n for n, _ in model.backbone.named_parameters() if pattern.search(n)]
+        keep |= {f"backbone.{n}" for n in extras}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+    return extras
+
+
+def build_module(exp: Experiment) -> BenchModule:
+    """Task -> backbone -> method.apply -> heads -> freezing -> :class:`BenchModule`."""
+    pl.seed_everything(exp.seed, workers=True, verbose=False)
+    task = exp.task_cls(exp.task)
+    backbone = task.backbone()
+    method = exp.method_cls(exp.method, task.subtasks)
+    backbone = method.apply(backbone)
+    model = MultiTaskModel(backbone, task.heads(backbone))
+    set_trainable(model, method, task)
+    return BenchModule(task, method, model, exp.train)

@@ -1,0 +1,162 @@
+"""The CLI end to end on the smoke profile: runs land in MLflow with everything the leaderboard needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from mtbench import registry
+from mtbench.cli import main
+from mtbench.results import read_result
+
+
+FAST = ["--set", "trainer.max_steps=6", "--set", "task.synthetic_size=16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three smoke runs (lora seeds 0 and 1, full_ft seed 0) in a fresh sqlite store."""
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder / 'm.db'}"
+    codes = [
+        main(["run", "--method", "lora", "--task", "glue", "--seed", str(seed), "--tracking-uri", uri, *FAST])
+        for seed in (0, 1)
+    ]
+    codes.append(main(["run", "--method", "full_ft", "--task", "glue", "--tracking-uri", uri, *FAST]))
+    return {"uri": uri, "folder": folder, "codes": codes}
+
+
+def _runs(uri: str) -> pd.DataFrame:
+    from mtbench.leaderboard import load_runs
+
+    return load_runs(uri)
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = "import sys\nfrom mtbench.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "assert 'torch' not in sys.modules, 'torch imported'\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "run" in done.stdout and "leaderboard" in done.stdout
+
+
+def test_smoke_runs_finish_and_are_recorded(store: dict[str, Any]) -> None:
+    assert store["codes"] == [0, 0, 0]
+    runs = _runs(store["uri"])
+    assert len(runs) == 3 and set(runs["status"]) == {"FINISHED"}
+    task = registry.tasks.get("glue")
+    lora = runs[runs["tags.mtbench.method"] == "lora"].iloc[0]
+    for sub in task.profiles["smoke"]["task"]["subtasks"]:
+        assert any(c.startswith(f"metrics.val/{sub}/") for c in runs.columns if pd.notna(lora[c])), sub
+    for key in ("params/trainable", "params/total", "params/adapter", "perf/train_samples_per_s",
+                "perf/peak_mem_mb", "perf/wall_s", "val/avg"):
+        assert lora[f"metrics.{key}"] > 0, key
+    assert lora["metrics.params/trainable"] < lora["metrics.params/total"]
+    full = runs[runs["tags.mtbench.method"] == "full_ft"].iloc[0]
+    assert full["metrics.params/trainable"] == full["metrics.params/total"]
+    for tag in ("task_version", "git_commit", "versions", "device", "metric_specs", "method_config_id"):
+        assert lora[f"tags.mtbench.{tag}"], tag
+    assert lora["params.method.r"] == "8"
+    assert lora["tags.mtbench.memory_kind"] == "cpu_peak_rss"
+
+
+def test_artifacts_hold_config_and_valid_result(store: dict[str, Any]) -> None:
+    runs = _runs(store["uri"])
+    run_id = runs.iloc[0]["run_id"]
+    artifacts = next(p for p in (store["folder"] / "artifacts").rglob(run_id) if p.is_dir()) / "artifacts"
+    assert (artifacts / "config.yaml").is_file()
+    result = read_result(artifacts / "result.json")
+    assert result["status"] == "FINISHED" and result["run_id"] == run_id
+    assert result["metrics"]["val/avg"] == pytest.approx(runs.iloc[0]["metrics.val/avg"])
+
+
+def test_leaderboard_aggregates_seeds(store: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["leaderboard", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 0
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert sorted(board["method"]) == ["full_ft", "lora"]
+    lora = board[board["method"] == "lora"].iloc[0]
+    assert lora["n"] == 2 and lora["seeds"] == "0,1"
+    assert 0 <= lora["val/avg_mean"] <= 1 and lora["val/avg_std"] >= 0
+    markdown = (tmp_path / "LEADERBOARD.md").read_text()
+    assert "## glue" in markdown and "| lora |" in markdown and "±" in markdown
+    assert "3 finished runs; 0 excluded" in markdown
+
+
+def test_unknown_method_exits_2_with_did_you_mean(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--method", "lroa", "--task", "glue"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "unknown method 'lroa'; did you mean 'lora'?" in err
+
+
+def test_bad_set_key_exits_2(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'untouched.db'}"
+    assert main(["run", "--method", "lora", "--task", "glue", "--set", "method.rank=4", "--tracking-uri", uri]) == 2
+    assert "did you mean 'method.r'?" in capsys.readouterr().err
+    assert not (tmp_path / "untouched.db").exists()
+
+
+def test_failing_plugin_marks_run_failed_with_traceback(tmp_path: Path) -> None:
+    plugin = tmp_path / "explode.py"
+    plugin.write_text(textwrap.dedent('''
+        from mtbench import register_method
+        from mtbench.methods.lora import LoRA
+
+
+        @register_method("explode")
+        class Explode(LoRA):
+            """Raises inside the forward pass."""
+
+            def set_task(self, model, task_ids):
+                raise RuntimeError("boom inside the method")
+    '''))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", "--plugin", str(plugin), "--method", "explode", "--task", "glue", "--tracking-uri", uri,
+                 *FAST]) == 1
+    run = _runs(uri).iloc[0]
+    assert run["status"] == "FAILED"
+    assert "boom inside the method" in run["tags.mtbench.error"]
+    trace = next((tmp_path / "artifacts").rglob("traceback.txt"))
+    assert "RuntimeError" in trace.read_text()
+
+
+def test_ls_lists_methods_and_tasks(capsys: pytest.CaptureFixture) -> None:
+    assert main(["ls", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert "full_ft" in out and "lora" in out and "r: int = 8" in out
+    assert main(["ls", "tasks"]) == 0
+    assert "glue" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("doc", ["adding-a-method.md", "adding-a-task.md"])
+def test_docs_examples_run_as_plugins(doc: str, tmp_path: Path) -> None:
+    """The complete example in each doc runs when copied to a file and passed with --plugin."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    plugin = tmp_path / "example.py"
+    plugin.write_text(code)
+    command = next(line for line in text.splitlines() if line.startswith("mtbench run --plugin"))
+    args = command.split()[1:]
+    args[args.index("--plugin") + 1] = str(plugin)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main([*args, "--tracking-uri", uri, "--set", "trainer.max_steps=3", "--no-progress"]) == 0
+    assert set(_runs(uri)["status"]) == {"FINISHED"}
+
+
+def test_result_json_is_written_atomically_and_validated(tmp_path: Path) -> None:
+    from mtbench.errors import MtbenchError
+    from mtbench.results import SCHEMA, write_result
+
+    with pytest.raises(MtbenchError, match="field 'run_id'"):
+        write_result(tmp_path / "r.json", {"schema": SCHEMA})
+    assert not list(tmp_path.iterdir())
+    bad = tmp_path / "truncated.json"
+    bad.write_text('{"schema": "mtbench.result/1", "run_')
+    with pytest.raises(MtbenchError, match="truncated.json"):
+        read_result(bad)

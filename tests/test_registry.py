@@ -1,0 +1,117 @@
+"""Registry and plugin discovery: decorators, duplicates, did-you-mean, broken plugins, entry-point laziness."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mtbench import registry
+from mtbench.errors import MtbenchError
+from mtbench.registry import Registry, RegistryError, UnknownNameError
+
+
+def test_builtins_are_discovered() -> None:
+    assert {"full_ft", "lora"} <= set(registry.methods.names())
+    assert "glue" in registry.tasks.names()
+    assert {"tiny_bert", "minilm_l6"} <= set(registry.backbones.names())
+    assert registry.methods.origin("lora").startswith("built-in methods/lora.py:")
+
+
+def test_unknown_name_has_did_you_mean_and_choices() -> None:
+    with pytest.raises(UnknownNameError) as info:
+        registry.methods.get("lorra")
+    message = str(info.value)
+    assert "did you mean 'lora'?" in message
+    assert "full_ft" in message and "available:" in message
+
+
+def test_duplicate_names_raise() -> None:
+    reg: Registry[object] = Registry("thing")
+    reg.add("a", object(), "here")
+    with pytest.raises(RegistryError, match="duplicate thing name 'a'"):
+        reg.add("a", object(), "there")
+
+
+def test_names_must_be_snake_case() -> None:
+    reg: Registry[object] = Registry("thing")
+    with pytest.raises(RegistryError, match="lowercase snake_case"):
+        reg.add("LoRA", object(), "here")
+
+
+def test_interface_check_rejects_non_methods() -> None:
+    with pytest.raises(RegistryError, match="breaks the interface"):
+        registry.methods.add("not_a_method", object(), "test")
+    assert "not_a_method" not in registry.methods
+
+
+def _plugin(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_plugin_with_syntax_error_names_file(tmp_path: Path) -> None:
+    path = _plugin(tmp_path, "broken", "def oops(:\n")
+    with pytest.raises(RegistryError, match=r"broken\.py failed to import \(SyntaxError at line 1"):
+        registry.load_plugin_file(path)
+
+
+def test_plugin_registering_duplicate_is_error(tmp_path: Path) -> None:
+    path = _plugin(tmp_path, "dup", """
+        from mtbench import register_method
+        from mtbench.methods.full_ft import FullFineTuning
+
+        @register_method("lora")
+        class Again(FullFineTuning):
+            pass
+    """)
+    with pytest.raises(RegistryError, match="duplicate method name 'lora'"):
+        registry.load_plugin_file(path)
+
+
+def test_plugin_breaking_interface_is_error(tmp_path: Path) -> None:
+    path = _plugin(tmp_path, "half", """
+        from mtbench import Method, register_method
+
+        @register_method("half_done")
+        class HalfDone(Method):
+            pass
+    """)
+    with pytest.raises(RegistryError, match="does not implement apply"):
+        registry.load_plugin_file(path)
+    assert "half_done" not in registry.methods
+
+
+def test_missing_plugin_file(tmp_path: Path) -> None:
+    with pytest.raises(MtbenchError, match="does not exist"):
+        registry.load_plugin_file(tmp_path / "nope.py")
+
+
+def test_lazy_entry_point_fails_only_when_selected() -> None:
+    from importlib.metadata import EntryPoint
+
+    reg: Registry[object] = Registry("thing")
+    reg.add_lazy("ext", EntryPoint("ext", "no_such_module_xyz:Thing", "mtbench.methods"))
+    assert "ext" in reg.names()
+    with pytest.raises(RegistryError, match="failed to import"):
+        reg.get("ext")
+
+
+def test_dependency_rule_methods_and_tasks_do_not_import_each_other() -> None:
+    """Methods never import tasks and tasks never import methods (read with ast, not by importing)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for folder, forbidden in (("methods", "tasks"), ("tasks", "methods")):
+        for file in (root / folder).glob("*.py"):
+            tree = ast.parse(file.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""]
+                for name in names:
+                    assert not name.startswith((f"mtbench.{forbidden}", forbidden)), f"{file.name} imports {name}"
