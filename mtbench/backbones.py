@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import ConfigError
 from .registry import RegistryError, backbones, register_backbone
 
 
@@ -109,7 +110,7 @@ def find_linears(model: nn.Module, targets: Sequence[str] | str, within: Sequenc
         within: restrict to these block paths (for example the last block of each stage).
 
     Raises:
-        ValueError: no linear layer matches.
+        ConfigError: no linear layer matches.
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if isinstance(targets, str):
@@ -120,7 +121,7 @@ def find_linears(model: nn.Module, targets: Sequence[str] | str, within: Sequenc
     if within is not None:
         chosen = [n for n in chosen if any(n.startswith(b + ".") for b in within)]
     if not chosen:
-        raise ValueError(f"method.target_modules={list(targets) if not isinstance(targets, str) else targets!r} "
+        raise ConfigError(f"method.target_modules={list(targets) if not isinstance(targets, str) else targets!r} "
                          f"matches no linear layer of {type(model).__name__}")
     return chosen
 
