@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", parents=[common], help="write leaderboard CSV and Markdown from the runs")
     board.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
 
+    check = sub.add_parser("check-method", parents=[common], help="run the conformance checks on a method file")
+    check.add_argument("file", metavar="FILE.py", help="a file registering one or more methods")
+
     demo = sub.add_parser("demo", parents=[common], help="every method on every task's smoke profile, then the board")
     demo.add_argument("--out", default=None, help="leaderboard folder (default: <store home>/leaderboard)")
     return parser
@@ -145,6 +148,26 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_method(args: argparse.Namespace) -> int:
+    """Run the conformance suite on the methods a plugin file registers; exit 0 only if every check passes."""
+    from . import conformance, registry
+    from .errors import MtbenchError
+
+    before = set(registry.methods.names())
+    registry.load_plugin_file(args.file)
+    names = sorted(set(registry.methods.names()) - before)
+    if not names:
+        raise MtbenchError(f"{args.file} registers no new method (use @register_method(\"name\"))")
+    failed = 0
+    for name in names:
+        for result in conformance.run_checks(registry.methods.get(name)):
+            verdict = "skip" if result.skipped else ("pass" if result.ok else "FAIL")
+            failed += verdict == "FAIL"
+            print(f"{verdict:4s}  {name}  {result.name}: {result.message}", flush=True)
+    print(f"{'all checks passed' if not failed else f'{failed} check(s) failed'} for {', '.join(names)}")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Every registered method on every task's smoke profile, then the leaderboard."""
     from . import registry
@@ -170,6 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, Any] = {
     "run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "leaderboard": cmd_leaderboard, "demo": cmd_demo,
+    "check-method": cmd_check_method,
 }
 
 
