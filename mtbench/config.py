@@ -246,6 +246,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads "1e-2" (no dot) as a string; accept any spelling Python reads as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -278,7 +284,7 @@ def config_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         out.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
     return out
 

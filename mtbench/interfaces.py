@@ -140,7 +140,8 @@ class Method(ABC):
 
         Default: 2-D+ tensors decay, biases and norms (1-D) do not.
         """
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for _, p in model.named_parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)

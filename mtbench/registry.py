@@ -182,7 +182,7 @@ def _check_class(obj: Any, interface: type) -> str | None:
     if not (inspect.isclass(obj) and issubclass(obj, interface)):
         return f"expected a subclass of {interface.__name__}, got {obj!r}"
     if inspect.isabstract(obj):
-        missing = ", ".join(sorted(obj.__abstractmethods__))
+        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
         return f"{obj.__name__} does not implement {missing}"
     from .interfaces import ConfigBase
 

@@ -65,7 +65,7 @@ class BenchModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         outputs = self(batch)
-        self.task.update_metrics(self.metrics, self.model, batch, outputs)
+        self.task.update_metrics(self.metrics, self.model, batch, outputs)  # type: ignore[arg-type]
 
     def on_validation_epoch_end(self) -> None:
         values: dict[str, float] = {}

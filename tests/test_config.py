@@ -52,6 +52,7 @@ def test_coerce_handles_tuples_and_optionals() -> None:
     assert coerce([1, 2], tuple[float, float], "k") == (1.0, 2.0)
     assert coerce(None, int | None, "k") is None
     assert coerce(3, float, "k") == 3.0
+    assert coerce("1e-2", float, "k") == 0.01
     with pytest.raises(ConfigError):
         coerce(True, int, "k")
 

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from mtbench.methods.lora import LoRA, LoRAConfig, LoRALinear
 from torch import nn
 
 from mtbench.backbones import tiny_bert
 from mtbench.errors import ConfigError
 from mtbench.interfaces import ParamRole, adapter_roles
+from mtbench.methods.lora import LoRA, LoRAConfig, LoRALinear
 
 
 def _inputs() -> dict[str, torch.Tensor]:

@@ -1,0 +1,390 @@
+"""GLUE and SuperGLUE text classification: 9 GLUE + 6 SuperGLUE subtasks behind one encoder with per-subtask heads.
+
+Data. GLUE (Wang et al. 2018; hub ``nyu-mll/glue``): cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli. SuperGLUE
+(Wang et al. 2019; hub ``aps/super_glue``): boolq, cb, copa, wic, wsc (``wsc.fixed``), multirc. SuperGLUE RTE is the
+same data as GLUE RTE, so it is the one ``rte`` subtask (its SuperGLUE jsonl layout is accepted). ReCoRD (span
+extraction over entities) is out of scope. We train on ``train`` and evaluate on the labelled dev / ``validation``
+split (test labels are hidden); MNLI is scored on matched (``acc``) and, with ``task.mnli_mismatched``, mismatched
+(``acc_mm``). Licenses are per dataset (research use via GLUE; BoolQ CC BY-SA 3.0, COPA BSD-2, WiC CC BY-NC 4.0, WSC
+CC BY 4.0); see each folder's SOURCE.md.
+
+Local layout (``task.data_root`` / ``$MTBENCH_DATA``), first match wins: the files of /work/shared/data
+(``rte/{train,dev}.tsv``, ``mrpc/{train,dev}.tsv``, ``cola/train_part.tsv + val_part.tsv`` and ``dev.tsv``,
+``sst2/train_part.tsv + val_part.tsv`` and ``glue_dev.tsv``, ``boolq/dev.jsonl``, ``fewglue/<Task>/train.jsonl``), the
+official GLUE layout ``<Task>/{train,dev}.tsv`` (MNLI ``dev_matched.tsv`` / ``dev_mismatched.tsv``) and the SuperGLUE
+layout ``<Task>/{train,val}.jsonl``. FewGLUE has 32 train examples per task (MultiRC: 32 questions, 154 answers) and
+no dev set here, so a local boolq run trains on 32 examples and cb/copa/wic/wsc/multirc need a ``val.jsonl`` first.
+
+Inputs. Sentence pairs go to the tokenizer as pairs; COPA is multiple choice (each (premise + question, choice) pair
+gets one score, cross-entropy over the two choices); WSC pairs the text with "<pronoun> refers to <noun>"; WiC
+prefixes the word to sentence 1; MultiRC pairs the paragraph with question + answer, one binary row per answer.
+
+Metrics (``huggingface/datasets`` glue / super_glue definitions, torchmetrics, [0, 1] scale; correlations in
+[-1, 1]): CoLA ``mcc``; SST-2, QNLI, RTE, WNLI, BoolQ, COPA, WiC, WSC ``acc``; MRPC, QQP ``acc`` + ``f1`` (positive =
+paraphrase / duplicate); STS-B ``pearson`` + ``spearman``; MNLI ``acc`` + ``acc_mm``; CB ``acc`` + ``macro_f1``;
+MultiRC ``em`` (every answer of a question right) + ``f1a`` (binary F1 over all answers). Primary metrics follow the
+PEFT papers (LoRA, Hu et al. 2021, Table 2; LoRA+, Hayou et al. 2024): CoLA mcc, STS-B pearson, MultiRC f1a, MNLI
+matched acc, accuracy elsewhere (CB too). The ``paper`` profile follows the LoRA+ GLUE scripts (roberta-base, batch 32,
+max length 128, linear schedule, lr 5e-5, 3 epochs, fp16) on the 8 GLUE tasks PEFT papers report (no WNLI).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+from mtbench.backbones import TextBackbone, build
+from mtbench.data import MultiTaskDataModule
+from mtbench.errors import ConfigError
+from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
+from mtbench.registry import did_you_mean, register_task
+
+from . import _glue_data as gd
+from ._glue_data import GroupExactMatch, Subtask, classes, in_folders, superglue_files
+
+
+if TYPE_CHECKING:
+    from mtbench.data import LoaderConfig
+
+
+_GLUE, _SUPER = "nyu-mll/glue", "aps/super_glue"
+_BOOL = classes("false", "true")
+SUBTASKS: dict[str, Subtask] = {s.name: s for s in (
+    Subtask("cola", (_GLUE, "cola"), (("sentence",),), ("label",), classes("unacceptable", "acceptable"), ("mcc",),
+            "mcc", (("cola/train_part.tsv", "cola/val_part.tsv"), *in_folders("train.tsv", "cola", "CoLA")),
+            in_folders("dev.tsv", "cola", "CoLA"), pair=None,
+            headerless=("source", "label", "original_mark", "sentence")),
+    Subtask("sst2", (_GLUE, "sst2"), (("sentence",),), ("label",), classes("negative", "positive"), ("acc",), "acc",
+            (("sst2/train_part.tsv", "sst2/val_part.tsv"), *in_folders("train.tsv", "sst2", "SST-2")),
+            (("sst2/glue_dev.tsv",), *in_folders("dev.tsv", "sst2", "SST-2")), pair=None),
+    Subtask("mrpc", (_GLUE, "mrpc"), (("sentence1", "#1 String"), ("sentence2", "#2 String")), ("label", "Quality"),
+            classes("not_equivalent", "equivalent"), ("acc", "f1"), "acc", in_folders("train.tsv", "mrpc", "MRPC"),
+            in_folders("dev.tsv", "mrpc", "MRPC")),
+    Subtask("qqp", (_GLUE, "qqp"), (("question1",), ("question2",)), ("label", "is_duplicate"),
+            classes("not_duplicate", "duplicate"), ("acc", "f1"), "acc", in_folders("train.tsv", "qqp", "QQP"),
+            in_folders("dev.tsv", "qqp", "QQP")),
+    Subtask("stsb", (_GLUE, "stsb"), (("sentence1",), ("sentence2",)), ("label", "score"), None,
+            ("pearson", "spearman"), "pearson", in_folders("train.tsv", "stsb", "STS-B"),
+            in_folders("dev.tsv", "stsb", "STS-B")),
+    Subtask("mnli", (_GLUE, "mnli"), (("premise", "sentence1"), ("hypothesis", "sentence2")), ("label", "gold_label"),
+            classes("entailment", "neutral", "contradiction"), ("acc", "acc_mm"), "acc",
+            in_folders("train.tsv", "mnli", "MNLI"), in_folders("dev_matched.tsv", "mnli", "MNLI"),
+            hub_eval="validation_matched", mm_files=in_folders("dev_mismatched.tsv", "mnli", "MNLI"),
+            hub_mm="validation_mismatched"),
+    Subtask("qnli", (_GLUE, "qnli"), (("question",), ("sentence",)), ("label",),
+            classes("entailment", "not_entailment"), ("acc",), "acc", in_folders("train.tsv", "qnli", "QNLI"),
+            in_folders("dev.tsv", "qnli", "QNLI")),
+    Subtask("rte", (_GLUE, "rte"), (("sentence1", "premise"), ("sentence2", "hypothesis")), ("label",),
+            classes("entailment", "not_entailment"), ("acc",), "acc",
+            (*in_folders("train.tsv", "rte", "RTE"), ("RTE/train.jsonl",)),
+            (*in_folders("dev.tsv", "rte", "RTE"), ("RTE/val.jsonl",))),
+    Subtask("wnli", (_GLUE, "wnli"), (("sentence1",), ("sentence2",)), ("label",),
+            classes("not_entailment", "entailment"), ("acc",), "acc", in_folders("train.tsv", "wnli", "WNLI"),
+            in_folders("dev.tsv", "wnli", "WNLI")),
+    Subtask("boolq", (_SUPER, "boolq"), (("question",), ("passage",)), ("label", "answer"), _BOOL, ("acc",), "acc",
+            *superglue_files("boolq", "BoolQ")),
+    Subtask("cb", (_SUPER, "cb"), (("premise",), ("hypothesis",)), ("label",),
+            classes("entailment", "contradiction", "neutral"), ("acc", "macro_f1"), "acc",
+            *superglue_files("cb", "CB")),
+    Subtask("copa", (_SUPER, "copa"), (("premise",), ("question",), ("choice1",), ("choice2",)), ("label",),
+            classes("choice1", "choice2"), ("acc",), "acc", *superglue_files("copa", "COPA"),
+            text="{0} What was the {1}?", choices=("{2}", "{3}")),
+    Subtask("wic", (_SUPER, "wic"), (("word",), ("sentence1",), ("sentence2",)), ("label",), _BOOL, ("acc",), "acc",
+            *superglue_files("wic", "WiC"), text="{0} : {1}", pair="{2}"),
+    Subtask("wsc", (_SUPER, "wsc.fixed"), (("text",), ("span2_text",), ("span1_text",)), ("label",), _BOOL, ("acc",),
+            "acc", *superglue_files("wsc", "WSC"), pair="{1} refers to {2}"),
+    Subtask("multirc", (_SUPER, "multirc"), (("paragraph",), ("question",), ("answer",)), ("label",), _BOOL,
+            ("em", "f1a"), "f1a", *superglue_files("multirc", "MultiRC"), pair="{1} {2}", group="qid"),
+)}
+GLUE_PEFT = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+"""The 8 GLUE tasks PEFT papers report (WNLI left out, as in LoRA Table 2)."""
+
+
+METRICS: dict[str, Any] = {
+    "acc": lambda n: partial(MulticlassAccuracy, num_classes=n, average="micro"),
+    "acc_mm": lambda n: partial(MulticlassAccuracy, num_classes=n, average="micro"),
+    "f1": lambda n: BinaryF1Score,
+    "f1a": lambda n: BinaryF1Score,
+    "mcc": lambda n: BinaryMatthewsCorrCoef,
+    "macro_f1": lambda n: partial(MulticlassF1Score, num_classes=n, average="macro"),
+    "pearson": lambda n: PearsonCorrCoef,
+    "spearman": lambda n: SpearmanCorrCoef,
+    "em": lambda n: GroupExactMatch,  # in _glue_data: torchmetrics has no grouped EM
+}
+"""Metric name -> (number of classes -> metric factory). Every metric here is higher-is-better."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlueConfig(TaskConfig):
+    """GLUE / SuperGLUE options."""
+
+    backbone: str = "tiny_bert"
+    """Backbone: a registered name (tiny_bert, minilm_l6), a hub id (roberta-base) or a local directory."""
+    max_length: int = 128
+    """Token cap per (pair of) sentence(s); batches are padded to their longest row, truncating longest-first."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """Sentence vector fed to the heads: the first token's state, or the mean over non-padding tokens."""
+    head_dropout: float = 0.1
+    """Dropout before each subtask's linear head."""
+    source: Literal["auto", "local", "hub", "synthetic"] = "auto"
+    """Data source; ``auto`` = local when task.data_root or $MTBENCH_DATA is set, else the hub."""
+    synthetic_size: int = 64
+    """Generated examples per subtask and split with ``source=synthetic`` (MultiRC: answer rows)."""
+    train_limit: int = 0
+    """Cap on training examples per subtask, a seeded random subset (0 = all)."""
+    eval_limit: int = 0
+    """Cap on evaluation examples per subtask (and per MNLI split), the first N (0 = all)."""
+    mnli_mismatched: bool = True
+    """Also evaluate MNLI on the mismatched dev set (metric ``acc_mm``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subtasks", tuple(self.subtasks))
+        for name in self.subtasks:
+            if name == "record":
+                raise ConfigError("task.subtasks: ReCoRD (entity span extraction) is out of scope of the glue task")
+            if name not in SUBTASKS:
+                raise ConfigError(f"task.subtasks: {did_you_mean(name, SUBTASKS, 'glue subtask')}")
+        if len(set(self.subtasks)) != len(self.subtasks):
+            raise ConfigError(f"task.subtasks must not repeat a subtask, got {list(self.subtasks)}")
+        if not self.backbone:
+            raise ConfigError("task.backbone must name a backbone (tiny_bert, minilm_l6, a hub id or a folder)")
+        for key, low in (("max_length", 1), ("synthetic_size", 1), ("train_limit", 0), ("eval_limit", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"task.{key} must be {'> 0' if low else '>= 0'}, got {getattr(self, key)}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ConfigError(f"task.head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"task.pooling must be one of cls, mean; got {self.pooling!r}")
+        if self.source not in ("auto", "local", "hub", "synthetic"):
+            raise ConfigError(f"task.source must be one of auto, local, hub, synthetic; got {self.source!r}")
+
+
+@register_task("glue")
+class Glue(Task):
+    """GLUE + SuperGLUE on one text encoder: pooled sentence vector, one dropout + linear head per subtask.
+
+    Batches (from :meth:`collate`) hold ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer
+    makes them), and per row: ``task_ids`` (index into :attr:`subtasks`), ``labels`` (float: class index, STS-B score,
+    or for COPA the example's gold choice on each of its choice rows), ``group_ids`` (MultiRC question / example index
+    within its subtask split; a COPA example's choice rows share it) and ``split_ids`` (1 = MNLI mismatched).
+    """
+
+    config_cls = GlueConfig
+    version = "1"
+    default_subtasks = GLUE_PEFT
+    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "task_ids", "labels", "group_ids",
+                                             "split_ids")
+    profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "smoke": {
+            "task": {"backbone": "tiny_bert", "source": "synthetic", "subtasks": list(SUBTASKS), "synthetic_size": 32,
+                     "max_length": 32},
+            "train": {"lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 16,
+                      "eval_batch_size": 32, "sampler": "round_robin", "temperature": 2.0, "batch_mode": "mixed"},
+            "trainer": {"max_steps": 30, "val_check_interval": 10, "num_sanity_val_steps": 0},
+        },
+        "cpu": {
+            "task": {"backbone": "minilm_l6", "source": "local", "subtasks": ["rte", "mrpc", "cola", "sst2"],
+                     "pooling": "mean", "max_length": 128, "train_limit": 0, "eval_limit": 0},
+            "train": {"lr": 5e-4, "weight_decay": 0.01, "warmup_ratio": 0.06, "schedule": "linear", "batch_size": 16,
+                      "eval_batch_size": 64, "sampler": "temperature", "temperature": 2.0, "batch_mode": "mixed"},
+            "trainer": {"max_steps": 300, "val_check_interval": 150, "num_sanity_val_steps": 0},
+        },
+        "paper": {
+            "task": {"backbone": "roberta-base", "source": "auto", "subtasks": list(GLUE_PEFT), "pooling": "cls",
+                     "max_length": 128, "head_dropout": 0.1},
+            "train": {"lr": 5e-5, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "linear", "batch_size": 32,
+                      "eval_batch_size": 128, "sampler": "proportional", "temperature": 1.0, "batch_mode": "mixed"},
+            "trainer": {"max_epochs": 3, "precision": "16-mixed", "val_check_interval": 500},
+        },
+    }
+
+    cfg: GlueConfig
+
+    def __init__(self, cfg: GlueConfig) -> None:
+        super().__init__(cfg)
+        self._tokenizer: Any = None
+        self._hidden_size: int | None = None
+
+    def backbone(self) -> nn.Module:
+        """A fresh encoder from ``task.backbone``; its tokenizer is kept for :meth:`collate`."""
+        built = build(self.cfg.backbone)
+        if not isinstance(built, TextBackbone):
+            raise ConfigError(f"task.backbone={self.cfg.backbone!r} is not a text backbone ({type(built).__name__})")
+        self._tokenizer, self._hidden_size = built.tokenizer, built.hidden_size
+        return built.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The backbone's tokenizer (builds the backbone once if :meth:`backbone` was not called yet)."""
+        if self._tokenizer is None:
+            self.backbone()
+        return self._tokenizer
+
+    def heads(self, backbone: nn.Module) -> nn.ModuleDict:
+        """Dropout + ``Linear(hidden, num_labels)`` per subtask (1 output for STS-B and per COPA choice)."""
+        config: Any = getattr(backbone, "config", None)  # a backbone built elsewhere: read its HF config
+        hidden = self._hidden_size or int(config.hidden_size)
+        return nn.ModuleDict({
+            name: nn.Sequential(nn.Dropout(self.cfg.head_dropout), nn.Linear(hidden, SUBTASKS[name].num_labels))
+            for name in self.subtasks
+        })
+
+    def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """One backbone pass over the whole batch; per present subtask its head's outputs.
+
+        Returns:
+            subtask -> logits ``(n, C)``; STS-B scores ``(n,)``; COPA choice scores ``(n_examples, n_choices)``.
+        """
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        out = model.backbone(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        outputs = {}
+        task_ids = batch["task_ids"]
+        for i in task_ids.unique().tolist():
+            name, spec = self.subtasks[i], SUBTASKS[self.subtasks[i]]
+            logits = model.heads[name](pooled[task_ids == i])
+            # Rows of one COPA example are adjacent (collate emits them together), so a reshape regroups them.
+            outputs[name] = logits.view(-1, len(spec.choices)) if spec.choices else (
+                logits.squeeze(-1) if spec.regression else logits)
+        return outputs
+
+    def _targets(self, name: str, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """(targets, group ids, split ids) aligned with ``forward``'s outputs for ``name``."""
+        spec, rows = SUBTASKS[name], batch["task_ids"] == self.subtasks.index(name)
+        labels, groups, splits = batch["labels"][rows], batch["group_ids"][rows], batch["split_ids"][rows]
+        if spec.choices:
+            k = len(spec.choices)
+            labels, groups, splits = labels[::k], groups[::k], splits[::k]
+        return (labels.float() if spec.regression else labels.long()), groups, splits
+
+    def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Mean loss per present subtask: cross-entropy (over choices for COPA), MSE for STS-B."""
+        losses = {}
+        for name, logits in outputs.items():
+            target = self._targets(name, batch)[0]
+            # Losses in fp32: fp16 logits under autocast overflow in MSE on 0-5 scores.
+            if SUBTASKS[name].regression:
+                losses[name] = F.mse_loss(logits.float(), target)
+            else:
+                losses[name] = F.cross_entropy(logits.float(), target)
+        return losses
+
+    def metrics(self) -> dict[str, dict[str, MetricSpec]]:
+        """Subtask -> metric name -> spec; see the module docstring for definitions and primaries."""
+        out = {}
+        for name in self.subtasks:
+            spec = SUBTASKS[name]
+            names = [m for m in spec.metrics if m != "acc_mm" or self.cfg.mnli_mismatched]
+            out[name] = {m: MetricSpec(METRICS[m](spec.num_classes), higher_is_better=True, primary=m == spec.primary)
+                         for m in names}
+        return out
+
+    def update_metrics(
+        self,
+        metrics: Mapping[str, Mapping[str, torchmetrics.Metric]],
+        model: MultiTaskModel,
+        batch: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+    ) -> None:
+        """Update each present subtask's metrics; ``*_mm`` metrics see MNLI-mismatched rows, the others the rest."""
+        for name, logits in outputs.items():
+            if name not in metrics:
+                continue
+            preds = logits.detach().float() if SUBTASKS[name].regression else logits.detach().argmax(-1)
+            target, groups, splits = self._targets(name, batch)
+            for metric_name, metric in metrics[name].items():
+                keep = splits == int(metric_name.endswith("_mm"))
+                if not bool(keep.any()):
+                    continue
+                args = (preds[keep], target[keep]) + ((groups[keep],) if metric_name == "em" else ())
+                metric.update(*args)
+
+    def datamodule(self, loader: LoaderConfig, seed: int = 0) -> MultiTaskDataModule:
+        """Train and evaluation examples of every subtask, batched by :class:`~mtbench.data.MultiTaskDataModule`."""
+        if self._source() == "local":  # fail on a missing file before spending time reading the others
+            for name, part in itertools.product(self.subtasks, ("train", "eval")):
+                gd.local_files(SUBTASKS[name], self._root(), part)
+        train = {name: self.examples(name, "train", seed) for name in self.subtasks}
+        val = {name: self.examples(name, "eval", seed) for name in self.subtasks}
+        return MultiTaskDataModule(self.subtasks, train, val, self.collate, loader, seed)
+
+    def examples(self, name: str, split: Literal["train", "eval"], seed: int = 0) -> list[dict[str, Any]]:
+        """Examples of one subtask's split from the configured source, after ``train_limit`` / ``eval_limit``.
+
+        Evaluation examples of MNLI include the mismatched set (``split`` 1) when ``task.mnli_mismatched``.
+
+        Raises:
+            DataError: missing files or folder, an unreachable hub, or malformed data.
+        """
+        spec = SUBTASKS[name]
+        parts: list[tuple[str, int]] = [(split, 0)]
+        if split == "eval" and spec.hub_mm and self.cfg.mnli_mismatched:
+            parts.append(("eval_mm", 1))
+        limit = self.cfg.train_limit if split == "train" else self.cfg.eval_limit
+        out: list[dict[str, Any]] = []
+        for part, split_id in parts:
+            examples = gd.to_examples(spec, self._records(spec, part, seed), split_id)
+            if limit and len(examples) > limit:
+                # Train: a seeded random subset, so the cap does not keep only the first source file's rows;
+                # eval: the first N, stable across seeds.
+                keep = sorted(random.Random(seed).sample(range(len(examples)), limit)) if split == "train" else None
+                examples = [examples[i] for i in keep] if keep is not None else examples[:limit]
+            out += examples
+        return out
+
+    def _records(self, spec: Subtask, part: str, seed: int) -> list[tuple[str, list]]:
+        source = self._source()
+        if source == "synthetic":
+            return [(f"synthetic {spec.name}/{part}", gd.synthetic_records(spec, part, self.cfg.synthetic_size, seed))]
+        if source == "hub":
+            hub_split = {"train": "train", "eval": spec.hub_eval, "eval_mm": spec.hub_mm}[part]
+            return [(f"hub {spec.hub[0]}/{spec.hub[1]}:{hub_split}", gd.hub_records(spec, hub_split))]
+        return [(str(path), gd.read_file(spec, path)) for path in gd.local_files(spec, self._root(), part)]
+
+    def _root(self) -> Path | None:
+        root = self.cfg.data_root or os.environ.get("MTBENCH_DATA", "")
+        return Path(root).expanduser() if root else None
+
+    def _source(self) -> str:
+        if self.cfg.source == "auto":
+            return "local" if self._root() else "hub"
+        return self.cfg.source
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Tokenize to the longest row (capped at ``task.max_length``); choices become consecutive rows."""
+        texts: list[Any] = []
+        task_ids, labels, groups, splits = [], [], [], []
+        for ex in examples:
+            for text, pair in ex["inputs"]:
+                texts.append(text if pair is None else (text, pair))
+                task_ids.append(ex["task_id"])
+                labels.append(ex["label"])
+                groups.append(ex["group"])
+                splits.append(ex["split"])
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.cfg.max_length,
+                             return_tensors="pt")
+        return {
+            **dict(enc),
+            "task_ids": torch.tensor(task_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.float32),
+            "group_ids": torch.tensor(groups, dtype=torch.long),
+            "split_ids": torch.tensor(splits, dtype=torch.long),
+        }

@@ -1,0 +1,344 @@
+"""GLUE / SuperGLUE task: metric numerics, the subtask table, synthetic smoke batches, real files and bad data."""
+
+from __future__ import annotations
+
+import ast
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torchmetrics
+
+from mtbench import registry
+from mtbench.data import LoaderConfig
+from mtbench.errors import ConfigError, DataError
+from mtbench.interfaces import MultiTaskModel
+from mtbench.tasks import glue
+from mtbench.tasks.glue import GLUE_PEFT, SUBTASKS, Glue, GlueConfig
+
+
+ALL = tuple(SUBTASKS)
+RTE_HEADER = "sentence1\tsentence2\tlabel\tidx\n"
+
+
+def make(**kwargs: object) -> Glue:
+    return Glue(GlueConfig(**kwargs))
+
+
+def fresh_metrics(task: Glue) -> dict[str, dict[str, torchmetrics.Metric]]:
+    return {sub: {name: spec.factory() for name, spec in specs.items()} for sub, specs in task.metrics().items()}
+
+
+def one_hot_logits(preds: list[int], n: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(preds), n).float()
+
+
+def hand_batch(task: Glue, rows: list[tuple[str, float, int, int]]) -> dict[str, torch.Tensor]:
+    """A batch of (subtask, label, group, split) rows, without inputs (metrics only need these)."""
+    return {
+        "task_ids": torch.tensor([task.subtasks.index(r[0]) for r in rows]),
+        "labels": torch.tensor([float(r[1]) for r in rows]),
+        "group_ids": torch.tensor([r[2] for r in rows]),
+        "split_ids": torch.tensor([r[3] for r in rows]),
+    }
+
+
+# -- registration, config, profiles ---------------------------------------------------------------------------------
+
+
+def test_registered_with_version_and_profiles() -> None:
+    assert registry.tasks.get("glue") is Glue
+    assert Glue.version == "1" and Glue.config_cls is GlueConfig
+    assert set(Glue.profiles) == {"smoke", "cpu", "paper"}
+    for name, profile in Glue.profiles.items():
+        assert set(profile) == {"task", "train", "trainer"}, name
+        cfg = GlueConfig(**profile["task"])  # every profile's task section is a valid config
+        assert cfg.subtasks, name
+        LoaderConfig(**{k: profile["train"][k] for k in ("batch_size", "eval_batch_size", "sampler", "temperature",
+                                                            "batch_mode")})
+    assert set(Glue.profiles["smoke"]["task"]["subtasks"]) == set(ALL) and len(ALL) == 15
+    assert Glue.profiles["smoke"]["task"]["source"] == "synthetic"
+    assert Glue.profiles["paper"]["trainer"]["precision"] == "16-mixed"
+    assert make().subtasks == GLUE_PEFT
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_length": 0}, "task.max_length must be > 0"),
+        ({"train_limit": -1}, "task.train_limit must be >= 0"),
+        ({"head_dropout": 1.0}, "task.head_dropout"),
+        ({"pooling": "max"}, "task.pooling must be one of cls, mean"),
+        ({"source": "web"}, "task.source must be one of auto, local, hub, synthetic"),
+        ({"subtasks": ("rtee",)}, "did you mean 'rte'"),
+        ({"subtasks": ("record",)}, "ReCoRD"),
+        ({"subtasks": ("rte", "rte")}, "must not repeat"),
+    ],
+)
+def test_config_errors_name_the_key(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        GlueConfig(**kwargs)
+
+
+def test_glue_never_imports_methods() -> None:
+    for path in (Path(glue.__file__), Path(glue.__file__).with_name("_glue_data.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "methods" not in (node.module or ""), path
+            elif isinstance(node, ast.Import):
+                assert all("methods" not in a.name for a in node.names), path
+
+
+# -- table and metrics ----------------------------------------------------------------------------------------------
+
+
+def test_table_has_one_primary_per_subtask_and_directions() -> None:
+    specs = make(subtasks=ALL).metrics()
+    assert set(specs) == set(ALL)
+    expected = {"cola": "mcc", "stsb": "pearson", "multirc": "f1a"}
+    for sub, metrics in specs.items():
+        primaries = [name for name, spec in metrics.items() if spec.primary]
+        assert primaries == [expected.get(sub, "acc")], sub
+        for name, spec in metrics.items():
+            assert name.islower() and " " not in name
+            assert spec.higher_is_better is True and isinstance(spec.version, str)
+            assert isinstance(spec.factory(), torchmetrics.Metric), (sub, name)
+    assert set(specs["cb"]) == {"acc", "macro_f1"} and set(specs["multirc"]) == {"em", "f1a"}
+    assert set(specs["mrpc"]) == set(specs["qqp"]) == {"acc", "f1"} and set(specs["mnli"]) == {"acc", "acc_mm"}
+    assert "acc_mm" not in make(subtasks=("mnli",), mnli_mismatched=False).metrics()["mnli"]
+    assert SUBTASKS["stsb"].num_labels == 1 and SUBTASKS["copa"].num_labels == 1 and SUBTASKS["cb"].num_labels == 3
+
+
+def test_metrics_on_hand_computed_inputs() -> None:
+    task = make(subtasks=("cola", "mrpc", "cb", "stsb", "mnli"))
+    metrics = fresh_metrics(task)
+    preds, target = [1, 1, 0, 0, 1], [1, 0, 0, 0, 1]  # TP 2, FP 1, TN 2, FN 0
+    cb_preds, cb_target = [0, 1, 1, 2, 0, 1], [0, 0, 1, 2, 2, 1]
+    rows = [("cola", t, 0, 0) for t in target] + [("mrpc", t, 0, 0) for t in target]
+    rows += [("cb", t, 0, 0) for t in cb_target] + [("stsb", t, 0, 0) for t in (1.0, 3.0, 2.0, 4.0)]
+    rows += [("mnli", 0, 0, 0), ("mnli", 2, 0, 0), ("mnli", 1, 0, 1), ("mnli", 1, 0, 1)]
+    outputs = {
+        "cola": one_hot_logits(preds, 2), "mrpc": one_hot_logits(preds, 2), "cb": one_hot_logits(cb_preds, 3),
+        "stsb": torch.tensor([1.0, 2.0, 3.0, 4.0]), "mnli": one_hot_logits([0, 2, 1, 0], 3),
+    }
+    task.update_metrics(metrics, None, hand_batch(task, rows), outputs)
+    value = {(s, m): float(x.compute()) for s, d in metrics.items() for m, x in d.items()}
+    assert value["cola", "mcc"] == pytest.approx(4 / 6)  # (2*2 - 1*0) / sqrt(3*2*2*3)
+    assert value["mrpc", "f1"] == pytest.approx(0.8) and value["mrpc", "acc"] == pytest.approx(0.8)
+    # Per-class F1 on CB: class 0 TP1 FP1 FN1 = 1/2, class 1 TP2 FP1 = 4/5, class 2 TP1 FN1 = 2/3; accuracy 4/6.
+    assert value["cb", "macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert value["cb", "acc"] == pytest.approx(4 / 6)
+    assert value["stsb", "pearson"] == pytest.approx(0.8) and value["stsb", "spearman"] == pytest.approx(0.8)
+    assert value["mnli", "acc"] == 1.0 and value["mnli", "acc_mm"] == 0.5  # matched rows vs mismatched rows
+
+
+def test_multirc_em_and_f1a_across_batches() -> None:
+    task = make(subtasks=("multirc",))
+    metrics = fresh_metrics(task)
+    # Question 1's answers straddle the two batches; it has one wrong answer, questions 0 and 2 are all right.
+    target, preds, groups = [1, 0, 1, 0, 1, 1], [1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 1, 2]
+    for lo, hi in ((0, 4), (4, 6)):
+        batch = hand_batch(task, [("multirc", target[i], groups[i], 0) for i in range(lo, hi)])
+        task.update_metrics(metrics, None, batch, {"multirc": one_hot_logits(preds[lo:hi], 2)})
+    assert float(metrics["multirc"]["em"].compute()) == pytest.approx(2 / 3)
+    assert float(metrics["multirc"]["f1a"].compute()) == pytest.approx(6 / 7)  # TP 3, FP 0, FN 1
+
+
+# -- synthetic smoke data, heads, losses ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke() -> tuple[Glue, MultiTaskModel, object]:
+    task = make(subtasks=ALL, source="synthetic", synthetic_size=24, max_length=32)
+    backbone = task.backbone()
+    model = MultiTaskModel(backbone, task.heads(backbone))
+    loader = LoaderConfig(batch_size=2 * len(ALL), eval_batch_size=16, sampler="round_robin")
+    return task, model, task.datamodule(loader, seed=0)
+
+
+def test_smoke_batches_mix_all_subtasks_with_declared_keys(smoke: tuple) -> None:
+    task, _, dm = smoke
+    batch = next(iter(dm.train_dataloader()))
+    assert set(Glue.batch_keys) <= set(batch)
+    rows = batch["input_ids"].shape[0]
+    assert all(batch[k].shape[0] == rows for k in Glue.batch_keys)
+    assert batch["input_ids"].shape[1] <= 32 and batch["task_ids"].dtype == torch.long
+    assert set(batch["task_ids"].tolist()) == set(range(len(ALL)))  # mixed: every subtask in one batch
+    copa = (batch["task_ids"] == task.subtasks.index("copa")).nonzero().flatten()
+    assert len(copa) == 4 and (copa[1::2] - copa[::2] == 1).all()  # a COPA example's 2 choices are adjacent rows
+    assert (batch["group_ids"][copa[::2]] == batch["group_ids"][copa[1::2]]).all()
+
+
+def test_heads_shapes_and_finite_losses_for_every_subtask(smoke: tuple) -> None:
+    task, model, dm = smoke
+    for name, head in model.heads.items():
+        assert head[-1].in_features == 32 and head[-1].out_features == SUBTASKS[name].num_labels
+    batch = next(iter(dm.train_dataloader()))
+    model.train()
+    outputs = task.forward(model, batch)
+    assert set(outputs) == set(ALL)
+    for name, out in outputs.items():
+        spec = SUBTASKS[name]
+        expected = (2,) if spec.regression else (2, spec.num_classes)  # 2 examples of each subtask
+        assert tuple(out.shape) == expected, name
+    losses = task.loss(outputs, batch)
+    assert set(losses) == set(ALL) and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(h[-1].weight.grad is not None for h in model.heads.values())
+    model.zero_grad()
+
+
+def test_eval_loop_gives_finite_metrics(smoke: tuple) -> None:
+    task, model, dm = smoke
+    metrics = fresh_metrics(task)
+    model.eval()
+    with torch.no_grad():
+        for i, loader in enumerate(dm.val_dataloader()):
+            for batch in loader:
+                assert set(batch["task_ids"].tolist()) == {i}
+                task.update_metrics(metrics, model, batch, task.forward(model, batch))
+    for sub, named in metrics.items():
+        for name, metric in named.items():
+            v = float(metric.compute())
+            assert math.isfinite(v) and -1.0 <= v <= 1.0, (sub, name)
+    assert len(dm.val["mnli"]) == 48 and {e["split"] for e in dm.val["mnli"]} == {0, 1}  # matched + mismatched
+
+
+def test_synthetic_labels_follow_the_cue_word() -> None:
+    task = make(subtasks=ALL, source="synthetic", synthetic_size=30)
+    positive, negative = {"good", "great", "fine", "nice", "happy"}, {"bad", "awful", "poor", "sad", "terrible"}
+    for ex in task.examples("sst2", "train"):
+        words = set(ex["inputs"][0][0].split())
+        assert bool(words & positive) == (ex["label"] == 1) and bool(words & negative) == (ex["label"] == 0)
+    for ex in task.examples("copa", "train"):
+        gold = ex["inputs"][int(ex["label"])][1].split()
+        assert set(gold) & positive
+    assert task.examples("sst2", "train") == task.examples("sst2", "train")  # seeded
+    assert task.examples("sst2", "train", seed=1) != task.examples("sst2", "train")
+    stsb = [ex["label"] for ex in task.examples("stsb", "eval")]
+    assert min(stsb) >= 0 and max(stsb) <= 5 and len(set(stsb)) > 1
+
+
+def test_limits_and_collate_truncation() -> None:
+    task = make(subtasks=("rte", "wic"), source="synthetic", synthetic_size=40, train_limit=5, eval_limit=7,
+                max_length=8)
+    full = make(subtasks=("rte",), source="synthetic", synthetic_size=40)
+    train = task.examples("rte", "train", seed=3)
+    assert len(train) == 5 and all(ex in full.examples("rte", "train", seed=3) for ex in train)
+    assert task.examples("rte", "eval") == full.examples("rte", "eval")[:7]
+    batch = task.collate([{**ex, "task_id": 0} for ex in task.examples("rte", "eval")])
+    assert batch["input_ids"].shape == (7, 8)  # synthetic pairs are longer than 8 tokens: truncated
+
+
+# -- real files -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subtask", "n_train", "n_eval"),
+    [("rte", 2490, 277), ("mrpc", 3668, 408), ("cola", 8551, 1043), ("sst2", 67349, 872), ("boolq", 32, 3270)],
+)
+def test_real_files_give_documented_row_counts(data_root: Path, subtask: str, n_train: int, n_eval: int) -> None:
+    task = make(subtasks=(subtask,), source="local", data_root=str(data_root))
+    train, dev = task.examples(subtask, "train"), task.examples(subtask, "eval")
+    assert (len(train), len(dev)) == (n_train, n_eval)
+    assert {ex["label"] for ex in train} == {ex["label"] for ex in dev} == {0.0, 1.0}
+    if subtask == "mrpc":  # BOM header read, quotes kept inside strings
+        assert sum(ex["label"] for ex in train) == 2474
+        assert dev[0]["inputs"][0][1].startswith('"The foodservice')
+    if subtask == "rte":
+        assert sum(ex["label"] == 0 for ex in dev) == 146  # 0 = entailment
+
+
+def test_fewglue_train_files(data_root: Path) -> None:
+    task = make(subtasks=("boolq", "cb", "copa", "wic", "wsc", "multirc"), source="local", data_root=str(data_root))
+    for sub in ("cb", "copa", "wic", "wsc"):
+        assert len(task.examples(sub, "train")) == 32, sub
+    assert {ex["label"] for ex in task.examples("cb", "train")} == {0.0, 1.0, 2.0}
+    assert all(len(ex["inputs"]) == 2 for ex in task.examples("copa", "train"))
+    multirc = task.examples("multirc", "train")
+    assert len(multirc) == 154 and len({ex["group"] for ex in multirc}) == 32  # 154 answers of 32 questions
+    with pytest.raises(DataError, match=r"subtask 'cb'.*cb/val\.jsonl.*CB/val\.jsonl"):
+        task.datamodule(LoaderConfig())  # FewGLUE has no dev set: fails before reading anything
+
+
+# -- bad data -------------------------------------------------------------------------------------------------------
+
+
+def write(root: Path, rel: str, text: str) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rel", "text", "subtask", "patterns"),
+    [
+        ("rte/train.tsv", "sentence1\tlabel\tidx\na b\t0\t0\n", "rte", ["rte/train.tsv", "'sentence2'",
+                                                                         "expected columns"]),
+        ("rte/train.tsv", RTE_HEADER + "a\tb\t0\t0\nc\td\t7\t1\n", "rte", ["rte/train.tsv", "line 3", "'7'",
+                                                                             "allowed values: 0, 1, entailment"]),
+        ("rte/train.tsv", RTE_HEADER + "a\tb\t0\t0\nc\td\n", "rte", ["rte/train.tsv", "line 3", "malformed"]),
+        ("rte/train.tsv", RTE_HEADER + 'a "quoted\tb\t1\t0\nc\td\t0\t1\tx\n', "rte", ["line 3", "5 tab-separated"]),
+        ("mrpc/train.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta\tb\nyes\t3\t4\tc\td\n",
+         "mrpc", ["mrpc/train.tsv", "line 3", "'yes'", "allowed values"]),
+        ("STS-B/train.tsv", "sentence1\tsentence2\tscore\na\tb\tx\n", "stsb", ["STS-B/train.tsv", "line 2",
+                                                                              "a number in [0, 5]"]),
+        ("CB/train.jsonl", '{"premise": "a", "hypothesis": "b", "label": "neutral"}\n{"premise": "a",\n', "cb",
+         ["CB/train.jsonl", "line 2", "malformed"]),
+        ("WiC/train.jsonl", "\n", "wic", ["no examples for subtask 'wic'", "WiC/train.jsonl"]),
+    ],
+)
+def test_bad_data_errors_name_file_and_line(tmp_path: Path, rel: str, text: str, subtask: str,
+                                            patterns: list[str]) -> None:
+    write(tmp_path, rel, text)
+    task = make(subtasks=(subtask,), source="local", data_root=str(tmp_path))
+    with pytest.raises(DataError) as info:
+        task.examples(subtask, "train")
+    for pattern in patterns:
+        assert pattern in str(info.value)
+
+
+def test_missing_folder_and_files_say_what_to_put_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"{missing}.*does not exist.*rte/train\.tsv"):
+        make(subtasks=("rte",), source="local", data_root=str(missing)).examples("rte", "train")
+    write(tmp_path, "rte/train.tsv", RTE_HEADER + "a\tb\t0\t0\n")
+    task = make(subtasks=("rte",), data_root=str(tmp_path))  # auto -> local because data_root is set
+    assert len(task.examples("rte", "train")) == 1
+    with pytest.raises(DataError, match=r"subtask 'rte'.*tried rte/dev\.tsv, RTE/dev\.tsv.*Put the dev"):
+        task.examples("rte", "eval")
+    monkeypatch.delenv("MTBENCH_DATA", raising=False)
+    with pytest.raises(ConfigError, match="task.data_root or \\$MTBENCH_DATA"):
+        make(subtasks=("rte",), source="local").examples("rte", "train")
+
+
+def test_hub_failure_points_to_local_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (offline)")
+
+    # A stand-in module: importing the real `datasets` costs seconds, and only the error path is under test.
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    monkeypatch.delenv("MTBENCH_DATA", raising=False)
+    task = make(subtasks=("rte",))  # auto with no data root -> hub
+    with pytest.raises(DataError, match=r"nyu-mll/glue \(rte, split train\).*task\.data_root or \$MTBENCH_DATA"):
+        task.examples("rte", "train")
+
+
+def test_hub_rows_go_through_the_same_converter(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"paragraph": "p", "question": f"q{q}", "answer": f"a{a}", "label": a % 2,
+             "idx": {"paragraph": 0, "question": q, "answer": a}} for q in range(3) for a in range(2)]
+    calls = []
+
+    def load_dataset(name: str, config: str, split: str) -> types.SimpleNamespace:
+        calls.append((name, config, split))
+        return types.SimpleNamespace(to_list=lambda: rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples = make(subtasks=("multirc",), source="hub").examples("multirc", "eval")
+    assert calls == [("aps/super_glue", "multirc", "validation")]
+    assert [ex["group"] for ex in examples] == [0, 0, 1, 1, 2, 2]
+    assert examples[1]["inputs"] == [("p", "q0 a1")] and examples[1]["label"] == 1.0

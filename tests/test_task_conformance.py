@@ -1,0 +1,67 @@
+"""Every registered task on its smoke profile: batches, heads, losses and metrics behave (no edits per task)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtbench import registry
+from mtbench.config import resolve
+from mtbench.runner import build_module
+
+
+@pytest.fixture(scope="module", params=registry.tasks.names())
+def built(request: pytest.FixtureRequest) -> tuple:
+    exp = resolve("lora", request.param, "smoke")
+    module = build_module(exp)
+    datamodule = module.task.datamodule(exp.train, seed=0)
+    return module, datamodule
+
+
+def test_metrics_declare_direction_version_and_one_primary(built: tuple) -> None:
+    module, _ = built
+    specs = module.task.metrics()
+    assert set(specs) == set(module.task.subtasks)
+    for sub, metrics in specs.items():
+        assert metrics, sub
+        assert sum(s.primary for s in metrics.values()) == 1, f"{sub} needs exactly one primary metric"
+        for name, spec in metrics.items():
+            assert isinstance(spec.higher_is_better, bool) and isinstance(spec.version, str), (sub, name)
+
+
+def test_training_batch_forward_and_finite_losses(built: tuple) -> None:
+    module, datamodule = built
+    batch = next(iter(datamodule.train_dataloader()))
+    assert "task_ids" in batch and batch["task_ids"].dtype == torch.long
+    assert int(batch["task_ids"].max()) < len(module.task.subtasks)
+    module.train()
+    outputs = module(batch)
+    present = {module.task.subtasks[i] for i in batch["task_ids"].unique().tolist()}
+    assert set(outputs) == present
+    losses = module.task.loss(outputs, batch)
+    assert set(losses) == present
+    for sub, loss in losses.items():
+        assert loss.ndim == 0 and torch.isfinite(loss), sub
+    total = module.training_step(batch, 0)
+    total.backward()
+    assert any(p.grad is not None for p in module.model.heads.parameters())
+
+
+def test_one_eval_loader_per_subtask_and_metrics_compute(built: tuple) -> None:
+    module, datamodule = built
+    loaders = datamodule.val_dataloader()
+    assert len(loaders) == len(module.task.subtasks)
+    module.eval()
+    with torch.no_grad():
+        for i, loader in enumerate(loaders):
+            batch = next(iter(loader))
+            assert set(batch["task_ids"].tolist()) == {i}
+            module.validation_step(batch, 0, i)
+    module.log = lambda *args, **kwargs: None  # outside a Trainer: collect values without Lightning's logger
+    module.on_validation_epoch_end()
+    for sub in module.task.subtasks:
+        values = [v for k, v in module.final_metrics.items() if k.startswith(f"val/{sub}/")]
+        assert values and all(math.isfinite(v) for v in values), sub
+    assert math.isfinite(module.final_metrics["val/avg"])
