@@ -58,8 +58,6 @@ class TrainConfig(LoaderConfig):
     """Linear warm-up steps; 0 uses ``warmup_ratio``."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of ``lr``."""
-    val_every_n_steps: int = 0
-    """Also validate every N training steps; 0 validates only at the end."""
     on_nonfinite_loss: Literal["fail", "skip"] = "fail"
     """A NaN/Inf loss stops the run as FAILED (``fail``) or the step is skipped (``skip``)."""
 
@@ -73,8 +71,6 @@ class TrainConfig(LoaderConfig):
             raise ConfigError("train.warmup_ratio must be in [0, 1) and train.warmup_steps >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.val_every_n_steps < 0:
-            raise ConfigError(f"train.val_every_n_steps must be >= 0, got {self.val_every_n_steps}")
 
 
 @dataclass(frozen=True)

@@ -127,11 +127,10 @@ def _quiet_libraries() -> None:
 
 def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:
     kwargs = dict(exp.trainer)
-    every = exp.train.val_every_n_steps
-    # Validation runs once at the end unless asked for every N steps; Lightning's epoch-based default would
-    # otherwise validate at arbitrary points depending on the epoch length.
+    # Validation always runs once at the end; during training only every `trainer.val_check_interval` steps when
+    # set. Lightning's epoch-based default would validate at points that depend on the sampler's epoch length.
     kwargs.setdefault("check_val_every_n_epoch", None)
-    kwargs.setdefault("val_check_interval", every if every else 10**12)
+    kwargs.setdefault("val_check_interval", 10**12)
     kwargs.setdefault("use_distributed_sampler", False)
     return kwargs
 

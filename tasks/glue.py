@@ -207,7 +207,7 @@ class Glue(Task):
                      "max_length": 128, "head_dropout": 0.1},
             "train": {"lr": 5e-5, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "linear", "batch_size": 32,
                       "eval_batch_size": 128, "sampler": "proportional", "temperature": 1.0, "batch_mode": "mixed"},
-            "trainer": {"max_epochs": 3, "precision": "16-mixed", "val_check_interval": 500},
+            "trainer": {"max_epochs": 3, "max_steps": -1, "precision": "16-mixed", "val_check_interval": 500},
         },
     }
 

@@ -1,0 +1,207 @@
+"""MoSLD numerics: identity at init, DropConnect only in training, top-K routing, balance loss, expert allocation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtbench.backbones import tiny_bert
+from mtbench.errors import ConfigError
+from mtbench.interfaces import ParamRole, adapter_roles
+from mtbench.methods.mosld import MoSLD, MoSLDConfig, MoSLDLinear, experts_per_block
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _adapted(layers: int = 2, **cfg: object) -> tuple[MoSLD, nn.Module]:
+    method = MoSLD(MoSLDConfig(**cfg), tasks=("a", "b"))
+    return method, method.apply(tiny_bert(layers=layers).model).eval()
+
+
+def _layer(n_experts: int = 4, top_k: int = 2, dropconnect: float = 0.0, d_in: int = 6, d_out: int = 5,
+           r: int = 3, seed: int = 0) -> MoSLDLinear:
+    """A stand-alone layer with random (non-zero) experts, so the branch contributes."""
+    torch.manual_seed(seed)
+    layer = MoSLDLinear(nn.Linear(d_in, d_out), r=r, alpha=2.0 * r, n_experts=n_experts, top_k=top_k,
+                        dropconnect=dropconnect)
+    with torch.no_grad():
+        layer.mosld_B.normal_(0.0, 0.5)
+    return layer
+
+
+def test_identity_at_init() -> None:
+    expected = tiny_bert().model.eval()(**_inputs()).last_hidden_state
+    method, model = _adapted(dropout=0.1)
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs()).last_hidden_state, expected)
+
+
+def test_targets_q_and_v_with_roles() -> None:
+    _, model = _adapted()
+    layers = {n for n, m in model.named_modules() if isinstance(m, MoSLDLinear)}
+    assert layers == {f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")}
+    roles = adapter_roles(model)
+    assert roles["encoder.layer.0.attention.self.query.mosld_B"] == ParamRole("B")
+    assert roles["encoder.layer.0.attention.self.query.mosld_router"] == ParamRole("router")
+    assert len(roles) == 3 * len(layers)
+
+
+def test_dropconnect_only_in_training() -> None:
+    layer = _layer(dropconnect=0.5)
+    x = torch.randn(4, 7, 6)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))  # a fresh mask each forward
+    layer.dropconnect = 0.0
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_dropconnect_mask_is_rescaled_bernoulli() -> None:
+    # With one expert and top-1 routing the branch is s·B·Ã x; recover Ã from a unit input to read the mask.
+    layer = MoSLDLinear(nn.Linear(64, 64), r=64, alpha=64.0, n_experts=1, top_k=1, dropconnect=0.25).train()
+    with torch.no_grad():
+        layer.mosld_B[0].copy_(torch.eye(64))
+        layer.mosld_A.fill_(1.0)
+        a_tilde = layer(torch.eye(64)) - layer.base(torch.eye(64))  # row j: Ã[:, j]
+    kept = (a_tilde - 1 / 0.75).abs() < 1e-5
+    assert (kept | (a_tilde == 0)).all()  # every entry is dropped (0) or kept and rescaled by 1/(1-p)
+    assert abs((a_tilde == 0).float().mean().item() - 0.25) < 0.03
+
+
+def test_selected_gates_sum_to_one() -> None:
+    layer = _layer(n_experts=5, top_k=3)
+    gates, index, probs = layer.route(torch.randn(2, 11, 6))
+    assert gates.shape == index.shape == (2, 11, 3)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(2, 11))
+    assert (gates > 0).all()
+    assert (index.sort(-1).values.diff(dim=-1) > 0).all()  # K distinct experts per token
+    # The selected experts are the K most probable ones.
+    assert torch.equal(probs.gather(-1, index), probs.topk(3, dim=-1).values)
+
+
+@torch.no_grad()
+def test_top_k_equal_n_is_dense_softmax_mixture() -> None:
+    layer = _layer(n_experts=3, top_k=3).eval()
+    x = torch.randn(2, 4, 6)
+    probs = torch.softmax(x @ layer.mosld_router.T, dim=-1)  # (2, 4, 3)
+    z = x @ layer.mosld_A.T
+    experts = torch.einsum("nor,btr->btno", layer.mosld_B, z)
+    expected = layer.base(x) + layer.scale * (probs.unsqueeze(-1) * experts).sum(-2)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_top_k_matches_per_token_loop() -> None:
+    layer = _layer(n_experts=6, top_k=2).eval()
+    x = torch.randn(13, 6)
+    expected = layer.base(x)
+    for t in range(x.shape[0]):
+        p = torch.softmax(layer.mosld_router @ x[t], dim=0)
+        top = p.topk(2)
+        z = layer.mosld_A @ x[t]
+        for w, k in zip(top.values / top.values.sum(), top.indices):
+            expected[t] += layer.scale * w * (layer.mosld_B[k] @ z)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_balance_loss_by_hand() -> None:
+    layer = MoSLDLinear(nn.Linear(2, 2), r=1, alpha=1.0, n_experts=2, top_k=1).train()
+    with torch.no_grad():
+        layer.mosld_router.copy_(torch.eye(2))
+    p = math.exp(2) / (math.exp(2) + 1)  # softmax([2, 0])[0]
+    # Balanced: each expert wins one token and has mean probability 1/2, so N Σ f P = 2 (1/2·1/2 + 1/2·1/2) = 1.
+    layer(torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    # Collapsed: expert 0 wins both tokens, f = (1, 0), P = (p, 1 - p): 2 · p.
+    layer(torch.tensor([[2.0, 0.0], [2.0, 0.0]]))
+    balanced, collapsed = (loss.item() for loss in layer.balance_losses)
+    assert balanced == pytest.approx(1.0, abs=1e-6)
+    assert collapsed == pytest.approx(2 * p, abs=1e-6)
+    # Top-2 of 3 over one token with probabilities q: f = 1/2 for the two selected experts.
+    layer3 = MoSLDLinear(nn.Linear(3, 3), r=1, alpha=1.0, n_experts=3, top_k=2).train()
+    with torch.no_grad():
+        layer3.mosld_router.copy_(torch.eye(3))
+    x = torch.tensor([[1.0, 0.5, 0.0]])
+    q = torch.softmax(x[0], dim=0)
+    layer3(x)
+    assert layer3.balance_losses[0].item() == pytest.approx(3 * 0.5 * (q[0] + q[1]).item(), abs=1e-6)
+
+
+def test_no_balance_loss_recorded_in_eval() -> None:
+    layer = _layer().eval()
+    layer(torch.randn(3, 6))
+    assert layer.balance_losses == []
+
+
+def test_experts_per_depth_follow_config() -> None:
+    _, model = _adapted(layers=4, experts=(2, 4), top_k=2)
+    counts = {n: m.n_experts for n, m in model.named_modules() if isinstance(m, MoSLDLinear)}
+    for i, expected in enumerate((2, 2, 4, 4)):
+        for proj in ("query", "value"):
+            assert counts[f"encoder.layer.{i}.attention.self.{proj}"] == expected
+    assert experts_per_block(32, (8, 6, 4, 2)) == [8] * 8 + [6] * 8 + [4] * 8 + [2] * 8
+    assert experts_per_block(2, (2, 4, 6, 8)) == [2, 6]  # fewer blocks than groups: by relative depth
+
+
+def test_parameter_count_per_layer() -> None:
+    _, model = _adapted(layers=4, experts=(2, 4), r=4)
+    for m in model.modules():
+        if isinstance(m, MoSLDLinear):
+            d_in, d_out, n = m.base.in_features, m.base.out_features, m.n_experts
+            count = sum(p.numel() for name, p in m.named_parameters() if name in m.adapter_params())
+            assert count == 4 * d_in + n * d_out * 4 + n * d_in
+
+
+def test_aux_loss_is_finite_with_router_gradient() -> None:
+    method, model = _adapted(layers=2)
+    model.train()
+    method.set_task(model, torch.tensor([0, 1, 0]))
+    model(**_inputs())
+    aux = method.aux_loss(model)
+    assert aux is not None and aux.ndim == 0 and torch.isfinite(aux)
+    # Four layers, each loss >= 1 (its minimum, at perfect balance): coef · Σ >= 0.004.
+    assert aux.item() >= 0.001 * 4 - 1e-6
+    aux.backward()
+    routers = [m.mosld_router for m in model.modules() if isinstance(m, MoSLDLinear)]
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in routers)
+    assert method.aux_loss(model) is None  # collected once, then cleared
+
+
+def test_aux_loss_none_in_eval_and_stale_losses_dropped() -> None:
+    method, model = _adapted()
+    with torch.no_grad():
+        model(**_inputs())
+    assert method.aux_loss(model) is None
+    model.train()
+    model(**_inputs())
+    method.set_task(model, None)  # the next forward starts clean, whatever the last one left behind
+    assert all(not m.balance_losses for m in model.modules() if isinstance(m, MoSLDLinear))
+    model(**_inputs())
+    model.eval()
+    assert method.aux_loss(model) is None
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key"),
+    [({"r": 0}, "method.r"), ({"top_k": 3}, "method.top_k"), ({"experts": (4, 0)}, "method.experts"),
+     ({"dropconnect": 1.0}, "method.dropconnect"), ({"dropout": -0.1}, "method.dropout"),
+     ({"balance_coef": -1.0}, "method.balance_coef"), ({"a_init": "xavier"}, "method.a_init")],
+)
+def test_config_errors_name_the_key(cfg: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        MoSLDConfig(**cfg)
+
+
+def test_gaussian_init_std() -> None:
+    layer = MoSLDLinear(nn.Linear(512, 512), r=8, alpha=16.0, n_experts=2, top_k=1, a_init="gaussian")
+    assert layer.mosld_A.std().item() == pytest.approx(1 / 8, rel=0.05)
+    assert torch.count_nonzero(layer.mosld_B) == 0
