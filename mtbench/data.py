@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +63,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
 
     def __init__(self, sizes: Sequence[int], cfg: LoaderConfig, seed: int, rank: int = 0, world_size: int = 1):
         if not sizes or min(sizes) <= 0:
-            raise ValueError(f"every subtask needs training examples, got sizes {list(sizes)}")
+            raise DataError(f"every subtask needs training examples, got sizes {list(sizes)}")
         self.sizes, self.cfg, self.seed = list(sizes), cfg, seed
         self.rank, self.world_size = rank, world_size
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]

@@ -123,6 +123,10 @@ def _quiet_libraries() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:

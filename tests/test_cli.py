@@ -160,3 +160,13 @@ def test_result_json_is_written_atomically_and_validated(tmp_path: Path) -> None
     bad.write_text('{"schema": "mtbench.result/1", "run_')
     with pytest.raises(MtbenchError, match="truncated.json"):
         read_result(bad)
+
+
+def test_validate_builds_every_method_on_every_task(capsys: pytest.CaptureFixture) -> None:
+    code = main(["validate"])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert code == 0, out
+    builtins = [m for m in registry.methods.names() if registry.methods.origin(m).startswith("built-in")]
+    for method in builtins:
+        assert any(line.startswith("ok") and f" {method} " in line for line in lines), method

@@ -1,0 +1,80 @@
+"""The multi-task sampler: task probabilities, mixed and homogeneous batches, determinism, DDP sharding."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from mtbench.data import LoaderConfig, MultiTaskBatchSampler, task_probabilities
+from mtbench.errors import ConfigError, DataError
+
+
+SIZES = [100, 400, 25]
+
+
+def _task_of(index: int) -> int:
+    return 0 if index < 100 else (1 if index < 500 else 2)
+
+
+def test_probabilities() -> None:
+    assert task_probabilities(SIZES, "proportional", 2.0).tolist() == pytest.approx([100 / 525, 400 / 525, 25 / 525])
+    temp = task_probabilities(SIZES, "temperature", 2.0)
+    assert temp.tolist() == pytest.approx([10 / 35, 20 / 35, 5 / 35])
+    assert task_probabilities(SIZES, "round_robin", 1.0).tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_mixed_proportional_batches_follow_sizes() -> None:
+    sampler = MultiTaskBatchSampler(SIZES, LoaderConfig(batch_size=25), seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 525 // 25
+    counts = Counter(_task_of(i) for b in batches for i in b)
+    share = counts[1] / sum(counts.values())
+    assert 0.65 < share < 0.87  # expected 0.76
+    assert any(len({_task_of(i) for i in b}) > 1 for b in batches), "mixed batches should mix tasks"
+
+
+def test_round_robin_mixed_cycles_tasks_per_example() -> None:
+    sampler = MultiTaskBatchSampler(SIZES, LoaderConfig(batch_size=6, sampler="round_robin"), seed=0)
+    first = next(iter(sampler))
+    assert [_task_of(i) for i in first] == [0, 1, 2, 0, 1, 2]
+
+
+def test_homogeneous_batches_hold_one_task() -> None:
+    cfg = LoaderConfig(batch_size=8, batch_mode="homogeneous", sampler="round_robin")
+    batches = list(MultiTaskBatchSampler(SIZES, cfg, seed=0))
+    tasks = [{_task_of(i) for i in b} for b in batches]
+    assert all(len(t) == 1 for t in tasks)
+    assert [t.pop() for t in tasks[:3]] == [0, 1, 2]
+
+
+def test_small_task_is_reshuffled_not_exhausted() -> None:
+    cfg = LoaderConfig(batch_size=30, batch_mode="homogeneous", sampler="round_robin")
+    batches = [b for b in MultiTaskBatchSampler(SIZES, cfg, seed=0) if _task_of(b[0]) == 2]
+    assert all(len(b) == 30 for b in batches)
+    assert len(set(batches[0])) == 25  # the first pass through task 2 visits every example before repeating
+
+
+def test_seeded_and_epoch_dependent() -> None:
+    cfg = LoaderConfig(batch_size=10)
+    a, b = MultiTaskBatchSampler(SIZES, cfg, seed=3), MultiTaskBatchSampler(SIZES, cfg, seed=3)
+    assert list(a) == list(b)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_ranks_take_disjoint_batches_of_one_stream() -> None:
+    cfg = LoaderConfig(batch_size=10)
+    full = list(MultiTaskBatchSampler(SIZES, cfg, seed=0))
+    rank0 = list(MultiTaskBatchSampler(SIZES, cfg, seed=0, rank=0, world_size=2))
+    rank1 = list(MultiTaskBatchSampler(SIZES, cfg, seed=0, rank=1, world_size=2))
+    assert rank0 == full[0::2][: len(rank0)] and rank1 == full[1::2][: len(rank1)]
+
+
+def test_bad_loader_values() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        LoaderConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        LoaderConfig(temperature=0)
+    with pytest.raises(DataError, match="every subtask needs training examples"):
+        MultiTaskBatchSampler([10, 0], LoaderConfig(), seed=0)
