@@ -1,0 +1,353 @@
+"""MTLoRA: A Low-Rank Adaptation Approach for Efficient Multi-Task Learning (Agiza, Neseem, Reda, CVPR 2024),
+https://arxiv.org/abs/2403.20320.
+
+Every target linear layer of every block keeps its pretrained weight frozen and learns a task-agnostic LoRA (TA-LoRA,
+shared by all tasks). In the last ``task_blocks`` blocks of each stage, ``proj``, ``fc1`` and ``fc2`` also carry one
+task-specific LoRA per task (TS-LoRA, never on ``qkv``: attention maps stay shared). A TS layer returns the shared
+output and one output per task; the frozen matmul of a task output always sees the *shared* activations, only the
+rank-``task_r`` correction sees the task stream, and task streams never feed back into the shared one (methods.md
+§7.3-7.4). ``plus=True`` is MTLoRA+: a TA-LoRA on Swin's PatchMerging reductions, whose base weights then stay frozen.
+
+Update rule: ``y = W0 x + b + s·B_sh A_sh drop(x)``, ``y_t = W0 x + b + s·B_t A_t u_t`` (``u_t = x_t`` or ``drop(x)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mtbench.backbones import blocks, find_linears, get_submodule_parent, stages
+from mtbench.errors import ConfigError
+from mtbench.interfaces import Method, MethodConfig, ParamRole, TaskRouting
+from mtbench.registry import register_method
+
+
+_QKV_ROLES = ("q", "k", "v", "qkv")
+# Swin PatchMerging reductions (timm: ``layers.{1,2,3}.downsample.reduction``; official Swin:
+# ``layers.{0,1,2}.downsample.reduction``). Backbone knowledge: to move to mtbench.backbones (see the report).
+_REDUCTION = r"(?:.*\.)?downsample\.reduction"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MTLoRAConfig(MethodConfig):
+    """MTLoRA hyperparameters (official config keys in brackets; defaults: ``mtlora_tiny_448_r64_scale4_pertask``)."""
+
+    r: int = 64
+    """Shared (TA-LoRA) rank [R]; the paper's headline model is r=64 (Δm +2.55 %, 8.34 M params), also 16 and 32."""
+    task_r: int = 4
+    """Rank of each task-specific (TS-LoRA) update [R_PER_TASK]."""
+    scale: float = 4.0
+    """Fixed multiplier of the shared and task branches [SHARED_SCALE = SCALE_PER_TASK]; not alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the shared LoRA input (and on the task input of ``proj``-style calls); never on task inputs."""
+    task_blocks: int = 1
+    """TS-LoRA sits in the last ``task_blocks`` blocks of each stage (1 = paper; all = INTERMEDIATE_SPECIALIZATION)."""
+    task_targets: tuple[str, ...] = ("proj", "fc1", "fc2")
+    """Layers with TS-LoRA, among target_modules (roles or names, never qkv); empty = TA-LoRA only."""
+    plus: bool = False
+    """MTLoRA+: also a TA-LoRA (rank r) on Swin PatchMerging reductions, whose base weights then stay frozen."""
+
+    def __post_init__(self) -> None:
+        for key in ("r", "task_r", "task_blocks"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        if not self.scale > 0:
+            raise ConfigError(f"method.scale must be > 0, got {self.scale}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.task_targets, str) or any(t in _QKV_ROLES for t in self.task_targets):
+            raise ConfigError(f"method.task_targets must be a list without q/k/v/qkv, got {self.task_targets!r}")
+
+
+class _TwoStreams:
+    """Forward hooks that run one block on ``[shared rows; task rows]`` so its TS layers see both streams.
+
+    The block's input (and every batch-aligned tensor argument, e.g. the attention mask) is repeated along the batch,
+    the block's TS layers read the first half as the shared stream and the second as the task stream (methods.md
+    §7.4), every other module acts row-wise and so computes both streams unchanged, and the block returns the task
+    half: the per-example task stream is what the heads get. Shared modules (norms, dropout, DropPath) draw independent
+    masks per stream, as in the paper. Assumes (true for BERT, LLaMA and timm Swin blocks) that the hidden state is the
+    block's first argument and first output, batch-major; other arguments of rank ≥ 2 whose leading dimension is the
+    batch are taken as batch-aligned and repeated too.
+    """
+
+    def __init__(self, routing: TaskRouting) -> None:
+        self.routing = routing
+        self.active = False
+        self.batch = 0
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.active = self.routing.task_ids is not None
+        if not self.active:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.batch = n = hidden.shape[0]
+        return tuple(_twice(a, n) for a in args), {k: _twice(v, n) for k, v in kwargs.items()}
+
+    def post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self.active:
+            return None
+        self.active = False
+        n = self.batch
+
+        def task_half(t: Any) -> Any:
+            return t[n:] if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == 2 * n else t
+
+        return tuple(task_half(o) for o in output) if isinstance(output, tuple) else task_half(output)
+
+
+def _twice(value: Any, n: int) -> Any:
+    """``value`` repeated along its leading dimension when it is batch-aligned (tensors of rank ≥ 2 only)."""
+    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == n:
+        return torch.cat([value, value])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_twice(v, n) for v in value)
+    return value
+
+
+class MTLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` with a shared LoRA and optional per-task LoRAs (``MTLoRALinear``, 'matrix' mode).
+
+    Per-task factors live in ``nn.ParameterDict``s keyed by task name (``mtlora_tasks_A.<task>``), so every tensor
+    declares the one task it belongs to (``ParamRole("A", task=name)``) and state-dict keys are readable. The mixed
+    forward concatenates the T small factors into one rank ``T·task_r`` pair and masks each row to its own task's
+    block: one pair of matmuls for the whole batch, no loop over examples (T is small).
+
+    Args:
+        base: the pretrained linear layer; its parameters are frozen.
+        r: shared rank.
+        scale: fixed multiplier of the shared and task branches.
+        dropout: dropout probability on the shared LoRA input.
+        tasks: task names with a TS-LoRA here (empty: TA-LoRA only).
+        task_r: rank of each task's update.
+        task_input: whether the layer takes a task input in the two-stream forward (``fc1``/``fc2``); ``proj``
+            does not (its input, the attention output, is shared), so its tasks use ``drop(x)``.
+        routing: per-example task ids of the mixed-batch forward.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        tasks: tuple[str, ...] = (),
+        task_r: int = 4,
+        task_input: bool = True,
+        routing: TaskRouting | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.r, self.task_r, self.scale, self.task_input = r, task_r, scale, task_input
+        self.tasks = tuple(tasks)
+        self.routing = routing
+        self.streams: _TwoStreams | None = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Half-precision adapters lose small early updates of B; keep them in fp32 as LoRALinear does.
+        w = base.weight
+        kw = {"device": w.device, "dtype": torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype}
+        d_in, d_out = base.in_features, base.out_features
+        self.mtlora_shared_A = nn.Parameter(torch.empty(r, d_in, **kw))
+        self.mtlora_shared_B = nn.Parameter(torch.empty(d_out, r, **kw))
+        self.mtlora_tasks_A = nn.ParameterDict({t: nn.Parameter(torch.empty(task_r, d_in, **kw)) for t in tasks})
+        self.mtlora_tasks_B = nn.ParameterDict({t: nn.Parameter(torch.empty(d_out, task_r, **kw)) for t in tasks})
+        self.merged = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A ← kaiming_uniform_(a=√5), B ← 0 (shared and per task): every output equals the pretrained one."""
+        for a in [self.mtlora_shared_A, *self.mtlora_tasks_A.values()]:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for b in [self.mtlora_shared_B, *self.mtlora_tasks_B.values()]:
+            nn.init.zeros_(b)
+
+    def adapter_params(self) -> dict[str, ParamRole]:
+        """Shared factors (task ``None``) and per-task factors (task = its name)."""
+        roles = {"mtlora_shared_A": ParamRole("A"), "mtlora_shared_B": ParamRole("B")}
+        for t in self.tasks:
+            roles[f"mtlora_tasks_A.{t}"] = ParamRole("A", task=t)
+            roles[f"mtlora_tasks_B.{t}"] = ParamRole("B", task=t)
+        return roles
+
+    def _low_rank(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return self.scale * F.linear(F.linear(x.to(a.dtype), a), b)
+
+    def _shared(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(pre = W0 x + b, drop(x), shared output y)."""
+        pre = self.base(x)
+        if self.merged:
+            return pre, x, pre
+        dropped = self.dropout(x)
+        return pre, dropped, pre + self._low_rank(dropped, self.mtlora_shared_A, self.mtlora_shared_B).to(pre.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Shared output ``y``; inside a two-stream block, ``cat([y, y_task(row)])`` over ``[shared; task]`` rows.
+
+        Args:
+            x: ``(N, ..., in_features)``; in a two-stream block ``N = 2n``, shared rows first.
+
+        Returns:
+            ``(N, ..., out_features)``.
+        """
+        if self.streams is None or not self.streams.active:
+            return self._shared(x)[2]
+        n = x.shape[0] // 2
+        pre, dropped, y = self._shared(x[:n])
+        u = x[n:] if self.task_input else dropped  # no dropout on task inputs (§7.3)
+        ids = self.routing.ids_for(u) if self.routing is not None else None
+        if ids is None:
+            raise RuntimeError("MTLoRALinear: two-stream forward without task ids")
+        return torch.cat([y, pre + self._mixed_task_delta(u, ids).to(pre.dtype)])
+
+    def _mixed_task_delta(self, u: Tensor, ids: Tensor) -> Tensor:
+        """``s · B_{ids[i]} A_{ids[i]} u[i]`` for every row i, vectorised: one-hot mask over the T task blocks."""
+        k, r = len(self.tasks), self.task_r
+        a = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks])  # (T·r, in)
+        b = torch.cat([self.mtlora_tasks_B[t] for t in self.tasks], dim=1)  # (out, T·r)
+        z = F.linear(u.to(a.dtype), a)  # (n, ..., T·r): every task's down-projection of every row
+        keep = F.one_hot(ids.long(), k).to(z.dtype).repeat_interleave(r, dim=1)  # (n, T·r): the row's own task block
+        z = z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)
+        return self.scale * F.linear(z, b)
+
+    def forward_tasks(self, x: Tensor, x_tasks: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """All-tasks forward of methods.md §7.3: the shared output and one output per task of this layer.
+
+        Args:
+            x: shared activation ``(..., in_features)``.
+            x_tasks: task activations by task name (``fc1``/``fc2`` calls; outputs for these tasks only), or ``None``
+                (``proj`` calls: every task of the layer, each on ``drop(x)``).
+
+        Returns:
+            ``(y, {task: y_t})``; the dict is empty when the layer has no TS-LoRA.
+        """
+        pre, dropped, y = self._shared(x)
+        outs = {}
+        for t in self.tasks if x_tasks is None else x_tasks:
+            u = dropped if x_tasks is None else x_tasks[t]
+            outs[t] = pre + self._low_rank(u, self.mtlora_tasks_A[t], self.mtlora_tasks_B[t]).to(pre.dtype)
+        return y, outs
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the shared LoRA into ``W0`` (TA-LoRA-only layers: a TS layer's task outputs need ``W0`` alone)."""
+        if self.tasks:
+            raise RuntimeError("MTLoRALinear.merge: a layer with task-specific LoRA cannot be merged (§7.12)")
+        if not self.merged:
+            self.base.weight += self._delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged:
+            self.base.weight -= self._delta().to(self.base.weight.dtype)
+            self.merged = False
+
+    def _delta(self) -> Tensor:
+        return self.scale * (self.mtlora_shared_B @ self.mtlora_shared_A)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, task_r={self.task_r}, tasks={len(self.tasks)}, scale={self.scale:g}, merged={self.merged}"
+
+
+@register_method("mtlora")
+class MTLoRA(Method):
+    """TA-LoRA on every target layer, TS-LoRA on ``task_targets`` of the last ``task_blocks`` blocks of each stage.
+
+    Mixed batches (``set_task(model, task_ids)``, GLUE / LLM tasks): the model's last block runs two streams (see
+    :class:`_TwoStreams`) and hands each example its own task's stream; without task ids it returns the shared stream.
+    All-tasks use (PASCAL): a Swin-aware caller drives :meth:`MTLoRALinear.forward_tasks` on the layers listed by
+    :meth:`task_layers`. Not mergeable: TS outputs cannot fold into one weight (§7.12); :meth:`merge_shared` folds the
+    TA-LoRA of layers without TS-LoRA.
+    """
+
+    config_cls: ClassVar[type[MethodConfig]] = MTLoRAConfig
+    mergeable: ClassVar[bool] = False
+    cfg: MTLoRAConfig
+
+    def __init__(self, cfg: MethodConfig, tasks: Sequence[str]) -> None:
+        super().__init__(cfg, tasks)
+        self.streams = _TwoStreams(self.routing)
+        self.hooks: list[RemovableHandle] = []
+
+    def apply(self, backbone: nn.Module) -> nn.Module:
+        """Wrap every target linear (and, with ``plus``, every PatchMerging reduction) in an :class:`MTLoRALinear`.
+
+        Raises:
+            ValueError: ``target_modules`` matches no linear layer.
+            ConfigError: ``task_targets`` select a layer outside ``target_modules`` or a q/k/v layer; ``plus`` on a
+                backbone without PatchMerging; a task name that cannot key a parameter dict.
+        """
+        cfg = self.cfg
+        shared = find_linears(backbone, cfg.target_modules)
+        tasks = self.tasks if cfg.task_targets else ()
+        if bad := [t for t in tasks if not t or "." in t]:
+            raise ConfigError(f"task names {bad} cannot key MTLoRA's per-task factors (empty or containing '.')")
+        ts_blocks = [b for stage in stages(backbone) for b in stage[-cfg.task_blocks:]]
+        try:
+            ts = set(find_linears(backbone, cfg.task_targets, within=ts_blocks)) if tasks else set()
+        except ValueError as exc:
+            raise ConfigError(f"method.task_targets={list(cfg.task_targets)} matches no linear layer of the last "
+                              f"{cfg.task_blocks} block(s) of each stage") from exc
+        if outside := sorted(ts - set(shared)):
+            raise ConfigError(f"method.task_targets selects layers outside method.target_modules: {outside[:3]}")
+        if qkv := sorted(ts & set(_maybe_linears(backbone, _QKV_ROLES))):
+            raise ConfigError(f"method.task_targets must not select q/k/v layers: {qkv[:3]}")
+        no_task_input = set(_maybe_linears(backbone, ("proj",)))
+        reductions = []
+        if cfg.plus:
+            reductions = _maybe_linears(backbone, _REDUCTION)
+            if not reductions:
+                raise ConfigError("method.plus=true needs Swin PatchMerging layers (downsample.reduction); none found")
+        last = blocks(backbone)[-1]
+        for name in dict.fromkeys([*shared, *reductions]):
+            parent, attr = get_submodule_parent(backbone, name)
+            base = getattr(parent, attr)
+            layer = MTLoRALinear(
+                base, r=cfg.r, scale=cfg.scale, dropout=cfg.dropout,
+                tasks=tasks if name in ts else (), task_r=cfg.task_r, task_input=name not in no_task_input,
+                routing=self.routing,
+            )
+            # Only the model's last block runs two streams: an earlier TS block's task streams would be discarded
+            # anyway (the official BasicLayer keeps the last block's task outputs only).
+            if name in ts and name.startswith(last + "."):
+                layer.streams = self.streams
+            setattr(parent, attr, layer.train(base.training))  # a new module would start in train mode
+        if any(name.startswith(last + ".") for name in ts):
+            block = backbone.get_submodule(last)
+            self.hooks.append(block.register_forward_pre_hook(self.streams.pre, with_kwargs=True))
+            self.hooks.append(block.register_forward_hook(self.streams.post, always_call=True))
+        return backbone
+
+    def task_layers(self, model: nn.Module) -> list[list[str]]:
+        """Names of the TS-LoRA layers of each stage (``backbones.stages`` order), for an all-tasks caller."""
+        ts = [n for n, m in model.named_modules() if isinstance(m, MTLoRALinear) and m.tasks]
+        return [[n for n in ts if any(n.startswith(b + ".") for b in stage)] for stage in stages(model)]
+
+    def merge_shared(self, model: nn.Module) -> None:
+        """Fold the TA-LoRA of every layer without TS-LoRA into its base weight (TS layers stay unmerged)."""
+        for module in model.modules():
+            if isinstance(module, MTLoRALinear) and not module.tasks:
+                module.merge()
+
+    def unmerge_shared(self, model: nn.Module) -> None:
+        """Undo :meth:`merge_shared`."""
+        for module in model.modules():
+            if isinstance(module, MTLoRALinear):
+                module.unmerge()
+
+
+def _maybe_linears(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]:
+    """:func:`find_linears`, but an empty list where nothing matches."""
+    try:
+        return find_linears(model, targets)
+    except ValueError:
+        return []

@@ -1,0 +1,271 @@
+"""MTLoRA numerics: §7.3 layer semantics, identity at init, mixed-batch routing, parameter counts, MTLoRA+ on Swin."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtbench.backbones import tiny_bert
+from mtbench.errors import ConfigError
+from mtbench.interfaces import ParamRole, adapter_roles
+from mtbench.methods.mtlora import MTLoRA, MTLoRAConfig, MTLoRALinear
+
+
+TASKS = ("a", "b")
+
+
+def _inputs(n: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (n, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _adapted(**cfg: object) -> tuple[MTLoRA, nn.Module]:
+    method = MTLoRA(MTLoRAConfig(**cfg), tasks=TASKS)
+    return method, method.apply(tiny_bert().model).eval()
+
+
+def _randomise(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    """Non-zero shared and task factors, so every branch contributes."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mtlora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@torch.no_grad()
+def _hidden(method: MTLoRA | None, model: nn.Module, ids: torch.Tensor | str | None, n: int = 4) -> torch.Tensor:
+    if method is not None:
+        method.set_task(model, ids)
+    return model(**_inputs(n)).last_hidden_state
+
+
+def _layer(tasks: tuple[str, ...] = TASKS, dropout: float = 0.0, seed: int = 0) -> MTLoRALinear:
+    torch.manual_seed(seed)
+    layer = MTLoRALinear(nn.Linear(6, 5), r=3, scale=4.0, dropout=dropout, tasks=tasks, task_r=2)
+    _randomise(layer, seed)
+    return layer
+
+
+# Layer level (methods.md §7.3) ---------------------------------------------------------------------------------------
+
+
+def test_layer_shared_and_task_outputs() -> None:
+    layer = _layer()
+    x, w0, b, s = torch.randn(7, 6), layer.base.weight, layer.base.bias, layer.scale
+    y, outs = layer.forward_tasks(x)
+    pre = x @ w0.T + b
+    assert torch.allclose(y, pre + s * x @ layer.mtlora_shared_A.T @ layer.mtlora_shared_B.T, atol=1e-6)
+    assert torch.allclose(layer(x), y)
+    for t in TASKS:  # the task output excludes the shared LoRA term ('matrix' mode)
+        expected = pre + s * x @ layer.mtlora_tasks_A[t].T @ layer.mtlora_tasks_B[t].T
+        assert torch.allclose(outs[t], expected, atol=1e-6)
+    assert not torch.allclose(outs["a"], outs["b"])
+
+
+def test_proj_call_is_a_merged_linear_but_fc1_call_is_not() -> None:
+    """methods.md §10.3: TS ``proj`` (no task input) = per-task merged ``W0 + s B_t A_t``; ``fc1`` (task input) ≠."""
+    layer = _layer()
+    x, x_t = torch.randn(7, 6), torch.randn(7, 6)
+    merged = {t: layer.base.weight + layer.scale * layer.mtlora_tasks_B[t] @ layer.mtlora_tasks_A[t] for t in TASKS}
+    _, proj = layer.forward_tasks(x)
+    _, fc1 = layer.forward_tasks(x, {t: x_t for t in TASKS})
+    for t in TASKS:
+        assert torch.allclose(proj[t], F.linear(x, merged[t], layer.base.bias), atol=1e-5)
+        assert not torch.allclose(fc1[t], F.linear(x_t, merged[t], layer.base.bias), atol=1e-3)
+        assert not torch.allclose(fc1[t], F.linear(x, merged[t], layer.base.bias), atol=1e-3)
+        # W0 on the shared input, the task correction on the task input.
+        low = layer.scale * x_t @ layer.mtlora_tasks_A[t].T @ layer.mtlora_tasks_B[t].T
+        assert torch.allclose(fc1[t], layer.base(x) + low, atol=1e-5)
+
+
+def test_no_dropout_on_task_inputs() -> None:
+    layer = _layer(dropout=0.9).train()
+    x, x_tasks = torch.randn(16, 6), {t: torch.randn(16, 6) for t in TASKS}
+    y1, t1 = layer.forward_tasks(x, x_tasks)
+    y2, t2 = layer.forward_tasks(x, x_tasks)
+    assert not torch.allclose(y1, y2)  # the shared path is dropped out
+    for t in TASKS:
+        assert torch.equal(t1[t], t2[t])
+
+
+def test_layer_without_tasks_and_roles() -> None:
+    layer = _layer(tasks=())
+    assert layer.forward_tasks(torch.randn(2, 6))[1] == {}
+    assert _layer().adapter_params() == {
+        "mtlora_shared_A": ParamRole("A"), "mtlora_shared_B": ParamRole("B"),
+        "mtlora_tasks_A.a": ParamRole("A", task="a"), "mtlora_tasks_B.a": ParamRole("B", task="a"),
+        "mtlora_tasks_A.b": ParamRole("A", task="b"), "mtlora_tasks_B.b": ParamRole("B", task="b"),
+    }
+
+
+# Whole model, mixed-batch mode ---------------------------------------------------------------------------------------
+
+
+def test_identity_at_init_for_every_task_stream() -> None:
+    expected = _hidden(None, tiny_bert().model.eval(), None)
+    method, model = _adapted()
+    for ids in (None, "a", "b", torch.tensor([0, 1, 1, 0])):
+        assert torch.allclose(_hidden(method, model, ids), expected, atol=1e-6)
+
+
+def test_mixed_batch_rows_take_their_own_task_stream() -> None:
+    method, model = _adapted()
+    _randomise(model)
+    mixed = _hidden(method, model, torch.tensor([0, 1, 1, 0], dtype=torch.int32))
+    all_a, all_b = _hidden(method, model, "a"), _hidden(method, model, torch.tensor([1, 1, 1, 1]))
+    for i, task in enumerate([0, 1, 1, 0]):
+        assert torch.allclose(mixed[i], (all_a if task == 0 else all_b)[i], atol=1e-6)
+        assert not torch.allclose(mixed[i], (all_b if task == 0 else all_a)[i], atol=1e-4)
+    # Without task ids the model returns the shared stream, which is neither task's.
+    assert not torch.allclose(_hidden(method, model, None), all_a, atol=1e-4)
+
+
+def test_last_block_output_is_the_task_stream_of_section_7_4() -> None:
+    """Recompute the last BERT block by hand from §7.4 and compare with the two-stream forward."""
+    method, model = _adapted()
+    _randomise(model)
+    block = model.encoder.layer[-1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, a: captured.setdefault("args", a))
+    out = _hidden(method, model, "b")
+    handle.remove()
+    # The hook sees the block's arguments after MTLoRA's pre-hook doubled them: shared rows first.
+    (x, mask, *_), att = (a[:4] if a is not None else a for a in captured["args"]), block.attention
+    method.set_task(model, None)  # the attention core is shared; run it with the hooks inactive
+    with torch.no_grad():
+        ctx = att.self(x, mask)[0]
+        proj, fc1, fc2 = att.output.dense, block.intermediate.dense, block.output.dense
+        a_sh = att.output.LayerNorm(proj(ctx) + x)
+        a_t = att.output.LayerNorm(proj.forward_tasks(ctx)[1]["b"] + x)
+        h_t = fc1.forward_tasks(a_sh, {"b": a_t})[1]["b"]
+        g = block.intermediate.intermediate_act_fn(fc1(a_sh))
+        m_t = fc2.forward_tasks(g, {"b": block.intermediate.intermediate_act_fn(h_t)})[1]["b"]
+        f_t = block.output.LayerNorm(m_t + a_t)
+    assert torch.allclose(out, f_t, atol=1e-5)
+
+
+def test_mixed_forward_is_vectorised() -> None:
+    """The per-row task update is one masked rank-(T·task_r) product, identical to the per-row reference."""
+    layer = _layer(tasks=("a", "b", "c"))
+    u, ids = torch.randn(5, 3, 6), torch.tensor([2, 0, 1, 1, 2])
+    ref = torch.stack([layer.scale * u[i] @ layer.mtlora_tasks_A["abc"[k]].T @ layer.mtlora_tasks_B["abc"[k]].T
+                       for i, k in enumerate(ids.tolist())])
+    assert torch.allclose(layer._mixed_task_delta(u, ids), ref, atol=1e-5)
+
+
+def test_training_step_reaches_only_the_routed_tasks() -> None:
+    method, model = _adapted()
+    model.train()
+    method.set_task(model, "a")
+    model(**_inputs()).last_hidden_state.square().mean().backward()
+    fc2 = model.encoder.layer[-1].output.dense
+    assert fc2.base.weight.grad is None
+    # B = 0 at init, so A gets no gradient yet; B of the routed task does, the other task's B gets exactly zero.
+    assert fc2.mtlora_tasks_B["a"].grad.abs().sum() > 0
+    assert fc2.mtlora_tasks_B["b"].grad.abs().sum() == 0
+
+
+# Placement, counting, merging, config --------------------------------------------------------------------------------
+
+
+def test_placement_and_parameter_count() -> None:
+    method, model = _adapted(r=8, task_r=4)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MTLoRALinear)}
+    assert len(layers) == 2 * 6
+    ts = sorted(n for n, m in layers.items() if m.tasks)
+    assert ts == ["encoder.layer.1.attention.output.dense", "encoder.layer.1.intermediate.dense",
+                  "encoder.layer.1.output.dense"]
+    assert not layers["encoder.layer.1.attention.output.dense"].task_input
+    assert method.task_layers(model) == [[ts[0], ts[1], ts[2]]]
+    # hidden 32, intermediate 128: per block q, k, v, proj (32→32), fc1 (32→128), fc2 (128→32).
+    shared = 2 * 8 * (4 * (32 + 32) + (32 + 128) + (128 + 32))
+    task = len(TASKS) * 4 * ((32 + 32) + (32 + 128) + (128 + 32))
+    counted = sum(p.numel() for n, p in model.named_parameters() if n in adapter_roles(model))
+    assert counted == shared + task == 12288
+    assert method.trainable(model) == set(adapter_roles(model))
+
+
+def test_task_blocks_and_targets() -> None:
+    method, model = _adapted(task_blocks=2, task_targets=("fc2",))
+    assert method.task_layers(model) == [["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]]
+    _, model = _adapted(task_targets=())
+    assert not any(m.tasks for m in model.modules() if isinstance(m, MTLoRALinear))
+
+
+def test_merge_shared_keeps_outputs() -> None:
+    method, model = _adapted()
+    _randomise(model, std=0.05)
+    ids = torch.tensor([0, 1, 1, 0])
+    before, weights = _hidden(method, model, ids), {k: v.clone() for k, v in model.state_dict().items()}
+    method.merge_shared(model)
+    assert torch.allclose(_hidden(method, model, ids), before, atol=1e-5)
+    method.unmerge_shared(model)
+    assert all(torch.allclose(v, weights[k], atol=1e-6) for k, v in model.state_dict().items())
+    with pytest.raises(NotImplementedError):
+        method.merge(model)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("r", 0), ("task_r", -1), ("scale", 0.0), ("dropout", 1.0), ("task_blocks", 0), ("task_targets", ("qkv",))],
+)
+def test_config_errors_name_the_key(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"method.{key}"):
+        MTLoRAConfig(**{key: value})
+
+
+def test_apply_errors() -> None:
+    with pytest.raises(ConfigError, match="method.task_targets"):
+        _adapted(target_modules=("qkv", "fc1"), task_targets=("proj",))
+    with pytest.raises(ConfigError, match="method.task_targets"):
+        _adapted(task_targets=("no_such_layer",))
+    with pytest.raises(ConfigError, match="method.plus"):
+        _adapted(plus=True)
+
+
+# Swin (timm): stages, MTLoRA+ ----------------------------------------------------------------------------------------
+
+
+def _swin() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 2),
+        img_size=64, window_size=4, num_classes=0,
+    ).eval()
+
+
+def test_swin_stages_plus_and_mixed_batch() -> None:
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _swin()(images)
+    method = MTLoRA(dataclasses.replace(MTLoRAConfig(r=4), plus=True), tasks=TASKS)
+    model = method.apply(_swin())
+    layers = method.task_layers(model)
+    assert [len(stage) for stage in layers] == [3, 3, 3, 3]
+    assert layers[3] == ["layers.3.blocks.1.attn.proj", "layers.3.blocks.1.mlp.fc1", "layers.3.blocks.1.mlp.fc2"]
+    reductions = [n for n, m in model.named_modules() if isinstance(m, MTLoRALinear) and "downsample" in n]
+    assert reductions == [f"layers.{i}.downsample.reduction" for i in (1, 2, 3)]
+    roles = adapter_roles(model)
+    for name in reductions:
+        assert not model.get_submodule(name).base.weight.requires_grad
+        assert f"{name}.base.weight" not in method.trainable(model)
+        assert roles[f"{name}.mtlora_shared_A"] == ParamRole("A")
+    ids = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        method.set_task(model, ids)
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        _randomise(model)
+        mixed = model(images)
+        method.set_task(model, "a")
+        all_a = model(images)
+    assert torch.allclose(mixed[1], all_a[1], atol=1e-5)
+    assert not torch.allclose(mixed[0], all_a[0], atol=1e-4)
