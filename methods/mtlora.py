@@ -23,16 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mtbench.backbones import blocks, find_linears, get_submodule_parent, stages
+from mtbench.backbones import blocks, downsamplers, find_linears, get_submodule_parent, stages
 from mtbench.errors import ConfigError
 from mtbench.interfaces import Method, MethodConfig, ParamRole, TaskRouting
 from mtbench.registry import register_method
 
 
 _QKV_ROLES = ("q", "k", "v", "qkv")
-# Swin PatchMerging reductions (timm: ``layers.{1,2,3}.downsample.reduction``; official Swin:
-# ``layers.{0,1,2}.downsample.reduction``). Backbone knowledge: to move to mtbench.backbones (see the report).
-_REDUCTION = r"(?:.*\.)?downsample\.reduction"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,7 +301,7 @@ class MTLoRA(Method):
         no_task_input = set(_maybe_linears(backbone, ("proj",)))
         reductions = []
         if cfg.plus:
-            reductions = _maybe_linears(backbone, _REDUCTION)
+            reductions = downsamplers(backbone)
             if not reductions:
                 raise ConfigError("method.plus=true needs Swin PatchMerging layers (downsample.reduction); none found")
         last = blocks(backbone)[-1]

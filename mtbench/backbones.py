@@ -28,12 +28,15 @@ class Family:
         block: regex (full match) of a block's module path.
         stage: regex whose first group, applied to a block path, names the block's stage (None: one stage).
         roles: canonical role -> regex suffixes of the linear layers (relative to a block) that play it.
+        downsample: regex (full match) of the linear layers that merge patches between stages (Swin's PatchMerging
+            reductions), or None.
     """
 
     name: str
     block: str
     stage: str | None
     roles: dict[str, tuple[str, ...]]
+    downsample: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -68,6 +71,9 @@ FAMILIES: tuple[Family, ...] = (
         r"(?:.*\.)?layers\.\d+\.blocks\.\d+",
         r"((?:.*\.)?layers\.\d+)\.blocks\.\d+",
         {"qkv": (r"attn\.qkv",), "proj": (r"attn\.proj",), "fc1": (r"mlp\.fc1",), "fc2": (r"mlp\.fc2",)},
+        # timm keeps PatchMerging at the start of stages 2-4 (layers.{1,2,3}), the official release at the end of
+        # stages 1-3 (layers.{0,1,2}); both are the same three reductions.
+        downsample=r"(?:.*\.)?layers\.\d+\.downsample\.reduction",
     ),
 )
 _ROLE_ALIASES = {"qkv": ("q", "k", "v", "qkv")}
@@ -98,6 +104,14 @@ def stages(model: nn.Module) -> list[list[str]]:
         match = re.fullmatch(family.stage, block) if family.stage else None
         grouped.setdefault(match.group(1) if match else "", []).append(block)
     return list(grouped.values())
+
+
+def downsamplers(model: nn.Module) -> list[str]:
+    """Module paths of the patch-merging linears between stages, in forward order (empty for text families)."""
+    family = family_of(model)
+    if family.downsample is None:
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(family.downsample, n)]
 
 
 def find_linears(model: nn.Module, targets: Sequence[str] | str, within: Sequence[str] | None = None) -> list[str]:
@@ -192,10 +206,12 @@ def minilm_l6() -> TextBackbone:
 
 
 SMOKE_WORDS = (
-    "good great fine nice happy bad awful poor sad terrible the a movie film plot actor story is was very not "
-    "quite cat dog sat on mat man woman car road house red blue green big small one two three yes no true false "
-    "question answer passage premise hypothesis because so and or but it he she they"
-).split()
+    "good", "great", "fine", "nice", "happy", "bad", "awful", "poor", "sad", "terrible", "the", "a", "movie",
+    "film", "plot", "actor", "story", "is", "was", "very", "not", "quite", "cat", "dog", "sat", "on", "mat",
+    "man", "woman", "car", "road", "house", "red", "blue", "green", "big", "small", "one", "two", "three", "yes",
+    "no", "true", "false", "question", "answer", "passage", "premise", "hypothesis", "because", "so", "and", "or",
+    "but", "it", "he", "she", "they",
+)
 
 
 @register_backbone("tiny_bert")

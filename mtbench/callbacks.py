@@ -80,7 +80,9 @@ class Measurements(pl.Callback):
             self._timed_steps += 1
             self._t0 = 0.0
 
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int, dl: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: Any, batch: Any, idx: int, dl: int = 0
+    ) -> None:
         _sync(pl_module.device)
         self._t0 = time.perf_counter()
 

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", parents=[common], help="list registered methods, tasks or backbones")
     ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "backbones"], default="methods")
 
-    validate = sub.add_parser("validate", parents=[common], help="build every method x task x profile without training")
+    validate = sub.add_parser("validate", parents=[common],
+                              help="build every method x task x profile without training")
     validate.add_argument("--profile", action="append", help="only these profiles (default: smoke)")
 
     board = sub.add_parser("leaderboard", parents=[common], help="write leaderboard CSV and Markdown from the runs")

@@ -92,7 +92,8 @@ class Experiment:
         """The resolved configuration as plain data (what is logged and hashed)."""
         return {
             "method": {"name": self.method_name, **_plain(dataclasses.asdict(self.method))},
-            "task": {"name": self.task_name, "version": self.task_cls.version, **_plain(dataclasses.asdict(self.task))},
+            "task": {"name": self.task_name, "version": self.task_cls.version,
+                     **_plain(dataclasses.asdict(self.task))},
             "train": _plain(dataclasses.asdict(self.train)),
             "trainer": _plain(self.trainer),
             "profile": self.profile,
@@ -236,6 +237,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} needs exactly {len(args)} values")
         item_types = [args[0]] * len(items) if (args and args[-1] is Ellipsis) else list(args or [Any] * len(items))
         return tuple(coerce(v, t, key) for v, t in zip(items, item_types))
+    return _coerce_scalar(value, hint, key)
+
+
+def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -298,7 +303,8 @@ def _attribute_docstrings(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                    docs[node.target.id] = " ".join(nxt.value.value.split())
+            is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            if is_field and is_doc and isinstance(nxt.value.value, str):  # type: ignore[attr-defined]
+                docs[node.target.id] = " ".join(nxt.value.value.split())  # type: ignore[attr-defined]
     return docs

@@ -84,7 +84,10 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
         bs, n_tasks = self.cfg.batch_size, len(self.sizes)
         for b in range(len(self) * self.world_size):
             if self.cfg.batch_mode == "homogeneous":
-                task = b % n_tasks if self.cfg.sampler == "round_robin" else int(torch.multinomial(probs, 1, generator=gen))
+                if self.cfg.sampler == "round_robin":
+                    task = b % n_tasks
+                else:
+                    task = int(torch.multinomial(probs, 1, generator=gen))
                 picks = [task] * bs
             elif self.cfg.sampler == "round_robin":
                 picks = [(b * bs + i) % n_tasks for i in range(bs)]

@@ -21,8 +21,18 @@ import yaml
 
 from .config import Experiment
 from .results import SCHEMA, write_result
-from .tracking import (EXPERIMENT, artifact_root, client, experiment_id, flatten, git_state, host_info,
-                       package_versions, safe_params, tracking_uri)
+from .tracking import (
+    EXPERIMENT,
+    artifact_root,
+    client,
+    experiment_id,
+    flatten,
+    git_state,
+    host_info,
+    package_versions,
+    safe_params,
+    tracking_uri,
+)
 
 
 @dataclass

@@ -37,7 +37,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class RegistryError(MtbenchError):
-    """A registry or plugin problem: unknown or duplicate name, a plugin that fails to import or breaks the interface."""
+    """A registry or plugin problem: unknown or duplicate name, or a plugin that fails to import or to conform."""
 
 
 class UnknownNameError(RegistryError, KeyError):

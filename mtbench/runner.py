@@ -30,9 +30,10 @@ class BenchModule(pl.LightningModule):
         super().__init__()
         self.task, self.method, self.model, self.train_cfg = task, method, model, train
         self.specs = task.metrics()
-        self.metrics = nn.ModuleDict(
-            {sub: nn.ModuleDict({name: spec.factory() for name, spec in specs.items()}) for sub, specs in self.specs.items()}
-        )
+        self.metrics = nn.ModuleDict({
+            sub: nn.ModuleDict({name: spec.factory() for name, spec in specs.items()})
+            for sub, specs in self.specs.items()
+        })
         self.weights = task.loss_weights()
         self.final_metrics: dict[str, float] = {}
         self.skipped_steps = 0
@@ -70,7 +71,7 @@ class BenchModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values: dict[str, float] = {}
         for sub, metrics in self.metrics.items():
-            for name, metric in metrics.items():
+            for name, metric in metrics.items():  # type: ignore[operator]
                 if metric.update_count == 0:
                     continue
                 values[f"val/{sub}/{name}"] = float(metric.compute())

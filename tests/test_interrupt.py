@@ -29,7 +29,8 @@ def test_signal_marks_run_killed(sig: signal.Signals, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "mtbench.cli", "run", "--method", "lora", "--task", "glue", "--profile", "smoke",
                "--tracking-uri", f"sqlite:///{db}", "--set", "trainer.max_steps=100000", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         deadline = time.time() + 120
         while not any(s == "RUNNING" for _, s in _status(db)):
