@@ -81,9 +81,11 @@ class _TwoStreams:
         self.batch = 0
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self.active = self.routing.task_ids is not None
+        # A caller that already stacks task streams (core's all-tasks forward) owns the rows: do not stack again.
+        self.active = self.routing.task_ids is not None and not self.routing.stacked
         if not self.active:
             return None
+        self.routing.stacked = 1
         hidden = args[0] if args else kwargs["hidden_states"]
         self.batch = n = hidden.shape[0]
         return tuple(_twice(a, n) for a in args), {k: _twice(v, n) for k, v in kwargs.items()}
@@ -92,6 +94,7 @@ class _TwoStreams:
         if not self.active:
             return None
         self.active = False
+        self.routing.stacked = 0
         n = self.batch
 
         def task_half(t: Any) -> Any:
@@ -146,7 +149,6 @@ class MTLoRALinear(nn.Module):
         self.r, self.task_r, self.scale, self.task_input = r, task_r, scale, task_input
         self.tasks = tuple(tasks)
         self.routing = routing
-        self.streams: _TwoStreams | None = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Half-precision adapters lose small early updates of B; keep them in fp32 as LoRALinear does.
         w = base.weight
@@ -186,23 +188,29 @@ class MTLoRALinear(nn.Module):
         return pre, dropped, pre + self._low_rank(dropped, self.mtlora_shared_A, self.mtlora_shared_B).to(pre.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Shared output ``y``; inside a two-stream block, ``cat([y, y_task(row)])`` over ``[shared; task]`` rows.
+        """Shared output ``y``; inside a block with ``k`` stacked task streams (``TaskRouting.stacked``),
+        ``cat([y, y_task(row) for every stream row])`` over ``[shared; stream_1; ...; stream_k]`` rows.
 
         Args:
-            x: ``(N, ..., in_features)``; in a two-stream block ``N = 2n``, shared rows first.
+            x: ``(N, ..., in_features)``; with ``k`` stacked streams ``N = (k + 1)·n``, shared rows first.
 
         Returns:
             ``(N, ..., out_features)``.
         """
-        if self.streams is None or not self.streams.active:
+        k = self.routing.stacked if self.routing is not None and self.tasks else 0
+        if not k:
             return self._shared(x)[2]
-        n = x.shape[0] // 2
+        n = x.shape[0] // (k + 1)
         pre, dropped, y = self._shared(x[:n])
-        u = x[n:] if self.task_input else dropped  # no dropout on task inputs (§7.3)
+        u = x[n:] if self.task_input else torch.cat([dropped] * k)  # no dropout on task inputs (§7.3)
         ids = self.routing.ids_for(u) if self.routing is not None else None
         if ids is None:
-            raise RuntimeError("MTLoRALinear: two-stream forward without task ids")
-        return torch.cat([y, pre + self._mixed_task_delta(u, ids).to(pre.dtype)])
+            raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
+        return torch.cat([y, torch.cat([pre] * k) + self._mixed_task_delta(u, ids).to(pre.dtype)])
+
+    def stream_routing(self) -> TaskRouting | None:
+        """The routing of the stacked-stream forward, ``None`` without TS-LoRA (``interfaces.StreamAdapter``)."""
+        return self.routing if self.tasks else None
 
     def _mixed_task_delta(self, u: Tensor, ids: Tensor) -> Tensor:
         """``s · B_{ids[i]} A_{ids[i]} u[i]`` for every row i, vectorised: one-hot mask over the T task blocks."""
@@ -261,8 +269,10 @@ class MTLoRA(Method):
 
     Mixed batches (``set_task(model, task_ids)``, GLUE / LLM tasks): the model's last block runs two streams (see
     :class:`_TwoStreams`) and hands each example its own task's stream; without task ids it returns the shared stream.
-    All-tasks use (PASCAL): a Swin-aware caller drives :meth:`MTLoRALinear.forward_tasks` on the layers listed by
-    :meth:`task_layers`. Not mergeable: TS outputs cannot fold into one weight (§7.12); :meth:`merge_shared` folds the
+    All-tasks use (PASCAL, methods.md §7.4): core's ``backbones.swin_stage_features`` stacks one stream per task
+    through the last block of each stage via :class:`~mtbench.interfaces.TaskRouting` (the layers are
+    :class:`~mtbench.interfaces.StreamAdapter` s); :meth:`MTLoRALinear.forward_tasks` is the same maths per layer.
+    Not mergeable: TS outputs cannot fold into one weight (§7.12); :meth:`merge_shared` folds the
     TA-LoRA of layers without TS-LoRA.
     """
 
@@ -313,11 +323,9 @@ class MTLoRA(Method):
                 tasks=tasks if name in ts else (), task_r=cfg.task_r, task_input=name not in no_task_input,
                 routing=self.routing,
             )
-            # Only the model's last block runs two streams: an earlier TS block's task streams would be discarded
-            # anyway (the official BasicLayer keeps the last block's task outputs only).
-            if name in ts and name.startswith(last + "."):
-                layer.streams = self.streams
             setattr(parent, attr, layer.train(base.training))  # a new module would start in train mode
+        # Mixed batches: only the model's last block runs two streams; an earlier TS block's task streams would be
+        # discarded anyway (the official BasicLayer keeps the last block's task outputs only).
         if any(name.startswith(last + ".") for name in ts):
             block = backbone.get_submodule(last)
             self.hooks.append(block.register_forward_pre_hook(self.streams.pre, with_kwargs=True))

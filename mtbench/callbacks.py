@@ -6,9 +6,13 @@ same way everywhere (timed steps after a warm-up, synchronised on GPU, summed ov
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -114,3 +118,60 @@ class Measurements(pl.Callback):
             perf["peak_mem_mb"] = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
             perf["memory_kind"] = "cpu_peak_rss"
         return perf
+
+
+def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to a temporary name beside ``path``, then rename: never a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+
+
+class GracefulStop(pl.Callback):
+    """Ctrl-C or SIGTERM during training: finish the current step, save a resumable checkpoint, stop.
+
+    Stopping at a step boundary keeps optimizer, scheduler, loop and sampler state consistent, so ``mtbench run
+    --resume`` continues exactly where the run stopped. A second Ctrl-C interrupts at once (no checkpoint).
+    """
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        if self.received is not None and not trainer.should_stop:
+            save_checkpoint_atomic(trainer, self.checkpoint)
+            trainer.should_stop = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Heartbeat(pl.Callback):
+    """Calls ``beat()`` at most every ``every_s`` seconds while training, so a crashed process can be told apart
+    from a live one by the age of its last beat."""
+
+    def __init__(self, beat: Any, every_s: float = 30.0) -> None:
+        self.beat, self.every_s, self._last = beat, every_s, 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        now = time.time()
+        if trainer.is_global_zero and now - self._last >= self.every_s:
+            self._last = now
+            self.beat()

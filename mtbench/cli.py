@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                      help="override a config key, e.g. method.r=16 or trainer.max_steps=50 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue a run stopped by Ctrl-C/SIGTERM from its checkpoint")
+
+    runs = sub.add_parser("runs", parents=[common], help="list the runs in the store with their status")
+    runs.add_argument("--limit", type=int, default=50, help="newest N runs (default 50)")
 
     ls = sub.add_parser("ls", parents=[common], help="list registered methods, tasks or backbones")
     ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "backbones"], default="methods")
@@ -45,14 +49,40 @@ def _parser() -> argparse.ArgumentParser:
                               help="build every method x task x profile without training")
     validate.add_argument("--profile", action="append", help="only these profiles (default: smoke)")
 
-    board = sub.add_parser("leaderboard", parents=[common], help="write leaderboard CSV and Markdown from the runs")
+    board = sub.add_parser("leaderboard", parents=[common],
+                           help="write the leaderboard (CSV, JSON, Markdown, HTML, Pareto plots) from the runs")
     board.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
+    board.add_argument("--from-results", nargs="+", default=[], metavar="DIR",
+                       help="also read exported result.json files under these folders (recursively)")
+    board.add_argument("--no-store", action="store_true", help="only the --from-results files, not the store")
+    board.add_argument("--reference", action="append", default=[], metavar="[TASK=]METHOD",
+                       help="reference method of the paired comparison (default lora; repeatable, per task)")
+
+    sweep = sub.add_parser("sweep", parents=[common], help="run methods x tasks x seeds x config grid, "
+                           "skipping cells that already have a FINISHED run")
+    sweep.add_argument("--file", metavar="SWEEP.yaml", help="sweep file (keys methods, tasks, seeds, profile, set, "
+                       "grid); command-line values win")
+    sweep.add_argument("--methods", metavar="A,B", help="comma-separated method names, or 'all'")
+    sweep.add_argument("--tasks", metavar="T,U", help="comma-separated task names")
+    sweep.add_argument("--seeds", metavar="0,1,2", help="comma-separated seeds (default 0)")
+    sweep.add_argument("--profile", help="task profile (default smoke)")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                       help="override for every cell (method.*/task.* keys only where the config has them)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="one grid axis, e.g. method.r=4,8 (repeatable; axes multiply)")
+    sweep.add_argument("--shard", metavar="I/N", help="run only shard I of N (0-based) of the grid")
+    sweep.add_argument("--dry-run", action="store_true", help="print what would run or be skipped; train nothing")
+    sweep.add_argument("--progress", action="store_true", help="show the progress bar of each run")
 
     check = sub.add_parser("check-method", parents=[common], help="run the conformance checks on a method file")
     check.add_argument("file", metavar="FILE.py", help="a file registering one or more methods")
 
     demo = sub.add_parser("demo", parents=[common], help="every method on every task's smoke profile, then the board")
     demo.add_argument("--out", default=None, help="leaderboard folder (default: <store home>/leaderboard)")
+
+    prefetch = sub.add_parser("prefetch", parents=[common], help="download and verify a task's data (online)")
+    prefetch.add_argument("--task", required=True, help="registered task name")
+    prefetch.add_argument("--data-root", help="folder to put the data in (default: the task's data root)")
     return parser
 
 
@@ -89,13 +119,41 @@ def _quiet_environment() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Train and evaluate one method on one task."""
     from .config import resolve
-    from .execute import run_experiment
+    from .errors import ConfigError
+    from .execute import resume_run, run_experiment
 
-    exp = resolve(args.method, args.task, args.profile, args.seed, args.config, args.sets)
-    outcome = run_experiment(exp, args.tracking_uri, progress=not args.no_progress)
+    if args.resume:
+        if args.method or args.task or args.config or args.sets or args.profile or args.seed is not None:
+            raise ConfigError("--resume RUN_ID continues a run with its recorded config; give no other run options")
+        outcome = resume_run(args.resume, args.tracking_uri, progress=not args.no_progress)
+    else:
+        exp = resolve(args.method, args.task, args.profile, args.seed, args.config, args.sets)
+        outcome = run_experiment(exp, args.tracking_uri, progress=not args.no_progress)
     headline = ", ".join(f"{k}={v:.4f}" for k, v in sorted(outcome.metrics.items()))
     print(f"run {outcome.run_id} {outcome.status}: {headline or outcome.error}")
     return _STATUS_EXIT[outcome.status]
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """One line per run: id, status (DEAD for a RUNNING run whose process is gone), method, task, seed, val/avg."""
+    import time
+
+    from .leaderboard import load_runs
+    from .tracking import liveness, tracking_uri
+
+    runs = load_runs(tracking_uri(args.tracking_uri))
+    if runs.empty:
+        print("no runs")
+        return 0
+    now = time.time()
+    for _, r in runs.head(args.limit).iterrows():
+        status = liveness(r["status"], r.get("tags.mtbench.host"), r.get("tags.mtbench.pid"),
+                          r.get("tags.mtbench.heartbeat"), now)
+        avg = r.get("metrics.val/avg")
+        print(f"{r['run_id']}  {status:8s}  {r.get('tags.mtbench.method')}  {r.get('tags.mtbench.task')}  "
+              f"{r.get('tags.mtbench.profile')}  seed={r.get('tags.mtbench.seed')}  "
+              f"val/avg={'' if avg is None or avg != avg else f'{avg:.4f}'}")
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -138,15 +196,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """Write leaderboard.csv and LEADERBOARD.md from the tracking store."""
+    """Write the leaderboard files from the tracking store and any exported result files."""
     from .leaderboard import build_leaderboard, write_leaderboard
     from .tracking import tracking_uri
 
-    board = build_leaderboard(tracking_uri(args.tracking_uri))
+    uri = None if getattr(args, "no_store", False) else tracking_uri(args.tracking_uri)
+    board = build_leaderboard(uri, getattr(args, "from_results", []), getattr(args, "reference", []))
+    for line in board.rejected:
+        print(f"mtbench: rejected {line}", file=sys.stderr)
     paths = write_leaderboard(board, args.out)
+    merged = f"; {board.merged} merged from result files, {len(board.rejected)} rejected" \
+        if getattr(args, "from_results", []) else ""
     print(f"{len(board.rows)} rows from {board.finished} finished runs "
-          f"({board.excluded} excluded: {board.excluded_detail or 'none'}) -> {', '.join(map(str, paths))}")
+          f"({board.excluded} excluded: {board.excluded_detail or 'none'}{merged}) -> {args.out}: "
+          f"{', '.join(p.name for p in paths)}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run the cells of a sweep that have no FINISHED run yet; list the failures at the end."""
+    from .sweep import load_file, make_spec, parse_shard, run_sweep
+
+    spec = make_spec(load_file(args.file) if args.file else None, args.methods, args.tasks, args.seeds, args.profile,
+                     args.sets, args.grid)
+    report = run_sweep(spec, args.tracking_uri, parse_shard(args.shard), args.dry_run, args.progress)
+    print(f"sweep: {len(report.finished)} finished, {len(report.skipped)} skipped, {len(report.failed)} failed"
+          + (", interrupted" if report.interrupted else ""))
+    for line in report.failed:
+        print(f"  failed: {line}")
+    if report.interrupted:
+        return 130
+    return 1 if report.failed else 0
 
 
 def cmd_check_method(args: argparse.Namespace) -> int:
@@ -192,9 +272,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Download and verify a task's data into its data root (fails at once, in one line, when offline)."""
+    from pathlib import Path
+
+    from . import registry
+
+    task_cls = registry.tasks.get(args.task)
+    task = task_cls(task_cls.config_cls())
+    print(task.prefetch(Path(args.data_root).expanduser() if args.data_root else None))
+    return 0
+
+
 _COMMANDS: dict[str, Any] = {
     "run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "leaderboard": cmd_leaderboard, "demo": cmd_demo,
-    "check-method": cmd_check_method,
+    "check-method": cmd_check_method, "runs": cmd_runs,
+    "sweep": cmd_sweep, "prefetch": cmd_prefetch,
 }
 
 

@@ -182,6 +182,8 @@ def resolve(
     for layer in (task_cls.profiles[profile], file, overrides):
         for section in SECTIONS:
             merged[section].update({k: v for k, v in (layer.get(section) or {}).items() if k != "name"})
+    if "subtasks" in merged["task"] and not merged["task"]["subtasks"]:
+        raise ConfigError(f"task.subtasks is empty; name at least one of task '{task}' (see `mtbench ls tasks`)")
     return Experiment(
         method_name=method,
         task_name=task,

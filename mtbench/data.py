@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import ConfigError, DataError
 
@@ -56,9 +56,11 @@ def task_probabilities(sizes: Sequence[int], sampler: str, temperature: float) -
 class MultiTaskBatchSampler(Sampler[list[int]]):
     """Yields batches of indices into the concatenation of the per-task datasets.
 
-    One epoch is ``sum(sizes) // batch_size`` batches (at least one). Each task's examples are visited in a fresh
-    random order and reshuffled when exhausted, so small tasks are revisited rather than truncating the epoch.
-    Under DDP each rank takes every ``world_size``-th batch of the same seeded stream.
+    One epoch is ``sum(sizes) // (batch_size · world_size)`` batches (at least one). Each task's examples are visited
+    in a fresh random order and reshuffled when exhausted, so small tasks are revisited rather than truncating the
+    epoch. Under DDP the stream is drawn in global batches of ``batch_size · world_size`` and each rank takes its
+    slice, so N processes see exactly the examples one process with an N-times larger batch would. ``skip`` (set
+    when resuming mid-epoch) drops the first batches of the next epoch's stream.
     """
 
     def __init__(self, sizes: Sequence[int], cfg: LoaderConfig, seed: int, rank: int = 0, world_size: int = 1):
@@ -68,21 +70,23 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch so every epoch draws a new order."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, sum(self.sizes) // self.cfg.batch_size) // self.world_size or 1
+        return max(1, sum(self.sizes) // (self.cfg.batch_size * self.world_size))
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         probs = task_probabilities(self.sizes, self.cfg.sampler, self.cfg.temperature)
         orders = [torch.randperm(n, generator=gen).tolist() for n in self.sizes]
         cursors = [0] * len(self.sizes)
-        bs, n_tasks = self.cfg.batch_size, len(self.sizes)
-        for b in range(len(self) * self.world_size):
+        bs, n_tasks = self.cfg.batch_size * self.world_size, len(self.sizes)
+        skip, self.skip = self.skip, 0
+        for b in range(len(self)):
             if self.cfg.batch_mode == "homogeneous":
                 if self.cfg.sampler == "round_robin":
                     task = b % n_tasks
@@ -99,8 +103,30 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
                     orders[t], cursors[t] = torch.randperm(self.sizes[t], generator=gen).tolist(), 0
                 batch.append(self.offsets[t] + orders[t][cursors[t]])
                 cursors[t] += 1
-            if b % self.world_size == self.rank:
-                yield batch
+            if b >= skip:
+                yield batch[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
+
+
+class _ResumableLoader(DataLoader):
+    """A training DataLoader Lightning can resume mid-epoch (its ``_Stateful`` protocol).
+
+    The state is the number of batches already trained in the current epoch, read from the trainer's progress
+    (the sampler runs one batch ahead because Lightning prefetches). On restore, the sampler skips them.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.progress()
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: Any = self.batch_sampler
+        done = state.get("batches_done", 0)
+        # A checkpoint taken after an epoch's last batch resumes at the next epoch's start: nothing to skip.
+        sampler.skip = done if done < len(sampler) else 0
 
 
 class _Tagged(Dataset):
@@ -146,13 +172,23 @@ class MultiTaskDataModule(pl.LightningDataModule):
         parts = [_Tagged(self.train[t], i) for i, t in enumerate(self.subtasks)]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sampler = MultiTaskBatchSampler([len(p) for p in parts], self.loader, self.seed, rank, world)
-        return DataLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.loader.num_workers)
+        return _ResumableLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=self.collate,
+                                num_workers=self.loader.num_workers, progress=self._progress)
+
+    def _progress(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 0
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One sequential loader per subtask."""
-        return [
-            DataLoader(_Tagged(self.val[t], i), batch_size=self.loader.eval_batch_size, shuffle=False,
-                       collate_fn=self.collate, num_workers=self.loader.num_workers)
-            for i, t in enumerate(self.subtasks)
-        ]
+        """One sequential loader per subtask (sharded across ranks under DDP; metrics sync when computed)."""
+        loaders = []
+        for i, t in enumerate(self.subtasks):
+            data = _Tagged(self.val[t], i)
+            sampler = None
+            if self.trainer is not None and self.trainer.world_size > 1:
+                # Pads the last shard with repeats so every rank gets the same number of batches.
+                sampler = DistributedSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+            loaders.append(DataLoader(data, batch_size=self.loader.eval_batch_size, sampler=sampler,
+                                      collate_fn=self.collate, num_workers=self.loader.num_workers))
+        return loaders

@@ -6,8 +6,11 @@ KILLED (Ctrl-C, SIGTERM). The ``result.json`` artifact is written atomically in 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -20,6 +23,7 @@ from typing import Any
 import yaml
 
 from .config import Experiment
+from .errors import ConfigError, MtbenchError
 from .results import SCHEMA, write_result
 from .tracking import (
     EXPERIMENT,
@@ -28,9 +32,11 @@ from .tracking import (
     experiment_id,
     flatten,
     git_state,
+    home_dir,
     host_info,
     package_versions,
     safe_params,
+    sqlite_path,
     tracking_uri,
 )
 
@@ -61,11 +67,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = True) -> Outcome:
-    """Train and evaluate ``exp`` under MLflow tracking at ``uri`` (default: the embedded store)."""
+    """Train and evaluate ``exp`` under MLflow tracking at ``uri`` (default: the embedded store).
+
+    The model and data are built before the run is created, so bad input (a wrong option, missing or corrupt data)
+    raises without touching the store. Under DDP, Lightning re-launches this command once per extra rank; those
+    ranks join the run rank 0 created (``MTBENCH_RUN_ID``) and leave the recording to it.
+    """
     from mlflow.entities import Param
 
+    _quiet_libraries()
     uri = tracking_uri(uri)
     mlflow = client(uri)
+    built = _build(exp)
+    joining = os.environ.get("MTBENCH_RUN_ID") if int(os.environ.get("LOCAL_RANK", "0")) > 0 else None
+    if joining:
+        return _train(exp, mlflow, joining, uri, exp.as_dict(), progress, built)
     exp_id = experiment_id(mlflow, uri)
     commit, dirty = git_state()
     config = exp.as_dict()
@@ -81,6 +97,7 @@ def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = Tru
         "mtbench.git_dirty": str(dirty).lower(),
         "mtbench.versions": json.dumps(package_versions(), sort_keys=True),
         "mlflow.runName": f"{exp.method_name}--{exp.task_name}--{exp.profile}--seed{exp.seed}",
+        **_process_tags(),
     }
     run = mlflow.create_run(exp_id, tags=tags)
     run_id = run.info.run_id
@@ -90,40 +107,113 @@ def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = Tru
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         mlflow.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
-    return _train(exp, mlflow, run_id, uri, config, progress)
+    return _train(exp, mlflow, run_id, uri, config, progress, built)
 
 
-def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str, Any], progress: bool) -> Outcome:
+def resume_run(run_id: str, uri: str | None = None, progress: bool = True) -> Outcome:
+    """Continue a KILLED run from its checkpoint, in the same MLflow run, to FINISHED."""
+    from .config import resolve
+
+    uri = tracking_uri(uri)
+    mlflow = client(uri)
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception as exc:
+        raise MtbenchError(f"run {run_id} not found in {uri}") from exc
+    checkpoint = checkpoint_path(uri, run_id)
+    if run.info.status == "FINISHED":
+        raise MtbenchError(f"run {run_id} is already FINISHED; nothing to resume")
+    if not checkpoint.is_file():
+        raise MtbenchError(f"run {run_id} has no checkpoint at {checkpoint} (only runs stopped by Ctrl-C or SIGTERM "
+                           "during training can be resumed)")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = yaml.safe_load(Path(mlflow.download_artifacts(run_id, "config.yaml", tmp)).read_text())
+    config["task"].pop("version", None)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        yaml.safe_dump(config, file)
+        file.flush()
+        exp = resolve(None, None, config["profile"], config["seed"], file.name)
+    _quiet_libraries()
+    built = _build(exp)
+    mlflow.update_run(run_id, status="RUNNING")
+    mlflow.log_batch(run_id, tags=[_tag(k, v) for k, v in _process_tags().items()])
+    return _train(exp, mlflow, run_id, uri, exp.as_dict(), progress, built, resume_from=checkpoint)
+
+
+def checkpoint_path(uri: str, run_id: str) -> Path:
+    """Where a run's resumable checkpoint lives: beside a sqlite store, else under ``MTBENCH_HOME``."""
+    db = sqlite_path(uri)
+    root = db.parent if db else home_dir()
+    return root / "checkpoints" / run_id / "last.ckpt"
+
+
+def _process_tags() -> dict[str, str]:
+    return {"mtbench.host": socket.gethostname(), "mtbench.pid": str(os.getpid()),
+            "mtbench.heartbeat": f"{time.time():.0f}"}
+
+
+def _tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def _build(exp: Experiment) -> tuple[Any, Any]:
+    """The LightningModule and datamodule; user errors surface here, before anything is recorded."""
+    import lightning.pytorch as pl
+
+    from .runner import build_module
+
+    try:
+        # Lightning checks its own arguments (precision, strategy, devices, ...) when the Trainer is made.
+        pl.Trainer(**{**_trainer_kwargs(exp), "enable_model_summary": False}, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False)
+    except Exception as exc:
+        raise ConfigError(f"trainer options rejected by Lightning: {str(exc).splitlines()[0]}") from exc
+    with _sigterm_as_interrupt():
+        module = build_module(exp)
+        return module, module.task.datamodule(exp.train, seed=exp.seed)
+
+
+def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str, Any], progress: bool,
+           built: tuple[Any, Any], resume_from: Path | None = None) -> Outcome:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from .callbacks import Measurements
-    from .runner import build_module
-
-    _quiet_libraries()
+    from .callbacks import GracefulStop, Heartbeat, Measurements
 
     status, error, trace = "FAILED", None, None
-    module: Any = None
+    module, datamodule = built
     trainer: Any = None
     measurements = Measurements()
+    stop = GracefulStop(checkpoint_path(uri, run_id))
+    heartbeat = Heartbeat(lambda: mlflow.set_tag(run_id, "mtbench.heartbeat", f"{time.time():.0f}"))
     started = time.time()
+    os.environ["MTBENCH_RUN_ID"] = run_id  # inherited by the processes Lightning launches for extra DDP ranks
     try:
         with _sigterm_as_interrupt():
-            module = build_module(exp)
-            datamodule = module.task.datamodule(exp.train, seed=exp.seed)
             logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_id=run_id,
                                   artifact_location=artifact_root(uri))
             with tempfile.TemporaryDirectory() as scratch:
                 trainer = pl.Trainer(**_trainer_kwargs(exp), logger=logger, default_root_dir=scratch,
-                                     callbacks=[measurements, *module.method.callbacks()],
+                                     callbacks=[measurements, stop, heartbeat, *module.method.callbacks()],
                                      enable_checkpointing=False, enable_progress_bar=progress)
-                trainer.fit(module, datamodule=datamodule)
-                trainer.validate(module, datamodule=datamodule, verbose=False)
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+                if stop.received is not None:
+                    raise KeyboardInterrupt(f"signal {stop.received}; checkpoint saved at step {trainer.global_step}")
+                if module.metrics_step != trainer.global_step:
+                    trainer.validate(module, datamodule=datamodule, verbose=False)
             status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as exc:
         status, error = "KILLED", f"interrupted ({exc.__class__.__name__}{': ' + str(exc) if str(exc) else ''})"
     except Exception as exc:
         status, error, trace = "FAILED", f"{exc.__class__.__name__}: {exc}", traceback.format_exc()
+    finally:
+        os.environ.pop("MTBENCH_RUN_ID", None)
+    if trainer is not None and not trainer.is_global_zero:
+        return Outcome(run_id, status, dict(module.final_metrics), {}, error)
+    if status == "FINISHED":
+        checkpoint_path(uri, run_id).unlink(missing_ok=True)
     return _record(exp, mlflow, run_id, config, status, error, trace, module, trainer, measurements, started)
 
 
@@ -146,6 +236,10 @@ def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:
     kwargs.setdefault("check_val_every_n_epoch", None)
     kwargs.setdefault("val_check_interval", 10**12)
     kwargs.setdefault("use_distributed_sampler", False)
+    if kwargs.get("strategy") == "ddp":
+        # A rank whose batch holds no example of some subtask leaves that head (and routed experts or task
+        # adapters) without gradient; plain DDP would then wait forever for it in the all-reduce.
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
     return kwargs
 
 
@@ -174,6 +268,13 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
                        "started": started, "finished": time.time()},
     }
     result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False, "version": exp.task_cls.version}
+    # Δm and the per-subtask deltas (higher = better than the single-task baseline) compare only under the same
+    # baseline values, so their version carries a digest of them.
+    baselines = module.task.baselines() if module is not None else None
+    digest = hashlib.sha256(json.dumps(baselines, sort_keys=True).encode()).hexdigest()[:8]
+    for key in [k for k in metrics if k == "val/delta_m" or k.endswith("/delta")]:
+        result["metric_specs"][key] = {"higher_is_better": True, "primary": False,
+                                       "version": f"{exp.task_cls.version}+baseline-{digest}"}
     _log_outcome(mlflow, run_id, result, trace)
     return Outcome(run_id, status, metrics, result, error)
 

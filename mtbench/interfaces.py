@@ -12,8 +12,10 @@ tracking. Methods never import tasks and tasks never import methods.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
@@ -86,11 +88,34 @@ class TaskRouting:
     A batch may mix tasks; layers read :meth:`ids_for` to pick each example's task adapter without a Python loop.
     Inputs whose leading dimension is a multiple of the batch (for example Swin's windows, batch-major) are handled
     by repeating each id.
+
+    Stacked task streams (methods.md §7.4, where one image yields a feature per task): while :attr:`stacked` is
+    ``k > 0``, the block being run receives its rows as ``k + 1`` equal batch-major parts ``[shared; stream_1; ...;
+    stream_k]`` and :attr:`task_ids` names the task of every stream row (``k·n`` ids, stream-major). Layers with
+    per-task adapters (:class:`StreamAdapter`) compute their frozen part on the shared rows and add their task
+    corrections on the stream rows; every other module acts row by row, so each stream flows through the block beside
+    the shared one. Core's all-tasks feature extractor (``backbones.swin_stage_features``) sets it around the blocks it
+    wants per-task outputs from (:meth:`stack`); a method may use it for its own mixed-batch forward (one stream).
     """
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = tuple(tasks)
         self.task_ids: Tensor | None = None
+        self.stacked = 0
+
+    @contextmanager
+    def stack(self, task_ids: Tensor | None, streams: int) -> Iterator[None]:
+        """Within the block: ``streams`` task streams stacked after the shared rows, with ``task_ids`` per stream row.
+
+        ``stack(None, 0)`` clears the routing (plain rows, no task), for a forward whose examples have no task of
+        their own. The previous state is restored on exit.
+        """
+        saved = self.task_ids, self.stacked
+        self.task_ids, self.stacked = task_ids, streams
+        try:
+            yield
+        finally:
+            self.task_ids, self.stacked = saved
 
     def set(self, task_ids: Tensor | str | None) -> None:
         """Route every example to ``task_ids`` (per-example ids, a task name, or ``None`` for 'no task')."""
@@ -109,6 +134,26 @@ class TaskRouting:
         if n % ids.numel():
             raise ValueError(f"cannot align {ids.numel()} task ids with a leading dimension of {n}")
         return ids.to(x.device).repeat_interleave(n // ids.numel())
+
+
+@runtime_checkable
+class StreamAdapter(Protocol):
+    """An adapter layer with per-task adapters that follows stacked task streams (see :class:`TaskRouting`)."""
+
+    def stream_routing(self) -> TaskRouting | None:
+        """The routing whose ``stacked`` and ``task_ids`` this layer follows; ``None`` without per-task adapters."""
+        ...
+
+
+def stream_routings(module: nn.Module) -> list[TaskRouting]:
+    """The distinct routings followed by the :class:`StreamAdapter` layers inside ``module`` (empty: none)."""
+    found: dict[int, TaskRouting] = {}
+    for sub in module.modules():
+        if isinstance(sub, StreamAdapter) and not isinstance(sub, type):
+            routing = sub.stream_routing()
+            if routing is not None:
+                found.setdefault(id(routing), routing)
+    return list(found.values())
 
 
 class Method(ABC):
@@ -261,6 +306,15 @@ class Task(ABC):
     def baselines(self) -> dict[str, dict[str, float]] | None:
         """Single-task reference scores for Δm, ``{subtask: {metric: value}}``, or ``None``."""
         return None
+
+    def prefetch(self, root: Path | None = None) -> str:
+        """Download and verify the task's data into ``root`` (``None``: the task's configured data root) for
+        ``mtbench prefetch``; returns a one-line summary. Default: nothing to fetch.
+
+        Raises:
+            DataError: offline, or the download does not verify; the message says where to put the data by hand.
+        """
+        return f"task {type(self).__name__} has nothing to prefetch"
 
     def batch_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
         """(examples, tokens) in a batch, for throughput; tokens is 0 for non-text tasks."""

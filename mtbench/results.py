@@ -38,12 +38,17 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 def atomic_write(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (never half-written)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (never half-written)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -69,12 +74,32 @@ def validate(result: Any, name: str = "result") -> dict[str, Any]:
             raise MtbenchError(f"{name}: field '{key}' missing or not of type {kind.__name__}")
     if result["status"] not in STATUSES:
         raise MtbenchError(f"{name}: status {result['status']!r} is not one of {', '.join(STATUSES)}")
+    if not result["run_id"]:
+        raise MtbenchError(f"{name}: field 'run_id' is empty")
+    _validate_values(result, name)
+    return result
+
+
+def _validate_values(result: dict[str, Any], name: str) -> None:
     for key, value in result["metrics"].items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not _is_number(value):
             raise MtbenchError(f"{name}: metric '{key}' is not a number")
         if key not in result["metric_specs"]:
             raise MtbenchError(f"{name}: metric '{key}' has no spec (direction and version)")
-    return result
+    for key, spec in result["metric_specs"].items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("higher_is_better"), bool)
+                and isinstance(spec.get("version"), (str, int)) and not isinstance(spec.get("version"), bool)):
+            raise MtbenchError(f"{name}: metric spec '{key}' needs a boolean 'higher_is_better' and a 'version'")
+    for key, value in result["params"].items():
+        if not _is_number(value):
+            raise MtbenchError(f"{name}: parameter count '{key}' is not a number")
+    provenance = result["provenance"]
+    if not isinstance(provenance.get("device", ""), str) or not isinstance(provenance.get("versions", {}), dict):
+        raise MtbenchError(f"{name}: provenance 'device' must be a string and 'versions' a mapping")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_result(path: str | Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .config import Experiment, TrainConfig
 from .interfaces import Method, MultiTaskModel, Task
+from .metrics import delta_m_metrics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,7 +37,9 @@ class BenchModule(pl.LightningModule):
         })
         self.weights = task.loss_weights()
         self.final_metrics: dict[str, float] = {}
+        self.metrics_step = -1
         self.skipped_steps = 0
+        self._resume_rng: Tensor | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.method.set_task(self.model, batch.get("task_ids"))
@@ -64,6 +67,19 @@ class BenchModule(pl.LightningModule):
         self.log("train/loss", total.detach(), on_step=True, prog_bar=True, batch_size=1)
         return total
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Dropout and DropConnect draw from the global generator; resuming with its state reproduces the run.
+        checkpoint["mtbench_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_rng = checkpoint.get("mtbench_rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, after the epoch's data iterator (which draws a seed) was created, not at load time.
+        if self._resume_rng is not None:
+            torch.set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         outputs = self(batch)
         self.task.update_metrics(self.metrics, self.model, batch, outputs)  # type: ignore[arg-type]
@@ -79,9 +95,13 @@ class BenchModule(pl.LightningModule):
         primaries = [values[k] for k in self.primary_keys() if k in values]
         if primaries:
             values["val/avg"] = sum(primaries) / len(primaries)
+        baselines = self.task.baselines()
+        if baselines is not None:
+            values.update(delta_m_metrics(values, self.specs, baselines))
         for key, value in values.items():
             self.log(key, value, sync_dist=False, batch_size=1)
         self.final_metrics = values
+        self.metrics_step = self.global_step
 
     def primary_keys(self) -> list[str]:
         """``val/<subtask>/<metric>`` of each subtask's headline metric."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import subprocess
+from contextlib import closing
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -30,18 +32,28 @@ def home_dir() -> Path:
 
 
 def tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI to use: explicit, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{home_dir() / 'mlflow.db'}"
+    """The tracking URI to use: explicit, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store.
+
+    A sqlite URI without options gets ``?timeout=60``: concurrent runs then wait up to 60 s for the write lock
+    instead of failing with "database is locked" after the driver's default 5 s.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home_dir() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and "?" not in uri:
+        uri += "?timeout=60"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (options stripped), else ``None``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
 
 
 def artifact_root(uri: str) -> str | None:
     """Artifact folder beside a sqlite database; ``None`` lets a tracking server choose."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "artifacts").as_uri() if db else None
 
 
 def client(uri: str) -> Any:
@@ -53,13 +65,67 @@ def client(uri: str) -> Any:
     # MLflow announces database migrations at INFO on every new store; that is noise on the console.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
+    if (db := sqlite_path(uri)) is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MtbenchError(f"cannot create the store folder {db.parent}: {exc.strerror}") from exc
+        return _open_sqlite_store(db, uri)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif ("://" in uri or uri.startswith("sqlite:")) and not uri.startswith(
+        ("postgresql", "mysql", "mssql", "databricks", "file:")
+    ):
+        raise MtbenchError(f"tracking URI {uri!r} is not supported; use sqlite:///PATH.db or http(s)://HOST:PORT")
     return MlflowClient(tracking_uri=uri)
+
+
+def _open_sqlite_store(db: Path, uri: str) -> Any:
+    """Create or migrate the sqlite store under an exclusive file lock, in write-ahead-log mode.
+
+    MLflow creates its tables on first use; processes starting together on a new store would race through the same
+    migrations ("table already exists"). WAL lets readers proceed while one process writes, and the 60 s busy
+    timeout MLflow's engine is given (see :func:`tracking_uri`) makes writers queue instead of failing.
+    """
+    import fcntl
+    import sqlite3
+
+    try:
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                # Before MLflow opens its pooled connections: the journal mode changes only with none open.
+                try:
+                    with closing(sqlite3.connect(db, timeout=60)) as conn:
+                        conn.execute("pragma journal_mode=wal")
+                except sqlite3.OperationalError:
+                    pass  # another process holds the store open; it stays in its current mode, which still works
+                from mlflow.tracking import MlflowClient
+
+                mlflow_client = MlflowClient(tracking_uri=uri)
+                mlflow_client.search_experiments(max_results=1)
+                return mlflow_client
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as exc:
+        raise MtbenchError(f"cannot open the store {db}: {exc.strerror}") from exc
+    except Exception as exc:
+        raise MtbenchError(f"tracking store {db} is not usable: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _check_server(uri: str) -> None:
+    """Fail at once on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise MtbenchError(f"tracking server {uri} is unreachable ({problem}); start it or pass another --tracking-uri")
 
 
 def experiment_id(mlflow_client: Any, uri: str) -> str:
@@ -120,3 +186,29 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
 def host_info() -> dict[str, str]:
     """Machine facts recorded with every run."""
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": str(os.cpu_count())}
+
+
+STALE_AFTER_S = 15 * 60
+"""A RUNNING run whose heartbeat is older than this (and whose process cannot be checked) is dead."""
+
+
+def liveness(status: str, host: str | None, pid: str | None, heartbeat: str | None, now: float) -> str:
+    """``status``, or ``DEAD`` for a RUNNING run whose process is gone.
+
+    A run started on this host is checked by its process id; one started elsewhere by the age of its heartbeat
+    (refreshed every 30 s while training), so a run killed with SIGKILL is recognised without waiting on it.
+    """
+    if status != "RUNNING":
+        return status
+    if host == socket.gethostname() and pid and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return "DEAD"
+        except PermissionError:
+            return status
+        return status
+    try:
+        return "DEAD" if now - float(heartbeat or "nan") > STALE_AFTER_S else status
+    except ValueError:
+        return status

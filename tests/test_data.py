@@ -63,12 +63,21 @@ def test_seeded_and_epoch_dependent() -> None:
     assert list(a) != list(b)
 
 
-def test_ranks_take_disjoint_batches_of_one_stream() -> None:
-    cfg = LoaderConfig(batch_size=10)
-    full = list(MultiTaskBatchSampler(SIZES, cfg, seed=0))
-    rank0 = list(MultiTaskBatchSampler(SIZES, cfg, seed=0, rank=0, world_size=2))
-    rank1 = list(MultiTaskBatchSampler(SIZES, cfg, seed=0, rank=1, world_size=2))
-    assert rank0 == full[0::2][: len(rank0)] and rank1 == full[1::2][: len(rank1)]
+def test_ranks_split_the_global_batch_of_one_process() -> None:
+    full = list(MultiTaskBatchSampler(SIZES, LoaderConfig(batch_size=20), seed=0))
+    half = LoaderConfig(batch_size=10)
+    rank0 = list(MultiTaskBatchSampler(SIZES, half, seed=0, rank=0, world_size=2))
+    rank1 = list(MultiTaskBatchSampler(SIZES, half, seed=0, rank=1, world_size=2))
+    assert len(rank0) == len(rank1) == len(full)
+    assert all(a + b == f for a, b, f in zip(rank0, rank1, full))
+
+
+def test_skip_resumes_mid_epoch() -> None:
+    sampler = MultiTaskBatchSampler(SIZES, LoaderConfig(batch_size=10), seed=0)
+    full = list(sampler)
+    sampler.skip = 7
+    assert list(sampler) == full[7:]
+    assert list(sampler) == full  # the skip applies once
 
 
 def test_bad_loader_values() -> None:

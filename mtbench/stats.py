@@ -1,0 +1,170 @@
+"""Statistics of the leaderboard: mean, std and Student-t confidence intervals over seeds, paired comparisons against
+a reference method, ranks and Pareto fronts within a comparison group.
+
+A comparison group is one task, task version, metric versions, profile and device: numbers measured under different
+definitions or on different hardware are never ranked against each other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+GROUP = ["task", "task_version", "metric_versions", "profile", "device"]
+# (column suffix, cost metric, lower cost is better)
+PARETO_AXES = (
+    ("params", "params/trainable", True),
+    ("memory", "perf/peak_mem_mb", True),
+    ("throughput", "perf/train_samples_per_s", False),
+)
+DEFAULT_REFERENCE = "lora"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean, sample std (ddof=1), count and the half-width of the two-sided Student-t confidence interval."""
+
+    mean: float
+    std: float
+    n: int
+    ci: float
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison ``a - b`` over the seeds both sides ran.
+
+    ``verdict`` is ``"yes"`` (p < alpha), ``"no"`` (p >= alpha) or ``"n/a"`` (fewer than two pairs).
+    """
+
+    n: int
+    diff: float
+    p_value: float
+    verdict: str
+
+
+def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
+    """Summary of the finite values; std and interval are NaN below two values."""
+    data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    n = len(data)
+    if n == 0:
+        return Summary(math.nan, math.nan, 0, math.nan)
+    if n == 1:
+        return Summary(float(data[0]), math.nan, 1, math.nan)
+    std = float(data.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(float(data.mean()), std, n, half)
+
+
+def paired_test(a: Mapping[str, float], b: Mapping[str, float], alpha: float = ALPHA) -> Paired:
+    """Paired two-sided t-test of ``a`` against ``b``, pairing by seed (keys present and finite on both sides).
+
+    Identical pairs give p = 1; a constant non-zero difference gives p = 0 (the t statistic is infinite).
+    """
+    seeds = sorted(k for k in a.keys() & b.keys() if math.isfinite(a[k]) and math.isfinite(b[k]))
+    if not seeds:
+        return Paired(0, math.nan, math.nan, "n/a")
+    x = np.array([a[k] for k in seeds], dtype=float)
+    y = np.array([b[k] for k in seeds], dtype=float)
+    diff = x - y
+    if len(seeds) < 2:
+        return Paired(len(seeds), float(diff.mean()), math.nan, "n/a")
+    if np.all(diff == diff[0]):
+        p = 1.0 if diff[0] == 0 else 0.0
+    else:
+        p = float(scipy_stats.ttest_rel(x, y).pvalue)
+    return Paired(len(seeds), float(diff.mean()), p, "yes" if p < alpha else "no")
+
+
+def pareto_front(quality: Sequence[float], cost: Sequence[float], lower_cost: bool = True) -> list[bool]:
+    """Which points no other point dominates (higher quality is better; cost direction as given).
+
+    A point dominates another when it is at least as good on both axes and strictly better on one. Points with a
+    missing (NaN) coordinate are never on the front and dominate nothing.
+    """
+    q = np.asarray(quality, dtype=float)
+    c = np.asarray(cost, dtype=float) * (1.0 if lower_cost else -1.0)
+    valid = np.isfinite(q) & np.isfinite(c)
+    front = []
+    for i in range(len(q)):
+        if not valid[i]:
+            front.append(False)
+            continue
+        no_worse = valid & (q >= q[i]) & (c <= c[i])
+        better = (q > q[i]) | (c < c[i])
+        front.append(not bool(np.any(no_worse & better)))
+    return front
+
+
+def parse_references(items: Sequence[str] | None) -> tuple[str, dict[str, str]]:
+    """``["lora", "glue=full_ft"]`` -> (default reference, per-task references)."""
+    default, per_task = DEFAULT_REFERENCE, {}
+    for item in items or []:
+        task, sep, method = item.partition("=")
+        if sep:
+            per_task[task.strip()] = method.strip()
+        else:
+            default = item.strip()
+    return default, per_task
+
+
+def annotate(rows: pd.DataFrame, per_seed: Sequence[Mapping[str, float]], default_reference: str = DEFAULT_REFERENCE,
+             references: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Add rank, reference comparison and Pareto columns, group by group.
+
+    ``rows`` holds one leaderboard row per method config with ``quality_mean`` and the ``<metric>_mean`` columns of
+    :data:`PARETO_AXES`; ``per_seed[i]`` maps seed -> quality of row ``i``.
+    """
+    rows = rows.reset_index(drop=True).copy()
+    refs = references or {}
+    rows["rank"] = pd.array([pd.NA] * len(rows), dtype="Int64")
+    for column in ("reference", "ref_config", "significant"):
+        rows[column] = ""
+    for column in ("ref_diff", "p_value"):
+        rows[column] = math.nan
+    rows["ref_n"] = 0
+    for name, _, _ in PARETO_AXES:
+        rows[f"pareto_{name}"] = False
+    for _, group in rows.groupby(GROUP, sort=False, dropna=False):
+        index = list(group.index)
+        ranks = group["quality_mean"].rank(ascending=False, method="min")
+        rows.loc[index, "rank"] = pd.array([int(r) if pd.notna(r) else pd.NA for r in ranks], dtype="Int64")
+        _compare(rows, index, per_seed, refs.get(str(group["task"].iloc[0]), default_reference))
+        for name, metric, lower in PARETO_AXES:
+            cost = group[f"{metric}_mean"] if f"{metric}_mean" in group else pd.Series(math.nan, index=group.index)
+            rows.loc[index, f"pareto_{name}"] = pareto_front(group["quality_mean"], cost, lower_cost=lower)
+    return rows
+
+
+def _compare(rows: pd.DataFrame, index: list[int], per_seed: Sequence[Mapping[str, float]], method: str) -> None:
+    """Fill the reference columns of the rows at ``index`` (one comparison group)."""
+    candidates = [i for i in index if rows.at[i, "method"] == method]
+    if not candidates:
+        return
+    # Several configs of the reference method: the one with most runs, then the best, then the lowest config id.
+    ref = min(candidates, key=lambda i: (-rows.at[i, "n"], -_finite(rows.at[i, "quality_mean"]),
+                                         str(rows.at[i, "method_config_id"])))
+    for i in index:
+        rows.at[i, "reference"] = method
+        rows.at[i, "ref_config"] = rows.at[ref, "method_config_id"]
+        if i == ref:
+            rows.at[i, "significant"] = "ref"
+            continue
+        result = paired_test(per_seed[i], per_seed[ref])
+        rows.at[i, "ref_diff"] = result.diff
+        rows.at[i, "ref_n"] = result.n
+        rows.at[i, "p_value"] = result.p_value
+        rows.at[i, "significant"] = result.verdict
+
+
+def _finite(value: Any) -> float:
+    return float(value) if value is not None and pd.notna(value) else -math.inf

@@ -1,0 +1,139 @@
+"""Bad input, tried systematically through the CLI: exit status 2, one line naming the culprit and what is allowed,
+no traceback, and the existing store and leaderboard left byte-for-byte unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mtbench import registry
+from mtbench.cli import main
+
+
+RTE_HEADER = "sentence1\tsentence2\tlabel\tidx\n"
+RTE_ROWS = "".join(f"the cat sat {i}\tthe dog sat\t{i % 2}\t{i}\n" for i in range(8))
+RUN = ["run", "--method", "lora", "--task", "glue"]
+LOCAL = ["--set", "task.source=local", "--set", "task.subtasks=[rte]"]
+SHORT_ROW = RTE_HEADER + "only one field\n"
+BAD_LABEL = RTE_HEADER + "a\tb\t7\t0\n"
+NO_SENTENCE2 = "sentence1\tlabel\nx\t0\n"
+
+
+def _local(root: Path) -> list[str]:
+    return [*RUN, *LOCAL, "--set", f"task.data_root={root}"]
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """Digest of every file under ``folder`` except sqlite's transient journal files."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(("-wal", "-shm", "-journal"))
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding one finished run, and its leaderboard."""
+    home = tmp_path_factory.mktemp("home")
+    uri = f"sqlite:///{home / 'm.db'}"
+    assert main(["run", "--method", "lora", "--task", "glue", "--tracking-uri", uri, "--no-progress",
+                 "--set", "trainer.max_steps=2", "--set", "task.synthetic_size=8"]) == 0
+    assert main(["leaderboard", "--tracking-uri", uri, "--out", str(home / "leaderboard")]) == 0
+    return home
+
+
+def _rte_root(tmp: Path, train: str = RTE_HEADER + RTE_ROWS, dev: str = RTE_HEADER + RTE_ROWS) -> Path:
+    (tmp / "data" / "rte").mkdir(parents=True)
+    (tmp / "data" / "rte" / "train.tsv").write_text(train)
+    (tmp / "data" / "rte" / "dev.tsv").write_text(dev)
+    return tmp / "data"
+
+
+def _plugin(tmp: Path, body: str) -> Path:
+    path = tmp / "plugin.py"
+    path.write_text(body)
+    return path
+
+
+Case = tuple[str, Callable[[Path], list[str]], str]
+CASES: list[Case] = [
+    ("unknown_method", lambda t: ["run", "--method", "lroa", "--task", "glue"], "did you mean 'lora'?"),
+    ("unknown_task", lambda t: ["run", "--method", "lora", "--task", "glu"], "did you mean 'glue'?"),
+    ("unknown_profile", lambda t: [*RUN, "--profile", "smok"], "did you mean 'smoke'?"),
+    ("unknown_set_key", lambda t: [*RUN, "--set", "method.rr=4"], "did you mean 'method.r'?"),
+    ("unknown_section", lambda t: [*RUN, "--set", "optimizer.lr=1"], "must start with one of method., task."),
+    ("set_without_value", lambda t: [*RUN, "--set", "method.r"], "--set expects key=value"),
+    ("wrong_type", lambda t: [*RUN, "--set", "method.r=four"], "method.r='four' has the wrong type; expected int"),
+    ("bad_choice", lambda t: [*RUN, "--set", "train.schedule=steep"], "choose one of cosine, linear, constant"),
+    ("rank_zero", lambda t: [*RUN, "--set", "method.r=0"], "method.r must be > 0"),
+    ("rank_too_wide", lambda t: [*RUN, "--set", "method.r=4096"], "method.r=4096 exceeds the width"),
+    ("negative_lr", lambda t: [*RUN, "--set", "train.lr=-0.1"], "train.lr must be > 0"),
+    ("empty_subtasks", lambda t: [*RUN, "--set", "task.subtasks=[]"], "task.subtasks is empty"),
+    ("unknown_subtask", lambda t: [*RUN, "--set", "task.subtasks=[rtee]"], "did you mean 'rte'?"),
+    ("bad_trainer_value", lambda t: [*RUN, "--set", "trainer.precision=banana"], "trainer options rejected"),
+    ("unknown_trainer_key", lambda t: [*RUN, "--set", "trainer.max_step=3"], "did you mean 'trainer.max_steps'?"),
+    ("missing_data_root", lambda t: [*RUN, *LOCAL, "--set", f"task.data_root={t / 'nowhere'}"], "nowhere"),
+    ("missing_data_file", lambda t: [*RUN, *LOCAL, "--set", f"task.data_root={t}"], "rte"),
+    ("malformed_tsv_row", lambda t: _local(_rte_root(t, train=SHORT_ROW)), "train.tsv"),
+    ("label_out_of_range", lambda t: _local(_rte_root(t, dev=BAD_LABEL)), "dev.tsv"),
+    ("missing_column", lambda t: _local(_rte_root(t, train=NO_SENTENCE2)), "sentence2"),
+    ("plugin_syntax_error", lambda t: [*RUN, "--plugin", str(_plugin(t, "def broken(:\n"))], "SyntaxError at line 1"),
+    ("plugin_duplicate_name", lambda t: [*RUN, "--plugin", str(_plugin(t, (
+        "from mtbench import register_method\nfrom mtbench.methods.lora import LoRA\n"
+        "@register_method('lora')\nclass Again(LoRA):\n    pass\n")))], "duplicate method name 'lora'"),
+    ("plugin_breaks_interface", lambda t: [*RUN, "--plugin", str(_plugin(t, (
+        "from mtbench import Method, register_method\n"
+        "@register_method('half_method')\nclass Half(Method):\n    pass\n")))], "does not implement apply"),
+    ("plugin_missing_file", lambda t: [*RUN, "--plugin", str(t / "absent.py")], "absent.py does not exist"),
+    ("config_file_missing", lambda t: [*RUN, "--config", str(t / "absent.yaml")], "cannot read config file"),
+    ("config_file_bad_yaml", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "method: [unclosed\n"))],
+     "is not valid YAML"),
+    ("config_file_unknown_section", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "optimiser: {}\n"))],
+     "unknown section 'optimiser'"),
+    ("unwritable_home", lambda t: [*RUN, "--tracking-uri", f"sqlite:///{_write(t / 'file', 'x')}/sub/m.db"],
+     "cannot create the store folder"),
+    ("unreachable_tracking_server", lambda t: [*RUN, "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    ("unsupported_tracking_uri", lambda t: [*RUN, "--tracking-uri", "ftp://example/x"], "is not supported"),
+    ("resume_unknown_run", lambda t: ["run", "--resume", "f" * 32], "not found"),
+    ("check_method_not_python", lambda t: ["check-method", str(_write(t / "m.txt", "x"))], "not a .py file"),
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, argv, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(
+    name: str, argv: Callable[[Path], list[str]], expected: str, store: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = _tree_digest(store)
+    methods_before = set(registry.methods.names())
+    args = argv(tmp_path)
+    if "--tracking-uri" not in args and args[0] == "run":
+        args += ["--tracking-uri", f"sqlite:///{store / 'm.db'}"]
+    monkeypatch.setenv("MTBENCH_HOME", str(store))
+    capsys.readouterr()
+    code = main([*args, "--no-progress"] if args[0] == "run" else args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+    assert len(err.splitlines()) == 1 and err.startswith("mtbench: error: "), err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert _tree_digest(store) == before, f"{name} changed the store or the leaderboard"
+    assert set(registry.methods.names()) == methods_before, f"{name} left a half-registered method"
+
+
+def test_enough_distinct_bad_inputs() -> None:
+    assert len({c[0] for c in CASES}) >= 25
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(KeyError, match="lroa"):
+        main(["run", "--method", "lroa", "--task", "glue", "--debug"])
