@@ -178,14 +178,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _progress(self) -> tuple[int, int]:
         if self.trainer is None:
             return 0, 0
-        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        progress: Any = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return self.trainer.current_epoch, progress.processed
 
     def val_dataloader(self) -> list[DataLoader]:
         """One sequential loader per subtask (sharded across ranks under DDP; metrics sync when computed)."""
         loaders = []
         for i, t in enumerate(self.subtasks):
             data = _Tagged(self.val[t], i)
-            sampler = None
+            sampler: DistributedSampler | None = None
             if self.trainer is not None and self.trainer.world_size > 1:
                 # Pads the last shard with repeats so every rank gets the same number of batches.
                 sampler = DistributedSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)

@@ -264,7 +264,7 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
                          for sub, group in specs.items() for name, s in group.items()},
         "params": params, "perf": perf,
         "provenance": {"device": measurements.values.get("device", str(device)), **host_info(),
-                       "git_commit": git_state()[0], "versions": package_versions(),
+                       "git_commit": git_state()[0], "git_dirty": git_state()[1], "versions": package_versions(),
                        "started": started, "finished": time.time()},
     }
     result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False, "version": exp.task_cls.version}

@@ -93,7 +93,10 @@ class BenchModule(pl.LightningModule):
                 values[f"val/{sub}/{name}"] = float(metric.compute())
                 metric.reset()
         primaries = [values[k] for k in self.primary_keys() if k in values]
-        if primaries:
+        directions = {s.higher_is_better for specs in self.specs.values() for s in specs.values() if s.primary}
+        # The plain average only means something when every headline metric points the same way (not, say, mIoU
+        # with an angular error in degrees); mixed tasks are summarised by Δm instead.
+        if primaries and directions == {True}:
             values["val/avg"] = sum(primaries) / len(primaries)
         baselines = self.task.baselines()
         if baselines is not None:

@@ -1,0 +1,464 @@
+"""PASCAL-Context multi-task dense prediction on Swin: MTLoRA's vision benchmark (methods.md §7, metrics.md §4.1).
+
+Data. The ASTMT release ``PASCAL_MT`` (Maninis et al. 2019) of PASCAL-Context (Mottaghi et al. 2014) with PASCAL-Part
+person parts (Chen et al. 2014) and distilled saliency and normals: 4,998 train / 5,105 val images, evaluated on val
+(there is no separate test split). ``task.data_root`` (else ``$MTBENCH_DATA``, else ``<cache>/data``) holds the
+``PASCAL_MT`` folder or is it; ``mtbench prefetch --task pascal`` downloads and verifies it when online. The file
+layout and encodings are described in ``_pascal_data``. The ``smoke`` and ``cpu`` profiles read generated scenes
+written in the same layout and encodings (into ``$MTBENCH_CACHE`` or ``~/.cache/mtbench``) with the same loader.
+
+Subtasks: ``semseg`` (21 classes), ``human_parts`` (7), ``sal`` (binary saliency), ``normals`` (unit vectors). Every
+image carries every subtask. Training batches hold whole images with all labels, and ``task_ids`` lists their
+(image, subtask) pairs, image-major (``B·T`` ids); an evaluation batch comes from one subtask's loader and holds that
+subtask's label only (``B`` ids). The runner weights each subtask's mean loss by its share of the pairs, so the
+training loss is ``(1/T)·Σ_t w_t L_t`` with ``w`` = semseg 1, human_parts 2, sal 5, normals 10: the paper's sum over
+``T``. AdamW is invariant to that constant factor, and the ``paper`` profile clips gradients at ``5 / T = 1.25``,
+which is exactly the paper's clipping at 5 of the undivided sum.
+
+Model (§7.4, §7.6). Swin features after patch merging at 4 scales (core ``backbones.swin_stage_features``): with
+MTLoRA each subtask gets its own multi-scale features from the task-specific LoRA streams, otherwise the shared
+features. Per subtask: 1×1 convolutions without bias to 18/36/72/144 channels, bilinear upsampling to the first
+scale, concatenation, 1×1 conv 270→1080, BatchNorm, ReLU, 1×1 conv to the outputs, bilinear upsampling to the input.
+Losses (§7.8): pixel cross-entropy ignoring 255 (semseg, human_parts); batch-balanced BCE on logits (sal); L1 between
+the L2-normalised prediction and the label over valid pixels (normals). Besides the adapters every PEFT method trains
+the patch embedding, all LayerNorms, the relative-position tables and the PatchMerging reductions (§7.7, §10).
+
+Metrics (``_pascal_metrics``): dataset-level mIoU (semseg, human_parts), saliency max-over-thresholds mIoU (primary)
+and maxF, normals mean angular error (primary, lower is better) with median, RMSE and % under 11.25/22.5/30°. mIoUs
+are fractions in [0, 1], angles in degrees. ``val/delta_m`` is Δm (%) of the primary metrics against single-task
+baselines: by default the paper's single-task Swin-T numbers shipped in ``mtbench/baselines/pascal_swin_t_stl.json``
+(meaningful for the ``paper`` profile only); ``task.baseline_file=PATH`` names a JSON file of the same shape
+(``{"metrics": {"semseg": {"miou": 0.67}, ..., "normals": {"mean": 18.0}}}``), ``task.baseline_file=none`` turns Δm
+off. To use your own references, run each subtask alone with the same profile and method
+(``--set task.subtasks=[semseg] --set task.baseline_file=none``, ...) and copy each run's primary metric
+(``val/semseg/miou``, ..., ``val/normals/mean``) into such a file; Δm is reported against whatever the file holds, and
+its metric version carries a digest of those values, so runs against different baselines are never merged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from mtbench.backbones import build, swin_feature_channels, swin_stage_features
+from mtbench.data import MultiTaskDataModule
+from mtbench.errors import ConfigError, DataError
+from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
+from mtbench.metrics import BASELINES_DIR, load_baselines
+from mtbench.registry import backbones, did_you_mean, register_task
+
+from ._pascal_data import IGNORE, SPLIT_SIZES, PascalMT, cache_dir, split_ids, synthetic_release
+from ._pascal_metrics import DatasetMIoU, NormalsAngularError, NormalsStat, SaliencyScores
+
+
+if TYPE_CHECKING:
+    from mtbench.data import LoaderConfig
+
+
+SUBTASKS = ("semseg", "human_parts", "sal", "normals")
+OUTPUTS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
+LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0}
+DECODER_CHANNELS = (18, 36, 72, 144)
+TARGETS = ("qkv", "proj", "fc1", "fc2")
+RELEASE_URL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"
+UNFROZEN = (r"^patch_embed\.|(?:^|\.)norm\d?\.(?:weight|bias)$|\.relative_position_bias_table$"
+            r"|\.downsample\.reduction\.weight$")
+"""Patch embedding, every LayerNorm, relative-position tables, PatchMerging reductions (not an adapter's ``.base``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PascalConfig(TaskConfig):
+    """PASCAL-Context multi-task options."""
+
+    backbone: str = "swin_t"
+    """Backbone: swin_t (Swin-T), swin_mini (reduced, CPU runs) or swin_micro (smoke tests)."""
+    data_root: str = ""
+    """Folder holding PASCAL_MT (or PASCAL_MT itself); empty = $MTBENCH_DATA, then <cache>/data (mtbench prefetch)."""
+    checkpoint: str = ""
+    """Local Swin checkpoint (official release, e.g. swin_tiny_patch4_window7_224.pth, or timm layout); empty = hub."""
+    pretrained: bool = True
+    """Load pretrained Swin-T weights (task.checkpoint, else the hub); false = random init."""
+    image_size: int = 448
+    """Side of the square network input; images and labels are resized to it ignoring the aspect ratio."""
+    source: Literal["local", "synthetic"] = "local"
+    """``local``: the PASCAL_MT release; ``synthetic``: generated scenes in the same layout (smoke / cpu)."""
+    synthetic_train: int = 16
+    """Generated training scenes (source=synthetic)."""
+    synthetic_val: int = 8
+    """Generated validation scenes (source=synthetic)."""
+    train_limit: int = 0
+    """Use only the first N training images (0 = all)."""
+    eval_limit: int = 0
+    """Evaluate on the first N validation images (0 = all)."""
+    augment: bool = True
+    """Training augmentation: flip, rotation ±20°, scale 0.75-1.25 (methods.md §7.13)."""
+    baseline_file: str = ""
+    """Δm baselines: empty = shipped Swin-T single-task file, a JSON path of the same shape, or none."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subtasks", tuple(self.subtasks))
+        for name in self.subtasks:
+            if name not in SUBTASKS:
+                raise ConfigError(f"task.subtasks: {did_you_mean(name, SUBTASKS, 'pascal subtask')}")
+        if len(set(self.subtasks)) != len(self.subtasks):
+            raise ConfigError(f"task.subtasks must not repeat a subtask, got {list(self.subtasks)}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(f"task.image_size must be a positive multiple of 32, got {self.image_size}")
+        for key, low in (("synthetic_train", 1), ("synthetic_val", 1), ("train_limit", 0), ("eval_limit", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"task.{key} must be >= {low}, got {getattr(self, key)}")
+        if self.source not in ("local", "synthetic"):
+            raise ConfigError(f"task.source must be one of local, synthetic; got {self.source!r}")
+        if self.baseline_file and self.baseline_file.lower() != "none" and not Path(self.baseline_file).is_file():
+            raise ConfigError(f"task.baseline_file={self.baseline_file!r} is not a file (or use 'none')")
+
+
+class PascalHead(nn.Module):
+    """One subtask's decoder (methods.md §7.6): per-scale 1×1 downsamplers and an HRNet-style head.
+
+    Args:
+        in_channels: channels of the backbone's 4 feature maps.
+        outputs: output channels (classes, 1 for saliency, 3 for normals).
+        widths: downsampled channels per scale (HRNet-W18).
+    """
+
+    def __init__(self, in_channels: Sequence[int], outputs: int, widths: Sequence[int] = DECODER_CHANNELS) -> None:
+        super().__init__()
+        self.downsample = nn.ModuleList(nn.Conv2d(c, w, 1, bias=False) for c, w in zip(in_channels, widths))
+        total = sum(widths)
+        self.head = nn.Sequential(nn.Conv2d(total, 4 * total, 1), nn.BatchNorm2d(4 * total, momentum=0.1),
+                                  nn.ReLU(inplace=True), nn.Conv2d(4 * total, outputs, 1))
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        """Logits at the first scale's resolution from ``B×C_i×H_i×W_i`` maps."""
+        maps = [down(f) for down, f in zip(self.downsample, features)]
+        size = maps[0].shape[-2:]
+        maps = [maps[0], *(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:])]
+        return self.head(torch.cat(maps, 1))
+
+
+class _AllTasksDataModule(MultiTaskDataModule):
+    """Training batches of whole images (each carries every subtask): a seeded shuffle per epoch, split across
+    ranks, incomplete last batch dropped; evaluation as in :class:`MultiTaskDataModule` (one loader per subtask)."""
+
+    def __init__(self, subtasks: Sequence[str], train: PascalMT, val: Mapping[str, Any], collate: Any,
+                 loader: LoaderConfig, seed: int) -> None:
+        super().__init__(subtasks, {}, val, collate, loader, seed)
+        self.train_set = train
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled whole-image batches."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler: DistributedSampler[int] = DistributedSampler(self.train_set, num_replicas=world, rank=rank,
+                                                              shuffle=True, seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.loader.batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=self.collate, num_workers=self.loader.num_workers)
+
+
+@register_task("pascal")
+class Pascal(Task):
+    """PASCAL-Context 4-task dense prediction (semseg, human parts, saliency, normals) on Swin with HRNet heads.
+
+    Batches hold ``image`` ``(B, 3, S, S)``, the labels of the subtasks they carry (``semseg``, ``human_parts``,
+    ``sal``: ``(B, S, S)`` long, 255 = ignore; ``normals`` ``(B, 3, S, S)`` with ``normals_valid`` ``(B, S, S)``) and
+    ``task_ids``: one id per (image, subtask) pair (see the module docstring).
+    """
+
+    config_cls = PascalConfig
+    version = "1"
+    default_subtasks = SUBTASKS
+    unfrozen_with_peft = UNFROZEN
+    # Every method adapts qkv, proj, fc1 and fc2 of every block (methods.md §10); methods whose own default names
+    # separate q/v projections (MoSLD) would otherwise match nothing in Swin's fused qkv.
+    profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "smoke": {
+            "method": {"target_modules": list(TARGETS)},
+            "task": {"backbone": "swin_micro", "pretrained": False, "image_size": 64, "source": "synthetic",
+                     "synthetic_train": 16, "synthetic_val": 8},
+            "train": {"lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 4,
+                      "eval_batch_size": 8},
+            "trainer": {"max_steps": 6, "num_sanity_val_steps": 0},
+        },
+        "cpu": {
+            "method": {"target_modules": list(TARGETS)},
+            "task": {"backbone": "swin_mini", "pretrained": False, "image_size": 128, "source": "synthetic",
+                     "synthetic_train": 192, "synthetic_val": 48},
+            "train": {"lr": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.05, "schedule": "cosine", "batch_size": 8,
+                      "eval_batch_size": 16},
+            "trainer": {"max_steps": 150, "val_check_interval": 75, "num_sanity_val_steps": 0},
+        },
+        "paper": {
+            "method": {"target_modules": list(TARGETS)},
+            "task": {"backbone": "swin_t", "pretrained": True, "image_size": 448, "source": "local",
+                     "subtasks": list(SUBTASKS)},
+            # methods.md §7.8 / §10: lr 5e-4·32/512, 20 warm-up epochs of 156 steps then cosine to 1 %, wd 0.05.
+            "train": {"lr": 3.125e-5, "weight_decay": 0.05, "warmup_steps": 3120, "schedule": "cosine",
+                      "min_lr_ratio": 0.01, "batch_size": 32, "eval_batch_size": 32, "num_workers": 8},
+            # Clipping at 5 / T of the runner's (1/T)-scaled loss is the paper's clipping at 5 (module docstring);
+            # validation every 5 epochs (780 steps) and at the end.
+            "trainer": {"max_epochs": 300, "max_steps": -1, "precision": "16-mixed", "gradient_clip_val": 1.25,
+                        "val_check_interval": 780, "num_sanity_val_steps": 0},
+        },
+    }
+
+    cfg: PascalConfig
+
+    def __init__(self, cfg: PascalConfig) -> None:
+        super().__init__(cfg)
+        self._baselines: dict[str, dict[str, float]] | None | bool = False
+
+    # model --------------------------------------------------------------------------------------------------------
+
+    def backbone(self) -> nn.Module:
+        """A timm Swin from ``task.backbone`` at ``task.image_size``."""
+        name = self.cfg.backbone
+        if not name.startswith("swin") or name not in backbones:
+            raise ConfigError(did_you_mean(name, [n for n in backbones.names() if n.startswith("swin")],
+                                           "pascal backbone (task.backbone)"))
+        return build(name, img_size=self.cfg.image_size, pretrained=self.cfg.pretrained,
+                     checkpoint=self.cfg.checkpoint)
+
+    def heads(self, backbone: nn.Module) -> nn.ModuleDict:
+        """One :class:`PascalHead` per subtask."""
+        channels = swin_feature_channels(backbone)
+        return nn.ModuleDict({t: PascalHead(channels, OUTPUTS[t]) for t in self.subtasks})
+
+    def loss_weights(self) -> dict[str, float]:
+        """semseg 1, human_parts 2, sal 5, normals 10 (methods.md §7.8)."""
+        return {t: LOSS_WEIGHTS[t] for t in self.subtasks}
+
+    def _present(self, batch: Mapping[str, Any]) -> list[str]:
+        return [self.subtasks[i] for i in sorted(batch["task_ids"].unique().tolist())]
+
+    def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Per present subtask, outputs at input resolution: logits ``(B, C, S, S)``, raw normals ``(B, 3, S, S)``."""
+        present = self._present(batch)
+        images = batch["image"]
+        features = swin_stage_features(model.backbone, images, tasks=present)
+        assert isinstance(features, dict)
+        return {t: F.interpolate(model.heads[t](features[t]), size=images.shape[-2:], mode="bilinear",
+                                 align_corners=False) for t in present}
+
+    def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Mean loss per present subtask (fp32); a batch without any labelled pixel gives a zero loss."""
+        losses = {}
+        for name, out in outputs.items():
+            out = out.float()
+            if name == "sal":
+                losses[name] = balanced_bce(out[:, 0], batch["sal"])
+            elif name == "normals":
+                losses[name] = normals_l1(out, batch["normals"], batch["normals_valid"])
+            else:
+                target = batch[name]
+                has_label = bool((target != IGNORE).any())
+                losses[name] = F.cross_entropy(out, target, ignore_index=IGNORE) if has_label else out.sum() * 0.0
+        return losses
+
+    # metrics ------------------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, dict[str, MetricSpec]]:
+        """See the module docstring; versions name the accumulation, thresholds and units."""
+        normals: dict[NormalsStat, bool] = {"mean": True, "median": False, "rmse": False, "pct_11_25": False,
+                                            "pct_22_5": False, "pct_30": False}
+        table: dict[str, dict[str, MetricSpec]] = {
+            "semseg": {"miou": MetricSpec(partial(DatasetMIoU, 21), True, True, "dataset-confmat-21")},
+            "human_parts": {"miou": MetricSpec(partial(DatasetMIoU, 7), True, True, "dataset-confmat-7")},
+            "sal": {"miou": MetricSpec(partial(SaliencyScores, "miou"), True, True, "astmt-15thr-b1"),
+                    "maxf": MetricSpec(partial(SaliencyScores, "maxf"), True, False, "astmt-15thr-b1")},
+            "normals": {stat: MetricSpec(partial(NormalsAngularError, stat), stat.startswith("pct"), primary,
+                                         "pooled-deg-v1") for stat, primary in normals.items()},
+        }
+        return {t: table[t] for t in self.subtasks}
+
+    def update_metrics(
+        self,
+        metrics: Mapping[str, Mapping[str, torchmetrics.Metric]],
+        model: MultiTaskModel,
+        batch: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+    ) -> None:
+        """Update each present subtask's metrics."""
+        for name, out in outputs.items():
+            if name not in metrics:
+                continue
+            out = out.detach().float()
+            for metric in metrics[name].values():
+                if name == "sal":
+                    metric.update(out[:, 0].sigmoid(), batch["sal"])
+                elif name == "normals":
+                    metric.update(out, batch["normals"], batch["normals_valid"])
+                else:
+                    metric.update(out.argmax(1), batch[name])
+
+    def baselines(self) -> dict[str, dict[str, float]] | None:
+        """Single-task baselines from ``task.baseline_file`` (default: the shipped Swin-T file), or ``None``."""
+        if self._baselines is False:
+            spec = self.cfg.baseline_file
+            if spec.lower() == "none":
+                self._baselines = None
+            else:
+                data = load_baselines(Path(spec) if spec else BASELINES_DIR / "pascal_swin_t_stl.json")
+                self._baselines = {t: data[t] for t in self.subtasks if t in data} or None
+        return self._baselines  # type: ignore[return-value]
+
+    def batch_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
+        """(images, 0): throughput counts images, each serving every subtask it carries."""
+        return int(batch["image"].shape[0]), 0
+
+    # data ---------------------------------------------------------------------------------------------------------
+
+    def datamodule(self, loader: LoaderConfig, seed: int = 0) -> MultiTaskDataModule:
+        """Whole-image training batches; one evaluation loader per subtask reading only that subtask's labels."""
+        root, size = self.data_root(), self.cfg.image_size
+        train_ids, val_ids = split_ids(root, "train"), split_ids(root, "val")
+        if self.cfg.train_limit:
+            train_ids = train_ids[: self.cfg.train_limit]
+        if self.cfg.eval_limit:
+            val_ids = val_ids[: self.cfg.eval_limit]
+        train = PascalMT(root, "train", self.subtasks, size, self.cfg.augment, ids=train_ids)
+        val = {t: PascalMT(root, "val", (t,), size, False, ids=val_ids) for t in self.subtasks}
+        return _AllTasksDataModule(self.subtasks, train, val, self.collate, loader, seed)
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Stack examples; ``task_ids`` per (image, subtask): the example's own subtask (evaluation) or all."""
+        batch = {k: torch.stack([ex[k] for ex in examples]) for k in examples[0] if k != "task_id"}
+        if "task_id" in examples[0]:
+            batch["task_ids"] = torch.tensor([ex["task_id"] for ex in examples], dtype=torch.long)
+        else:
+            batch["task_ids"] = torch.arange(len(self.subtasks)).repeat(len(examples))
+        return batch
+
+    def data_root(self) -> Path:
+        """The PASCAL_MT folder: generated (source=synthetic), else found under task.data_root / $MTBENCH_DATA /
+        ``<cache>/data``.
+
+        Raises:
+            DataError: no PASCAL_MT folder there; the message says how to get it.
+        """
+        cfg = self.cfg
+        if cfg.source == "synthetic":
+            scene = (cfg.image_size * 3 // 2, cfg.image_size * 9 // 8)
+            return synthetic_release(cfg.synthetic_train, cfg.synthetic_val, seed=0, size=scene)
+        bases = [Path(b).expanduser() for b in (cfg.data_root, os.environ.get("MTBENCH_DATA", "")) if b]
+        for base in [*bases, default_data_dir()]:
+            for folder in (base / "PASCAL_MT", base):
+                if (folder / "ImageSets" / "Context").is_dir():
+                    return folder
+        where = bases[0] if bases else default_data_dir()
+        raise DataError(f"PASCAL_MT not found in {where}: run `mtbench prefetch --task pascal` (online), or download "
+                        f"{RELEASE_URL} and extract it into {where} (set task.data_root or $MTBENCH_DATA)")
+
+    def prefetch(self, root: Path | None = None) -> str:
+        """Download, verify and extract ``PASCAL_MT.tgz`` into ``root`` (default: task.data_root, $MTBENCH_DATA, else
+        ``<cache>/data``)."""
+        if root is None:
+            root = Path(self.cfg.data_root or os.environ.get("MTBENCH_DATA", "") or default_data_dir()).expanduser()
+        return prefetch_release(root)
+
+
+def balanced_bce(logits: Tensor, target: Tensor) -> Tensor:
+    """HED-style class-balanced BCE: positives weighted by the batch's negative fraction, negatives by the positive
+    fraction, summed and divided by the number of labelled pixels (255 = ignore)."""
+    valid = target != IGNORE
+    count = valid.sum()
+    if not bool(count):
+        return logits.sum() * 0.0
+    positive = (target == 1) & valid
+    w = 1.0 - positive.sum() / count
+    per_pixel = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
+    weights = torch.where(positive, w, 1.0 - w) * valid
+    return (per_pixel * weights).sum() / count
+
+
+def normals_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """L1 between the L2-normalised prediction and the label over valid pixels, per valid element."""
+    count = valid.sum() * pred.shape[1]
+    if not bool(count):
+        return pred.sum() * 0.0
+    diff = (F.normalize(pred, dim=1) - target).abs() * valid[:, None]
+    return diff.sum() / count
+
+
+def default_data_dir() -> Path:
+    """Where ``mtbench prefetch`` puts data when no data root is configured: ``<cache>/data``."""
+    return cache_dir() / "data"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE",
+                                                                                     "HF_DATASETS_OFFLINE"))
+
+
+def verify_release(folder: Path, expected: Mapping[str, int] = SPLIT_SIZES) -> str:
+    """Check a PASCAL_MT folder's structure: split sizes, every listed image, every label folder.
+
+    Raises:
+        DataError: naming what is missing or which split has the wrong size.
+    """
+    counts = {split: len(split_ids(folder, split)) for split in expected}
+    wrong = {s: n for s, n in counts.items() if n != expected[s]}
+    if wrong:
+        raise DataError(f"{folder}: split sizes {wrong} differ from the release's {dict(expected)}")
+    for sub in ("semseg", "human_parts", "sal_distill", "normals_distill", "pascal-context/trainval"):
+        if not (folder / sub).is_dir():
+            raise DataError(f"{folder / sub}: missing folder of the PASCAL_MT release")
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def prefetch_release(root: Path, url: str = RELEASE_URL, expected: Mapping[str, int] = SPLIT_SIZES) -> str:
+    """Download ``url`` into ``root``, extract it to ``root/PASCAL_MT`` and verify it; a no-op if already there.
+
+    Raises:
+        DataError: offline (``HF_HUB_OFFLINE=1``), no network, or the archive does not verify; the message says
+            where to put the data by hand.
+    """
+    target = root / "PASCAL_MT"
+    by_hand = f"download {url} and extract it into {root} so that {target}/ImageSets/Context/train.txt exists"
+    if (target / "ImageSets" / "Context").is_dir():
+        return f"PASCAL_MT already in {target} ({verify_release(target, expected)})"
+    if _offline():
+        raise DataError(f"offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): {by_hand}")
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / "PASCAL_MT.tgz.part"
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, archive.open("wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+        except (urllib.error.URLError, OSError) as exc:
+            raise DataError(f"cannot download {url} ({getattr(exc, 'reason', exc)}): {by_hand}") from exc
+        with tempfile.TemporaryDirectory(dir=root, prefix=".extract-", ignore_cleanup_errors=True) as tmp:
+            _extract(archive, Path(tmp), f"{url}: not a readable .tgz archive; {by_hand}")
+            extracted = Path(tmp) / "PASCAL_MT" if (Path(tmp) / "PASCAL_MT").is_dir() else Path(tmp)
+            summary = verify_release(extracted, expected)
+            extracted.rename(target)
+    finally:
+        archive.unlink(missing_ok=True)
+    return f"PASCAL_MT ({summary}) extracted into {target}"
+
+
+def _extract(archive: Path, folder: Path, message: str) -> None:
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(folder, filter="data")
+            else:  # Python without extraction filters: refuse absolute or parent-relative member paths
+                if any(m.name.startswith("/") or ".." in Path(m.name).parts for m in tar.getmembers()):
+                    raise DataError(f"{message} (unsafe member paths)")
+                tar.extractall(folder)
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"{message} ({type(exc).__name__})") from exc
