@@ -8,7 +8,7 @@ split (test labels are hidden); MNLI is scored on matched (``acc``) and, with ``
 (``acc_mm``). Licenses are per dataset (research use via GLUE; BoolQ CC BY-SA 3.0, COPA BSD-2, WiC CC BY-NC 4.0, WSC
 CC BY 4.0); see each folder's SOURCE.md.
 
-Local layout (``task.data_root`` / ``$MTBENCH_DATA``), first match wins: the files of /work/shared/data
+Local layout (``task.data_root`` / ``$MTBENCH_DATA``), first match wins: the layout mtbench is tested on
 (``rte/{train,dev}.tsv``, ``mrpc/{train,dev}.tsv``, ``cola/train_part.tsv + val_part.tsv`` and ``dev.tsv``,
 ``sst2/train_part.tsv + val_part.tsv`` and ``glue_dev.tsv``, ``boolq/dev.jsonl``, ``fewglue/<Task>/train.jsonl``), the
 official GLUE layout ``<Task>/{train,dev}.tsv`` (MNLI ``dev_matched.tsv`` / ``dev_mismatched.tsv``) and the SuperGLUE
