@@ -134,7 +134,14 @@ def experiment_id(mlflow_client: Any, uri: str) -> str:
         exp = mlflow_client.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
             return exp.experiment_id
-        return mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+        try:
+            return mlflow_client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+        except Exception:
+            # Another process created it between our look-up and our create (concurrent first runs on a server).
+            exp = mlflow_client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                raise
+            return exp.experiment_id
     except Exception as exc:
         if isinstance(exc, MtbenchError):
             raise

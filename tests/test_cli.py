@@ -170,3 +170,15 @@ def test_validate_builds_every_method_on_every_task(capsys: pytest.CaptureFixtur
     builtins = [m for m in registry.methods.names() if registry.methods.origin(m).startswith("built-in")]
     for method in builtins:
         assert any(line.startswith("ok") and f" {method} " in line for line in lines), method
+
+
+def test_secret_looking_environment_is_never_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_very_secret_value")
+    monkeypatch.setenv("MY_API_KEY", "sk-very-secret-value")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", "--method", "lora", "--task", "glue", "--tracking-uri", uri, *FAST]) == 0
+    run = _runs(uri).iloc[0]
+    logged = " ".join(str(v) for k, v in run.items() if k.startswith(("params.", "tags.")))
+    assert "very_secret" not in logged and "very-secret" not in logged
+    names = [k for k in run.index if k.startswith(("params.", "tags."))]
+    assert not any(word in k.upper() for k in names for word in ("TOKEN", "PASSWORD", "SECRET", "API_KEY")), names
