@@ -260,9 +260,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     combos = [(m, t) for t in registry.tasks.names() for m in registry.methods.names()]
     for i, (method, task) in enumerate(combos, 1):
         outcome = run_experiment(resolve(method, task, "smoke"), args.tracking_uri, progress=False)
-        avg = outcome.metrics.get("val/avg")
-        print(f"[{i}/{len(combos)}] {method} on {task}: {outcome.status}"
-              + (f" val/avg={avg:.4f}" if avg is not None else f" ({outcome.error})"), flush=True)
+        summary = {k: v for k, v in outcome.metrics.items() if k in ("val/avg", "val/delta_m")}
+        detail = " ".join(f"{k}={v:.4f}" for k, v in summary.items()) if summary else f"({outcome.error})"
+        print(f"[{i}/{len(combos)}] {method} on {task}: {outcome.status} {detail}", flush=True)
         if outcome.status != "FINISHED":
             failed.append(f"{method}/{task}")
     args.out = args.out or str(home_dir() / "leaderboard")
