@@ -45,6 +45,7 @@ class LoRAConfig(MethodConfig):
     """Init of ``A``: kaiming (kaiming_uniform_, a=√5) or gaussian (N(0, 1/r²)); ``B`` always starts at 0."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.r <= 0:
             raise ConfigError(f"method.r must be > 0, got {self.r}")
         if self.alpha <= 0:

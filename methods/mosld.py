@@ -57,6 +57,7 @@ class MoSLDConfig(MethodConfig):
     paper says "random Gaussian" without a std; we default to kaiming so MoSLD shares LoRA's init (methods.md §5.2)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.r <= 0:
             raise ConfigError(f"method.r must be > 0, got {self.r}")
         if self.alpha <= 0:

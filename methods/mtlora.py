@@ -52,6 +52,7 @@ class MTLoRAConfig(MethodConfig):
     """MTLoRA+: also a TA-LoRA (rank r) on Swin PatchMerging reductions, whose base weights then stay frozen."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("r", "task_r", "task_blocks"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")

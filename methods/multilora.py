@@ -47,6 +47,7 @@ class MultiLoRAConfig(MethodConfig):
     """Give each branch rank ``r // n`` so the layer has as many factor parameters as one LoRA of rank ``r``."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n < 1:
             raise ConfigError(f"method.n must be >= 1, got {self.n}")
         if self.r <= 0:

@@ -33,10 +33,15 @@ class LoaderConfig:
     """``mixed``: the task is drawn per example (a batch mixes tasks); ``homogeneous``: one task per batch."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    length_grouping: int = 0
+    """Length bucketing: regroup each window of this many batches so rows of similar length share a batch (padding
+    shrinks; the examples drawn and each task's share are unchanged). 0 = off; needs a task that gives lengths."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("train.batch_size and train.eval_batch_size must be > 0")
+        if self.length_grouping < 0:
+            raise ConfigError(f"train.length_grouping must be >= 0 (0 = off), got {self.length_grouping}")
         if self.temperature <= 0:
             raise ConfigError("train.temperature must be > 0")
 
@@ -61,12 +66,22 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
     epoch. Under DDP the stream is drawn in global batches of ``batch_size · world_size`` and each rank takes its
     slice, so N processes see exactly the examples one process with an N-times larger batch would. ``skip`` (set
     when resuming mid-epoch) drops the first batches of the next epoch's stream.
+
+    With ``lengths`` (per task, per example) and ``cfg.length_grouping = k``, every window of k global batches is
+    regrouped by length (the idea of Hugging Face's ``LengthGroupedSampler``, which works on one dataset and knows no
+    tasks): the window's examples are sorted by length and cut back into batches, which are shuffled. Homogeneous
+    windows regroup within each task and keep the task order of the batches; mixed windows regroup across tasks.
     """
 
-    def __init__(self, sizes: Sequence[int], cfg: LoaderConfig, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, sizes: Sequence[int], cfg: LoaderConfig, seed: int, rank: int = 0, world_size: int = 1,
+                 lengths: Sequence[Sequence[int]] | None = None):
         if not sizes or min(sizes) <= 0:
             raise DataError(f"every subtask needs training examples, got sizes {list(sizes)}")
+        if lengths is not None and [len(x) for x in lengths] != list(sizes):
+            raise DataError(f"lengths per task {[len(x) for x in lengths]} do not match the sizes {list(sizes)}")
         self.sizes, self.cfg, self.seed = list(sizes), cfg, seed
+        self.lengths = [n for task_lengths in lengths for n in task_lengths] if lengths is not None else None
+        """Length of every example, indexed like the concatenated datasets."""
         self.rank, self.world_size = rank, world_size
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.epoch = 0
@@ -81,12 +96,55 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # Its own generator, so grouping never changes which examples are drawn.
+        regroup_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
+        window = self.cfg.length_grouping if self.lengths else 0
+        skip, self.skip = self.skip, 0
+        pending: list[tuple[int, list[int]]] = []
+        for b, (task, batch) in enumerate(self._global_batches(gen)):
+            if window <= 1:
+                if b >= skip:
+                    yield self._slice(batch)
+                continue
+            pending.append((task, batch))
+            if len(pending) == window or b == len(self) - 1:
+                for i, regrouped in enumerate(self._regroup(pending, regroup_gen), start=b + 1 - len(pending)):
+                    if i >= skip:
+                        yield self._slice(regrouped)
+                pending = []
+
+    def _slice(self, batch: list[int]) -> list[int]:
+        return batch[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
+
+    def _regroup(self, window: list[tuple[int, list[int]]], gen: torch.Generator) -> list[list[int]]:
+        """The window's batches rebuilt from its examples sorted by length (per task when homogeneous)."""
+        assert self.lengths is not None
+        homogeneous = self.cfg.batch_mode == "homogeneous"
+        slots: dict[int, list[int]] = {}
+        for i, (task, _) in enumerate(window):
+            slots.setdefault(task if homogeneous else -1, []).append(i)
+        out: list[list[int]] = [[] for _ in window]
+        for positions in slots.values():
+            pool = sorted((ix for p in positions for ix in window[p][1]), key=self.lengths.__getitem__)
+            sizes = [len(window[p][1]) for p in positions]
+            chunks, start = [], 0
+            for size in sizes:
+                chunks.append(pool[start : start + size])
+                start += size
+            for p, c in zip(positions, torch.randperm(len(chunks), generator=gen).tolist()):
+                # Shuffle rows too, so a row's position in its batch says nothing about its length.
+                rows = chunks[c]
+                out[p] = [rows[j] for j in torch.randperm(len(rows), generator=gen).tolist()]
+        return out
+
+    def _global_batches(self, gen: torch.Generator) -> Iterator[tuple[int, list[int]]]:
+        """(task or -1 when mixed, global batch of dataset indices), ``len(self)`` of them."""
         probs = task_probabilities(self.sizes, self.cfg.sampler, self.cfg.temperature)
         orders = [torch.randperm(n, generator=gen).tolist() for n in self.sizes]
         cursors = [0] * len(self.sizes)
         bs, n_tasks = self.cfg.batch_size * self.world_size, len(self.sizes)
-        skip, self.skip = self.skip, 0
         for b in range(len(self)):
+            task = -1
             if self.cfg.batch_mode == "homogeneous":
                 if self.cfg.sampler == "round_robin":
                     task = b % n_tasks
@@ -103,8 +161,7 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
                     orders[t], cursors[t] = torch.randperm(self.sizes[t], generator=gen).tolist(), 0
                 batch.append(self.offsets[t] + orders[t][cursors[t]])
                 cursors[t] += 1
-            if b >= skip:
-                yield batch[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
+            yield task, batch
 
 
 class _ResumableLoader(DataLoader):
@@ -152,6 +209,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         collate: turns a list of examples (each with ``task_id``) into a batch dict with ``task_ids``.
         loader: sampler and batch sizes.
         seed: seed of the sampler's stream.
+        length: an example's cost in the batch (e.g. its characters), for ``loader.length_grouping``; tasks without
+            one (fixed-size images) ignore that option.
     """
 
     def __init__(
@@ -162,16 +221,20 @@ class MultiTaskDataModule(pl.LightningDataModule):
         collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
         loader: LoaderConfig,
         seed: int = 0,
+        length: Callable[[dict[str, Any]], int] | None = None,
     ) -> None:
         super().__init__()
         self.subtasks, self.train, self.val = list(subtasks), train, val
-        self.collate, self.loader, self.seed = collate, loader, seed
+        self.collate, self.loader, self.seed, self.length = collate, loader, seed, length
 
     def train_dataloader(self) -> DataLoader:
         """Mixed or homogeneous multi-task batches."""
         parts = [_Tagged(self.train[t], i) for i, t in enumerate(self.subtasks)]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler = MultiTaskBatchSampler([len(p) for p in parts], self.loader, self.seed, rank, world)
+        lengths = None
+        if self.loader.length_grouping and self.length is not None:
+            lengths = [[self.length(self.train[t][i]) for i in range(len(self.train[t]))] for t in self.subtasks]
+        sampler = MultiTaskBatchSampler([len(p) for p in parts], self.loader, self.seed, rank, world, lengths)
         return _ResumableLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=self.collate,
                                 num_workers=self.loader.num_workers, progress=self._progress)
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -44,6 +46,13 @@ class MethodConfig(ConfigBase):
 
     target_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     """Linear layers to adapt: backbone roles (q, k, v, qkv, proj, fc1, fc2), exact module names, or one regex."""
+    lr: float | None = None
+    """This method's base learning rate, replacing ``train.lr`` (None: use ``train.lr``). Profiles set adapter
+    rates; full fine-tuning usually needs 10-50x less. Being a method field, it tells leaderboard rows apart."""
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"method.lr must be > 0 (or null for train.lr), got {self.lr}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -112,10 +112,11 @@ class BenchModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.train_cfg
-        groups = self.method.param_groups(self.model, cfg.lr, cfg.weight_decay)
+        lr = cfg.lr if self.method.cfg.lr is None else self.method.cfg.lr
+        groups = self.method.param_groups(self.model, lr, cfg.weight_decay)
         for group in groups:
             group.setdefault("initial_lr", group["lr"])
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
         schedule = lr_lambda(cfg.schedule, warmup, total, cfg.min_lr_ratio)

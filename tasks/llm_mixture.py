@@ -421,7 +421,7 @@ class LLMMixture(Task):
             scale = max(len(train[s]) * total / weights[s] for s in self.subtasks)
             train = {s: _Resized(train[s], max(len(train[s]), round(scale * weights[s] / total)))
                      for s in self.subtasks}
-        return MultiTaskDataModule(self.subtasks, train, val, self.collate, loader, seed)
+        return MultiTaskDataModule(self.subtasks, train, val, self.collate, loader, seed, length=ld.length_key)
 
     def root(self) -> Path | None:
         """The local data root (``task.data_root``, else ``$MTBENCH_DATA``), or ``None``."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mtbench.cli import main
 from mtbench.config import resolve
+from mtbench.errors import ConfigError
 from mtbench.leaderboard import load_runs
 from mtbench.runner import build_module, lr_lambda
 
@@ -72,6 +74,20 @@ def test_freezing_keeps_heads_and_adapters_trainable() -> None:
     assert all(n.startswith("heads.") or "lora_" in n for n in trainable)
     assert any(n.startswith("heads.") for n in trainable)
     assert not any(p.requires_grad for n, p in module.model.named_parameters() if n.endswith("base.weight"))
+
+
+@pytest.mark.parametrize(("sets", "lora_lr"), [([], 1e-3), (["method.lr=2e-5"], 2e-5)])
+def test_method_lr_replaces_the_profile_rate(sets: list[str], lora_lr: float) -> None:
+    module = build_module(resolve("lora_plus", "glue", "smoke", sets=sets))  # smoke profile: train.lr = 1e-3
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads of it
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    ratio = module.method.cfg.lr_ratio
+    assert sorted({g["lr"] for g in groups}) == pytest.approx([lora_lr, lora_lr * ratio])
+
+
+def test_bad_method_lr_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="method.lr must be > 0"):
+        resolve("full_ft", "glue", "smoke", sets=["method.lr=0"])
 
 
 def test_mixed_batch_loss_weights_subtasks_by_their_share() -> None:
