@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
 from mtbench.errors import ConfigError
-from mtbench.interfaces import Method, MethodConfig, ParamRole
+from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole
 from mtbench.registry import register_method
 
 
@@ -56,7 +56,7 @@ class LoRAConfig(MethodConfig):
             raise ConfigError(f"method.init must be one of {', '.join(_INITS)}, got {self.init!r}")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(DeltaMergeable, nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank branch ``s · B A dropout(x)``.
 
     The wrapped layer stays reachable as ``base``, so state-dict keys read ``<layer>.base.weight`` and
@@ -135,20 +135,6 @@ class LoRALinear(nn.Module):
         h = self.dropout(x).to(self.lora_A.dtype)
         return y + (self.scale * F.linear(F.linear(h, self.lora_A), self.lora_B)).to(y.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight, ``W ← W + s·BA``; a no-op when already merged."""
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`, ``W ← W − s·BA``; a no-op when not merged."""
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
-
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, merged={self.merged}"
 
@@ -182,15 +168,3 @@ class LoRA(Method):
             )
             setattr(parent, attr, layer)
         return backbone
-
-    def merge(self, model: nn.Module) -> None:
-        """Fold every LoRA branch into its base weight (checkpoints saved while merged hold the merged weights)."""
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Restore the base weights and re-enable the LoRA branches."""
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.unmerge()

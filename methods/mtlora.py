@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mtbench.backbones import blocks, downsamplers, find_linears, get_submodule_parent, stages
 from mtbench.errors import ConfigError
-from mtbench.interfaces import Method, MethodConfig, ParamRole, TaskRouting
+from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole, TaskRouting
 from mtbench.registry import register_method
 
 
@@ -113,7 +113,7 @@ def _twice(value: Any, n: int) -> Any:
     return value
 
 
-class MTLoRALinear(nn.Module):
+class MTLoRALinear(DeltaMergeable, nn.Module):
     """A frozen ``nn.Linear`` with a shared LoRA and optional per-task LoRAs (``MTLoRALinear``, 'matrix' mode).
 
     Per-task factors live in ``nn.ParameterDict``s keyed by task name (``mtlora_tasks_A.<task>``), so every tensor
@@ -241,24 +241,15 @@ class MTLoRALinear(nn.Module):
             outs[t] = pre + self._low_rank(u, self.mtlora_tasks_A[t], self.mtlora_tasks_B[t]).to(pre.dtype)
         return y, outs
 
-    @torch.no_grad()
     def merge(self) -> None:
         """Fold the shared LoRA into ``W0`` (TA-LoRA-only layers: a TS layer's task outputs need ``W0`` alone)."""
         if self.tasks:
             raise RuntimeError("MTLoRALinear.merge: a layer with task-specific LoRA cannot be merged (§7.12)")
-        if not self.merged:
-            self.base.weight += self._delta().to(self.base.weight.dtype)
-            self.merged = True
+        super().merge()
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`."""
-        if self.merged:
-            self.base.weight -= self._delta().to(self.base.weight.dtype)
-            self.merged = False
-
-    def _delta(self) -> Tensor:
-        return self.scale * (self.mtlora_shared_B @ self.mtlora_shared_A)
+    def delta_weight(self) -> Tensor:
+        """The shared (TA-LoRA) update ``s · B A`` in the base weight's dtype."""
+        return (self.scale * (self.mtlora_shared_B @ self.mtlora_shared_A)).to(self.base.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, task_r={self.task_r}, tasks={len(self.tasks)}, scale={self.scale:g}, merged={self.merged}"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
 from mtbench.errors import ConfigError
-from mtbench.interfaces import Method, MethodConfig, ParamRole
+from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole
 from mtbench.registry import register_method
 
 
@@ -67,7 +67,7 @@ class MultiLoRAConfig(MethodConfig):
         return self.r // self.n if self.equal_budget else self.r
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(DeltaMergeable, nn.Module):
     """A frozen ``nn.Linear`` plus ``n`` scaled low-rank branches, stored stacked along the rank dimension.
 
     ``multilora_A`` is ``(n·r_i, in)`` (branch ``i`` = rows ``i·r_i … (i+1)·r_i``), ``multilora_B`` is
@@ -145,20 +145,6 @@ class MultiLoRALinear(nn.Module):
         # per-branch outputs (einsum over (..., n, r_i)) would materialise n times the output activations instead.
         return y + (self.scale * F.linear(h, self.scaled_B())).to(y.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight, ``W ← W + (α/r) Σ_i diag(s_i) B_i A_i``; no-op when merged."""
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`; a no-op when not merged."""
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
-
     def extra_repr(self) -> str:
         return (
             f"n={self.n}, r_i={self.rank}, scale={self.scale:g}, s={tuple(self.multilora_s.shape)}, "
@@ -185,15 +171,3 @@ class MultiLoRA(Method):
             parent, attr = get_submodule_parent(backbone, name)
             setattr(parent, attr, MultiLoRALinear(getattr(parent, attr), self.cfg, name=name))
         return backbone
-
-    def merge(self, model: nn.Module) -> None:
-        """Fold every layer's branches into its base weight."""
-        for module in model.modules():
-            if isinstance(module, MultiLoRALinear):
-                module.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Restore the base weights and re-enable the branches."""
-        for module in model.modules():
-            if isinstance(module, MultiLoRALinear):
-                module.unmerge()

@@ -91,6 +91,35 @@ class AdapterModule(Protocol):
         ...
 
 
+class DeltaMergeable:
+    """Mixin for an adapter layer whose whole update is a dense ``delta_weight()`` added to ``self.base.weight``.
+
+    It gives the exact ``merge`` / ``unmerge`` pair every such layer needs and the ``merged`` flag its forward checks
+    (merged: return ``base(x)`` alone). :meth:`Method.merge` folds every instance in a model.
+    """
+
+    base: nn.Linear
+    merged: bool = False
+
+    def delta_weight(self) -> Tensor:
+        """The dense update (out × in) in the base weight's dtype."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight, ``W ← W + ΔW``; a no-op when already merged."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, ``W ← W − ΔW``; a no-op when not merged."""
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+
 class TaskRouting:
     """Per-example task ids shared by a method's adapter layers (set by the runner before every forward).
 
@@ -212,12 +241,19 @@ class Method(ABC):
         return None
 
     def merge(self, model: nn.Module) -> None:
-        """Fold adapters into the base weights (mergeable methods only)."""
-        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+        """Fold every :class:`DeltaMergeable` layer into its base weight (mergeable methods only)."""
+        self._fold(model, merge=True)
 
     def unmerge(self, model: nn.Module) -> None:
         """Undo :meth:`merge` exactly."""
-        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+        self._fold(model, merge=False)
+
+    def _fold(self, model: nn.Module, merge: bool) -> None:
+        if not self.mergeable:
+            raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+        for module in model.modules():
+            if isinstance(module, DeltaMergeable):
+                module.merge() if merge else module.unmerge()
 
 
 def adapter_roles(model: nn.Module) -> dict[str, ParamRole]:
