@@ -305,6 +305,20 @@ def test_lm_batches_pad_right_and_mask_labels(tiny: object) -> None:
     assert generate["attention_mask"][0, -1] == 1 and generate["attention_mask"][0, 0] == 0  # left padded
 
 
+def test_length_grouping_cuts_padding_of_training_batches(tiny: object) -> None:
+    task = make(subtasks=("alpaca", "gsm8k", "boolq"), source="synthetic", synthetic_size=64, max_length=256)
+    task._tokenizer = tiny.tokenizer  # type: ignore[attr-defined]
+
+    def padded_and_real(grouping: int) -> tuple[int, int]:
+        loader = LoaderConfig(batch_size=4, length_grouping=grouping)
+        masks = [b["attention_mask"] for b in task.datamodule(loader, seed=0).train_dataloader()]
+        return sum(m.numel() for m in masks), sum(int(m.sum()) for m in masks)
+
+    (plain_padded, plain_real), (grouped_padded, grouped_real) = padded_and_real(0), padded_and_real(16)
+    assert grouped_real == plain_real  # the same rows, regrouped
+    assert grouped_padded < 0.9 * plain_padded
+
+
 # -- real files and bad rows ------------------------------------------------------------------------------------------
 
 
