@@ -26,7 +26,8 @@ import pytest
 from mtbench import stats
 from mtbench.cli import main
 from mtbench.errors import MtbenchError
-from mtbench.leaderboard import SCHEMA, build_leaderboard, fmt, load_runs, to_markdown
+from mtbench.leaderboard import SCHEMA, build_leaderboard, load_runs
+from mtbench.render import fmt, to_markdown
 from mtbench.results import read_result
 from mtbench.sweep import SweepSpec, expand, make_spec, shard
 
