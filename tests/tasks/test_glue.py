@@ -170,6 +170,8 @@ def test_smoke_batches_mix_all_subtasks_with_declared_keys(smoke: tuple) -> None
     copa = (batch["task_ids"] == task.subtasks.index("copa")).nonzero().flatten()
     assert len(copa) == 4 and (copa[1::2] - copa[::2] == 1).all()  # a COPA example's 2 choices are adjacent rows
     assert (batch["group_ids"][copa[::2]] == batch["group_ids"][copa[1::2]]).all()
+    examples, tokens = task.batch_size(batch)
+    assert (examples, tokens) == (2 * len(ALL), int(batch["attention_mask"].sum()))  # COPA's 2 rows count once
 
 
 def test_heads_shapes_and_finite_losses_for_every_subtask(smoke: tuple) -> None:
