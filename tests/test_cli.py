@@ -162,6 +162,15 @@ def test_result_json_is_written_atomically_and_validated(tmp_path: Path) -> None
         read_result(bad)
 
 
+def test_atomic_writes_get_the_mode_of_an_ordinary_write(tmp_path: Path) -> None:
+    from mtbench.results import atomic_write
+
+    plain, atomic = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    atomic_write(atomic, "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
+
+
 def test_validate_builds_every_method_on_every_task(capsys: pytest.CaptureFixture) -> None:
     code = main(["validate"])
     out = capsys.readouterr().out
