@@ -184,6 +184,10 @@ def resolve(
             merged[section].update({k: v for k, v in (layer.get(section) or {}).items() if k != "name"})
     if "subtasks" in merged["task"] and not merged["task"]["subtasks"]:
         raise ConfigError(f"task.subtasks is empty; name at least one of task '{task}' (see `mtbench ls tasks`)")
+    method_cfg = build_dataclass(method_cls.config_cls, merged["method"], "method")
+    task_cfg = build_dataclass(task_cls.config_cls, merged["task"], "task")
+    train = build_dataclass(TrainConfig, merged["train"], "train")
+    train.weights_of(tuple(task_cfg.subtasks) or task_cls.default_subtasks)  # a misspelt subtask fails here, not later
     return Experiment(
         method_name=method,
         task_name=task,
@@ -191,9 +195,9 @@ def resolve(
         seed=int(seed if seed is not None else file.get("seed", 0)),
         method_cls=method_cls,
         task_cls=task_cls,
-        method=build_dataclass(method_cls.config_cls, merged["method"], "method"),
-        task=build_dataclass(task_cls.config_cls, merged["task"], "task"),
-        train=build_dataclass(TrainConfig, merged["train"], "train"),
+        method=method_cfg,
+        task=task_cfg,
+        train=train,
         trainer=check_trainer_kwargs(merged["trainer"]),
     )
 

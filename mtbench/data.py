@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import ConfigError, DataError
+from .registry import did_you_mean
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +37,9 @@ class LoaderConfig:
     length_grouping: int = 0
     """Length bucketing: regroup each window of this many batches so rows of similar length share a batch (padding
     shrinks; the examples drawn and each task's share are unchanged). 0 = off; needs a task that gives lengths."""
+    task_weights: tuple[str, ...] = ()
+    """``subtask=weight`` entries (others 1) multiplying each subtask's share under any sampler: ``rte=2`` draws RTE
+    twice as often as the sampler alone would (weighted round robin keeps a fixed, interleaved order)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
@@ -44,18 +48,69 @@ class LoaderConfig:
             raise ConfigError(f"train.length_grouping must be >= 0 (0 = off), got {self.length_grouping}")
         if self.temperature <= 0:
             raise ConfigError("train.temperature must be > 0")
+        self.parsed_task_weights()
+
+    def parsed_task_weights(self) -> dict[str, float]:
+        """``task_weights`` as ``{subtask: weight}``.
+
+        Raises:
+            ConfigError: an entry is not ``name=positive number``, or a name repeats.
+        """
+        parsed: dict[str, float] = {}
+        for entry in self.task_weights:
+            name, sep, raw = str(entry).partition("=")
+            name = name.strip()
+            try:
+                value = float(raw) if sep and name else -1.0
+            except ValueError:
+                value = -1.0
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"train.task_weights: {entry!r} is not subtask=weight with a positive weight")
+            if name in parsed:
+                raise ConfigError(f"train.task_weights: {name} is given twice")
+            parsed[name] = value
+        return parsed
+
+    def weights_of(self, subtasks: Sequence[str]) -> list[float]:
+        """One ``task_weights`` weight per subtask, in that order (1 where not given).
+
+        Raises:
+            ConfigError: a weighted name is not one of ``subtasks``.
+        """
+        parsed = self.parsed_task_weights()
+        if unknown := [n for n in parsed if n not in subtasks]:
+            raise ConfigError("train.task_weights: " + did_you_mean(unknown[0], subtasks, "subtask of this run"))
+        return [parsed.get(n, 1.0) for n in subtasks]
 
 
-def task_probabilities(sizes: Sequence[int], sampler: str, temperature: float) -> torch.Tensor:
-    """Probability of drawing each task: proportional (n_t), temperature (n_t^(1/T)) or uniform (round robin)."""
+def task_probabilities(sizes: Sequence[int], sampler: str, temperature: float,
+                       weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Probability of drawing each task: proportional (n_t), temperature (n_t^(1/T)) or uniform (round robin), times
+    the task's weight (default 1), normalised."""
     n = torch.tensor(sizes, dtype=torch.float64)
     if sampler == "proportional":
-        weights = n
+        scores = n
     elif sampler == "temperature":
-        weights = n ** (1.0 / temperature)
+        scores = n ** (1.0 / temperature)
     else:
-        weights = torch.ones_like(n)
-    return weights / weights.sum()
+        scores = torch.ones_like(n)
+    if weights is not None:
+        scores = scores * torch.tensor(weights, dtype=torch.float64)
+    return scores / scores.sum()
+
+
+def weighted_round_robin(weights: Sequence[float]) -> Iterator[int]:
+    """Endless task order in which task t takes a ``w_t / sum(w)`` share, spread out evenly.
+
+    Smooth weighted round robin: each turn every task gains its weight, the richest goes and pays the total. Equal
+    weights give plain round robin 0, 1, 2, 0, ...
+    """
+    credit, total = [0.0] * len(weights), float(sum(weights))
+    while True:
+        credit = [c + w for c, w in zip(credit, weights)]
+        task = max(range(len(weights)), key=credit.__getitem__)  # first of equals: plain round robin
+        credit[task] -= total
+        yield task
 
 
 class MultiTaskBatchSampler(Sampler[list[int]]):
@@ -74,9 +129,13 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, sizes: Sequence[int], cfg: LoaderConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 lengths: Sequence[Sequence[int]] | None = None):
+                 lengths: Sequence[Sequence[int]] | None = None, weights: Sequence[float] | None = None):
         if not sizes or min(sizes) <= 0:
             raise DataError(f"every subtask needs training examples, got sizes {list(sizes)}")
+        if weights is not None and (len(weights) != len(sizes) or min(weights) <= 0):
+            raise ConfigError(f"task weights {list(weights)} must be one positive number per subtask ({len(sizes)})")
+        self.weights = list(weights) if weights is not None else [1.0] * len(sizes)
+        """Per-task multiplier of the sampler's share (``train.task_weights``)."""
         if lengths is not None and [len(x) for x in lengths] != list(sizes):
             raise DataError(f"lengths per task {[len(x) for x in lengths]} do not match the sizes {list(sizes)}")
         self.sizes, self.cfg, self.seed = list(sizes), cfg, seed
@@ -139,20 +198,21 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
 
     def _global_batches(self, gen: torch.Generator) -> Iterator[tuple[int, list[int]]]:
         """(task or -1 when mixed, global batch of dataset indices), ``len(self)`` of them."""
-        probs = task_probabilities(self.sizes, self.cfg.sampler, self.cfg.temperature)
+        probs = task_probabilities(self.sizes, self.cfg.sampler, self.cfg.temperature, self.weights)
         orders = [torch.randperm(n, generator=gen).tolist() for n in self.sizes]
         cursors = [0] * len(self.sizes)
-        bs, n_tasks = self.cfg.batch_size * self.world_size, len(self.sizes)
-        for b in range(len(self)):
+        bs = self.cfg.batch_size * self.world_size
+        turns = weighted_round_robin(self.weights)
+        for _ in range(len(self)):
             task = -1
             if self.cfg.batch_mode == "homogeneous":
                 if self.cfg.sampler == "round_robin":
-                    task = b % n_tasks
+                    task = next(turns)
                 else:
                     task = int(torch.multinomial(probs, 1, generator=gen))
                 picks = [task] * bs
             elif self.cfg.sampler == "round_robin":
-                picks = [(b * bs + i) % n_tasks for i in range(bs)]
+                picks = [next(turns) for _ in range(bs)]
             else:
                 picks = torch.multinomial(probs, bs, replacement=True, generator=gen).tolist()
             batch = []
@@ -234,7 +294,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         lengths = None
         if self.loader.length_grouping and self.length is not None:
             lengths = [[self.length(self.train[t][i]) for i in range(len(self.train[t]))] for t in self.subtasks]
-        sampler = MultiTaskBatchSampler([len(p) for p in parts], self.loader, self.seed, rank, world, lengths)
+        weights = self.loader.weights_of(self.subtasks)
+        sampler = MultiTaskBatchSampler([len(p) for p in parts], self.loader, self.seed, rank, world, lengths,
+                                        weights=weights)
         return _ResumableLoader(ConcatDataset(parts), batch_sampler=sampler, collate_fn=self.collate,
                                 num_workers=self.loader.num_workers, progress=self._progress)
 

@@ -38,6 +38,13 @@ def test_unknown_section_and_profile() -> None:
         resolve("lora", "glue", "smok")
 
 
+def test_task_weights_name_a_subtask_of_the_run() -> None:
+    exp = resolve("lora", "glue", "cpu", sets=["train.task_weights=[rte=2]"])
+    assert exp.train.weights_of(exp.task.subtasks) == [2.0, 1.0, 1.0, 1.0]  # rte, mrpc, cola, sst2
+    with pytest.raises(ConfigError, match=r"task_weights: unknown subtask of this run 'qnli'.*available: cola, mrpc"):
+        resolve("lora", "glue", "cpu", sets=["train.task_weights=[qnli=2]"])
+
+
 def test_wrong_types_are_rejected() -> None:
     with pytest.raises(ConfigError, match=r"method\.r='four' has the wrong type; expected int"):
         resolve("lora", "glue", "smoke", sets=["method.r=four"])

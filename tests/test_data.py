@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mtbench.data import LoaderConfig, MultiTaskBatchSampler, task_probabilities
+from mtbench.data import LoaderConfig, MultiTaskBatchSampler, task_probabilities, weighted_round_robin
 from mtbench.errors import ConfigError, DataError
 
 
@@ -134,3 +134,34 @@ def test_length_grouping_resumes_and_shards() -> None:
     half = LoaderConfig(batch_size=5, length_grouping=4)
     ranks = [list(MultiTaskBatchSampler(SIZES, half, seed=0, rank=r, world_size=2, lengths=LENGTHS)) for r in (0, 1)]
     assert [a + b for a, b in zip(*ranks)] == full  # two ranks see exactly the one-process batches
+
+
+def test_weighted_round_robin_spreads_shares_evenly() -> None:
+    turns = weighted_round_robin([2.0, 1.0, 1.0])
+    order = [next(turns) for _ in range(8)]
+    assert order == [0, 1, 2, 0, 0, 1, 2, 0]  # task 0 takes half the turns, never three in a row
+    plain = weighted_round_robin([1.0, 1.0, 1.0])
+    assert [next(plain) for _ in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_task_weights_scale_every_sampler() -> None:
+    assert task_probabilities(SIZES, "round_robin", 1.0, [2, 1, 1]).tolist() == pytest.approx([0.5, 0.25, 0.25])
+    base = task_probabilities(SIZES, "proportional", 1.0)
+    weighted = task_probabilities(SIZES, "proportional", 1.0, [1, 1, 3])
+    assert weighted[2] / weighted[0] == pytest.approx(3 * base[2] / base[0])
+    cfg = LoaderConfig(batch_size=4, batch_mode="homogeneous", sampler="round_robin", task_weights=("b=3",))
+    sampler = MultiTaskBatchSampler(SIZES, cfg, seed=0, weights=cfg.weights_of(["a", "b", "c"]))
+    tasks = [_task_of(batch[0]) for batch in sampler]
+    assert all(len({_task_of(i) for i in batch}) == 1 for batch in sampler)
+    assert tasks[:5] == [1, 0, 1, 2, 1]
+    assert Counter(tasks[:130]) == {0: 26, 1: 78, 2: 26}  # 26 full turns of 5
+
+
+def test_task_weights_bad_entries_are_config_errors() -> None:
+    for entry in ("rte", "rte=0", "rte=-1", "rte=x", "=2", "rte=inf"):
+        with pytest.raises(ConfigError, match="task_weights"):
+            LoaderConfig(task_weights=(entry,))
+    with pytest.raises(ConfigError, match="twice"):
+        LoaderConfig(task_weights=("rte=2", "rte=3"))
+    with pytest.raises(ConfigError, match="did you mean 'rte'"):
+        LoaderConfig(task_weights=("rtee=2",)).weights_of(["rte", "mrpc"])
