@@ -21,6 +21,7 @@ import yaml
 from .data import LoaderConfig
 from .errors import ConfigError
 from .registry import did_you_mean, methods, tasks
+from .tracking import flatten, protocol_id, safe_params
 
 
 SECTIONS = ("method", "task", "train", "trainer")
@@ -103,6 +104,10 @@ class Experiment:
     def method_config_id(self) -> str:
         """Short hash of the method's configuration: runs sharing it (across seeds) form one leaderboard row."""
         return _digest(self.as_dict()["method"])
+
+    def protocol_id(self) -> str:
+        """Short hash of all but the method's config and the seed (see :func:`~mtbench.tracking.protocol_id`)."""
+        return protocol_id(safe_params(flatten(self.as_dict())))
 
     def config_id(self) -> str:
         """Short hash of everything but the seed: identifies a sweep cell."""

@@ -93,6 +93,7 @@ def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = Tru
         "mtbench.seed": str(exp.seed),
         "mtbench.method_config_id": exp.method_config_id(),
         "mtbench.config_id": exp.config_id(),
+        "mtbench.protocol_id": exp.protocol_id(),
         "mtbench.git_commit": commit,
         "mtbench.git_dirty": str(dirty).lower(),
         "mtbench.versions": json.dumps(package_versions(), sort_keys=True),
@@ -258,7 +259,7 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
         "schema": SCHEMA, "run_id": run_id, "status": status, "error": error,
         "method": exp.method_name, "task": exp.task_name, "task_version": exp.task_cls.version,
         "profile": exp.profile, "seed": exp.seed, "method_config_id": exp.method_config_id(),
-        "config_id": exp.config_id(), "config": config, "metrics": metrics,
+        "config_id": exp.config_id(), "protocol_id": exp.protocol_id(), "config": config, "metrics": metrics,
         "metric_specs": {f"val/{sub}/{name}": {"higher_is_better": s.higher_is_better, "primary": s.primary,
                                                "version": s.version}
                          for sub, group in specs.items() for name, s in group.items()},

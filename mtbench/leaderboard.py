@@ -27,19 +27,20 @@ from . import stats
 from .errors import MtbenchError
 from .render import pareto_plots, to_html, to_markdown
 from .results import atomic_write, atomic_write_bytes, read_result
-from .tracking import EXPERIMENT, client, flatten, liveness, package_versions, safe_params
+from .tracking import EXPERIMENT, client, flatten, liveness, package_versions, protocol_id, safe_params
 
 
 SCHEMA = "mtbench.leaderboard/1"
-KEYS = ["task", "task_version", "metric_versions", "method", "method_config_id", "profile", "device"]
+KEYS = ["task", "task_version", "metric_versions", "method", "method_config_id", "profile", "protocol_id",
+        "device"]
 PERF = ["params/adapter", "params/trainable", "params/total", "perf/train_samples_per_s", "perf/train_tokens_per_s",
         "perf/eval_samples_per_s", "perf/peak_mem_mb", "perf/wall_s"]
 QUALITY = "val/avg"
 DELTA_M = "val/delta_m"
-HEAD = ["row_id", "rank", "task", "device", "profile", "task_version", "metric_versions", "method", "method_config_id",
-        "config_note", "n", "seeds", "quality_metric", "quality_mean", "quality_std", "quality_ci95", "reference",
-        "ref_config", "ref_diff", "ref_n", "p_value", "significant", "pareto_params", "pareto_memory",
-        "pareto_throughput"]
+HEAD = ["row_id", "rank", "task", "device", "profile", "protocol_id", "task_version", "metric_versions", "method",
+        "method_config_id", "config_note", "n", "seeds", "quality_metric", "quality_mean", "quality_std",
+        "quality_ci95", "reference", "ref_config", "ref_diff", "ref_n", "p_value", "significant", "pareto_params",
+        "pareto_memory", "pareto_throughput"]
 TAIL = ["quality_per_seed", "method_config", "git_commits", "versions", "run_ids"]
 
 
@@ -183,6 +184,9 @@ def _store_record(run: pd.Series) -> dict[str, Any]:
         method_config={k.removeprefix("params.method."): v for k, v in run.items()
                        if isinstance(k, str) and k.startswith("params.method.") and k != "params.method.name"
                        and isinstance(v, str)},
+        # From the params rather than a tag, so runs logged before the tag existed group the same way.
+        protocol_id=protocol_id({k.removeprefix("params."): v for k, v in run.items()
+                                 if isinstance(k, str) and k.startswith("params.") and isinstance(v, str)}),
     )
     for column, value in run.items():
         if isinstance(column, str) and column.startswith("metrics.") and pd.notna(value):
@@ -202,6 +206,7 @@ def _file_record(result: dict[str, Any]) -> dict[str, Any]:
         # Stringified like the store's params, so a config reads the same from either source.
         method_config={k: v for k, v in safe_params(flatten(method if isinstance(method, dict) else {})).items()
                        if k != "name"},
+        protocol_id=protocol_id(safe_params(flatten(result["config"]))),
     )
     # Metric keys are namespaced (``val/...``); anything else could overwrite the record's own fields.
     record.update({k: float(v) for k, v in result["metrics"].items() if "/" in k})

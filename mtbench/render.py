@@ -140,7 +140,8 @@ NOTES = ("Mean ± std over seeds (n runs per row); 95 % CI: Student-t interval o
          "(higher is better) ×100; errors (↓) and deltas as logged. Δ vs ref: mean paired difference to the "
          "reference method over shared seeds, paired t-test p; (n.s.) p ≥ 0.05, (n/a) fewer than two shared seeds. "
          "Pareto ● : on the front of quality vs trainable params (P), peak memory (M), train throughput (T). Rows "
-         "are ranked only within a group (task, task version, metric versions, profile, device).")
+         "are ranked only within a group (task, task version, metric versions, profile, protocol, device); the "
+         "protocol is a hash of every logged setting but the method's and the seed (tag mtbench.protocol_id).")
 
 
 def _md(text: Any) -> str:
@@ -160,7 +161,8 @@ def to_markdown(board: Leaderboard) -> str:
             task = first["task"]
             lines += ["", f"## {_md(task)}"]
         ref = f"{_md(first['reference'])} (config {_md(first['ref_config'])})" if first["reference"] else "none"
-        title = f"{_md(first['device'])} · profile {_md(first['profile'])} · task v{_md(first['task_version'])}"
+        title = (f"{_md(first['device'])} · profile {_md(first['profile'])} · protocol {_md(first['protocol_id'])} · "
+                 f"task v{_md(first['task_version'])}")
         lines += ["", f"### {title}", "", f"Quality: `{first['quality_metric']}`. Reference: {ref}. "
               f"Metric versions: {_md(first['metric_versions'])}.", ""]
         lines += _md_table(_columns(rows, board), rows)
@@ -207,7 +209,8 @@ def pareto_plots(board: Leaderboard) -> list[Plot]:
             continue
         first = rows.iloc[0]
         key = hashlib.sha256(json.dumps([str(first[k]) for k in stats.GROUP]).encode()).hexdigest()[:6]
-        caption = f"{first['task']} · profile {first['profile']} · {first['device']} · task v{first['task_version']}"
+        caption = (f"{first['task']} · profile {first['profile']} · protocol {first['protocol_id']} · "
+                   f"{first['device']} · task v{first['task_version']}")
         fig = Figure(figsize=(13, 3.8), layout="constrained")
         FigureCanvasAgg(fig)
         scale = _scale(str(first["quality_metric"]), board.directions)
@@ -368,7 +371,7 @@ def to_html(board: Leaderboard, plots: Sequence[Plot] = ()) -> str:
 def _html_table(board: Leaderboard) -> list[str]:
     rows = board.rows
     columns = [_text("task", "task"), _text("device", "device"), _text("profile", "profile"),
-               *_columns(rows, board), _text("task_version", "task v"),
+               _text("protocol_id", "protocol"), *_columns(rows, board), _text("task_version", "task v"),
                _text("metric_versions", "metric versions"), _text("seeds", "seeds"),
                _text("git_commits", "git commits"), _text("versions", "package versions")]
     out = ['<div class="filters">']

@@ -1,8 +1,8 @@
 """Statistics of the leaderboard: mean, std and Student-t confidence intervals over seeds, paired comparisons against
 a reference method, ranks and Pareto fronts within a comparison group.
 
-A comparison group is one task, task version, metric versions, profile and device: numbers measured under different
-definitions or on different hardware are never ranked against each other.
+A comparison group is one task, task version, metric versions, profile, protocol and device: numbers measured under
+different definitions, training protocols or hardware are never ranked against each other.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
-GROUP = ["task", "task_version", "metric_versions", "profile", "device"]
+GROUP = ["task", "task_version", "metric_versions", "profile", "protocol_id", "device"]
 # (column suffix, cost metric, lower cost is better)
 PARETO_AXES = (
     ("params", "params/trainable", True),

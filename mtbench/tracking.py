@@ -8,11 +8,14 @@ always created with an explicit artifact location next to the database.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from contextlib import closing
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -188,6 +191,19 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
     """Stringified params, dropping any whose name looks like a secret and truncating to MLflow's limit."""
     return {k: str(v)[:500] for k, v in params.items() if not _SECRET.search(k)}
+
+
+NOT_PROTOCOL = frozenset({"task.data_root", "train.num_workers", "trainer.enable_model_summary",
+                          "trainer.enable_progress_bar", "trainer.log_every_n_steps"})
+"""Logged settings that change where a run reads its files or what it prints, never what it measures."""
+
+
+def protocol_id(params: Mapping[str, str]) -> str:
+    """Short hash of a run's logged params less the method's and the seed: the protocol (task options, optimisation,
+    sampler, trainer) under which methods are compared. An override such as ``--set trainer.max_steps=0`` makes a
+    new protocol, so its runs never average or rank with the profile's."""
+    kept = {k: v for k, v in params.items() if not k.startswith("method.") and k != "seed" and k not in NOT_PROTOCOL}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def host_info() -> dict[str, str]:

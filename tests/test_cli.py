@@ -14,6 +14,7 @@ import pytest
 from mtbench import registry
 from mtbench.cli import main
 from mtbench.results import read_result
+from mtbench.tracking import protocol_id
 
 
 FAST = ["--set", "trainer.max_steps=6", "--set", "task.synthetic_size=16", "--no-progress"]
@@ -64,6 +65,9 @@ def test_smoke_runs_finish_and_are_recorded(store: dict[str, Any]) -> None:
         assert lora[f"tags.mtbench.{tag}"], tag
     assert lora["params.method.r"] == "8"
     assert lora["tags.mtbench.memory_kind"] == "cpu_peak_rss"
+    # The protocol tag is what the leaderboard recomputes from the logged params; lora and full_ft share it.
+    params = {c.removeprefix("params."): v for c, v in lora.items() if c.startswith("params.") and isinstance(v, str)}
+    assert lora["tags.mtbench.protocol_id"] == protocol_id(params) == full["tags.mtbench.protocol_id"]
 
 
 def test_artifacts_hold_config_and_valid_result(store: dict[str, Any]) -> None:

@@ -157,10 +157,12 @@ def test_pareto_front_on_a_hand_made_frame() -> None:
     assert stats.pareto_front([0.8, 0.7], [50.0, 40.0], lower_cost=False) == [True, False]
 
 
-def test_ranks_and_reference_stay_within_a_device() -> None:
+@pytest.mark.parametrize("split", ["device", "protocol_id"])
+def test_ranks_and_reference_stay_within_a_device_and_protocol(split: str) -> None:
     rows = pd.DataFrame({
         "task": ["glue"] * 4, "task_version": ["1"] * 4, "metric_versions": ["v"] * 4, "profile": ["cpu"] * 4,
-        "device": ["cpu", "cpu", "gpu", "gpu"], "method": ["lora", "full_ft", "lora", "full_ft"],
+        "device": ["cpu"] * 4, "protocol_id": ["p"] * 4,
+        split: ["a", "a", "b", "b"], "method": ["lora", "full_ft", "lora", "full_ft"],
         "method_config_id": ["l", "f", "l", "f"], "n": [2] * 4, "quality_mean": [0.5, 0.6, 0.9, 0.4],
         "params/trainable_mean": [1.0, 10.0, 1.0, 10.0],
     })
@@ -415,6 +417,21 @@ def test_delta_m_is_the_quality_where_every_run_carries_it(board: dict[str, Any]
     assert rows.loc["full_ft", "ref_diff"] == 3.0 and rows.loc["full_ft", "val/rte/delta_mean"] == 9.0
     markdown = to_markdown(built)
     assert "| Δm |" in markdown and "| 4.50 ± 0.71 |" in markdown  # deltas as logged, not ×100
+
+
+def test_another_protocol_is_its_own_comparison_group(board: dict[str, Any], tmp_path: Path) -> None:
+    source = board["source"]
+    moved = copy.deepcopy(source) | {"run_id": "e" * 32, "seed": 1}
+    moved["config"]["task"]["data_root"] = "/elsewhere"  # where the files live is not part of the protocol
+    untuned = copy.deepcopy(source) | {"run_id": "f" * 32}  # keeps the stale protocol_id field: never trusted
+    untuned["config"]["trainer"]["max_steps"] = 0
+    for name, data in {"source": source, "moved": moved, "untuned": untuned}.items():
+        (tmp_path / f"{name}.result.json").write_text(json.dumps(data))
+    rows = build_leaderboard(None, [tmp_path]).rows
+    assert len(rows) == 2 and list(rows["rank"]) == [1, 1]  # each row alone in its group
+    by_protocol = rows.set_index("protocol_id")["n"]
+    assert by_protocol[source["protocol_id"]] == 2  # recomputed from the config, equal to the run's own id
+    assert sorted(by_protocol) == [1, 2]
 
 
 def test_tampered_results_are_rejected(board: dict[str, Any], tmp_path: Path) -> None:
