@@ -228,6 +228,9 @@ class LLMMixture(Task):
             "train": _SMOKE_TRAIN,
             "trainer": {"max_steps": 10, "num_sanity_val_steps": 0},
         },
+        # Measured on 2 CPU cores (LoRA r8, seed 0): 200 steps in 22 min + evaluation, 28 min in all, 13 GB peak RSS.
+        # Untuned -> LoRA: Alpaca ppl 7.16 -> 6.49, BoolQ 0.37 -> 0.65, CB 0.50 -> 0.75, MultiRC F1a 0.17 -> 0.46;
+        # MMLU (0/5-shot 0.18/0.27 -> 0.20/0.22), RTE, WiC and GSM8K (0 strict) stay at a 135M model's chance level.
         "cpu": {
             "task": {"backbone": "smollm2_135m", "source": "local", "subtasks": list(DEFAULT_SUBTASKS),
                      "max_length": 512, "holdout_missing_eval": 0.25, "eval_limit": 100,
