@@ -270,6 +270,9 @@ class MTLoRA(Method):
 
     config_cls: ClassVar[type[MethodConfig]] = MTLoRAConfig
     mergeable: ClassVar[bool] = False
+    # The two-stream hooks on a block do not replay the same operations when transformers recomputes that block
+    # (torch.utils.checkpoint stops with a mismatch), so activation checkpointing is refused rather than trusted.
+    checkpointable: ClassVar[bool] = False
     cfg: MTLoRAConfig
 
     def __init__(self, cfg: MethodConfig, tasks: Sequence[str]) -> None:

@@ -180,6 +180,25 @@ def build(spec: str, **kwargs: Any) -> Any:
     return hf_text_encoder(spec)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations during the backward pass instead of keeping them (transformers models).
+
+    Non-reentrant checkpointing: it needs no input that requires grad (the embeddings are frozen under adapters) and
+    it replays dropout with the saved RNG state, so gradients match a plain backward pass.
+
+    Raises:
+        ConfigError: the backbone has no layer-level checkpointing (timm backbones, whose stages mtbench runs itself).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: backbone {type(model).__name__} does not support it; "
+                          "transformers models do")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+
+
 def hf_text_encoder(name_or_path: str) -> TextBackbone:
     """A transformers encoder and tokenizer from the hub (online) or a local directory."""
     from transformers import AutoModel, AutoTokenizer

@@ -59,6 +59,9 @@ class TrainConfig(LoaderConfig):
     """Linear warm-up steps; 0 uses ``warmup_ratio``."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of ``lr``."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward pass instead of storing them: less memory for
+    about a third more compute (transformers backbones)."""
     on_nonfinite_loss: Literal["fail", "skip"] = "fail"
     """A NaN/Inf loss stops the run as FAILED (``fail``) or the step is skipped (``skip``)."""
 

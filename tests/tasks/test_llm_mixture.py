@@ -436,3 +436,39 @@ def test_smollm2_loads_with_chat_template_and_scores() -> None:
     scores = le.choice_scores(built.model, batch)
     assert scores.shape == (1, 1, 2) and bool(scores[0, 0, 1] > scores[0, 0, 0])
     assert task.subtasks == ("boolq",)
+
+
+@pytest.mark.parametrize("method", registry.methods.names())
+def test_activation_checkpointing_gives_the_same_gradients(method: str) -> None:
+    """Recomputation in the backward pass must see the same adapters, routing and dropout masks as the forward."""
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    sets = ["task.subtasks=[alpaca,boolq]", "task.synthetic_size=4", "train.batch_size=4",
+            *(["method.dropout=0.1"] if method in ("lora", "lora_plus") else [])]
+    if not registry.methods.get(method).checkpointable:
+        with pytest.raises(ConfigError, match=f"activation_checkpointing: method '{method}' does not support it"):
+            build_module(resolve(method, "llm_mixture", "smoke", sets=[*sets, "train.activation_checkpointing=true"]))
+        return
+    grads = []
+    for checkpointing in (False, True):
+        exp = resolve(method, "llm_mixture", "smoke", sets=[*sets, f"train.activation_checkpointing={checkpointing}"])
+        module = build_module(exp)
+        decoder_layers = [m for m in module.model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert any(m.gradient_checkpointing for m in decoder_layers) == checkpointing
+        batch = next(iter(module.task.datamodule(exp.train, seed=0).train_dataloader()))
+        module.train()
+        torch.manual_seed(0)
+        module.training_step(batch, 0).backward()
+        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_needs_a_transformers_backbone() -> None:
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    with pytest.raises(ConfigError, match="activation_checkpointing: backbone .* does not support it"):
+        build_module(resolve("lora", "pascal", "smoke", sets=["train.activation_checkpointing=true"]))
