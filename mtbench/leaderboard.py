@@ -181,12 +181,8 @@ def _store_record(run: pd.Series) -> dict[str, Any]:
         method_config_id=tag("method_config_id"), profile=tag("profile"), device=tag("device"), seed=tag("seed"),
         git_commit=(tag("git_commit") or "unknown")[:10] + dirty, versions=_json(tag("versions")),
         run_id=run["run_id"],
-        method_config={k.removeprefix("params.method."): v for k, v in run.items()
-                       if isinstance(k, str) and k.startswith("params.method.") and k != "params.method.name"
-                       and isinstance(v, str)},
-        # From the params rather than a tag, so runs logged before the tag existed group the same way.
-        protocol_id=protocol_id({k.removeprefix("params."): v for k, v in run.items()
-                                 if isinstance(k, str) and k.startswith("params.") and isinstance(v, str)}),
+        **_from_params({k.removeprefix("params."): v for k, v in run.items()
+                        if isinstance(k, str) and k.startswith("params.") and isinstance(v, str)}),
     )
     for column, value in run.items():
         if isinstance(column, str) and column.startswith("metrics.") and pd.notna(value):
@@ -196,17 +192,14 @@ def _store_record(run: pd.Series) -> dict[str, Any]:
 
 def _file_record(result: dict[str, Any]) -> dict[str, Any]:
     provenance = result["provenance"]
-    method = result["config"].get("method")
     dirty = "+dirty" if provenance.get("git_dirty") in (True, "true") else ""
     record = _base_record(
         result["metric_specs"], task=result["task"], task_version=result["task_version"], method=result["method"],
         method_config_id=result["method_config_id"], profile=result["profile"], device=provenance.get("device"),
         seed=str(result["seed"]), git_commit=str(provenance.get("git_commit") or "unknown")[:10] + dirty,
         versions=provenance.get("versions") or {}, run_id=result["run_id"],
-        # Stringified like the store's params, so a config reads the same from either source.
-        method_config={k: v for k, v in safe_params(flatten(method if isinstance(method, dict) else {})).items()
-                       if k != "name"},
-        protocol_id=protocol_id(safe_params(flatten(result["config"]))),
+        # Flattened and stringified like the store's params, so a config reads the same from either source.
+        **_from_params(safe_params(flatten(result["config"]))),
     )
     # Metric keys are namespaced (``val/...``); anything else could overwrite the record's own fields.
     record.update({k: float(v) for k, v in result["metrics"].items() if "/" in k})
@@ -214,6 +207,14 @@ def _file_record(result: dict[str, Any]) -> dict[str, Any]:
         record.update({f"{section}/{k}": float(v) for k, v in result[section].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return record
+
+
+def _from_params(params: dict[str, str]) -> dict[str, Any]:
+    """A record's method config and protocol from a run's logged params. The protocol is computed rather than read
+    from the ``mtbench.protocol_id`` tag, so runs logged before that tag existed group the same way."""
+    return {"method_config": {k.removeprefix("method."): v for k, v in params.items()
+                              if k.startswith("method.") and k != "method.name"},
+            "protocol_id": protocol_id(params)}
 
 
 def _json(text: Any) -> dict[str, Any]:
