@@ -195,7 +195,7 @@ def resolve(
     method_cfg = build_dataclass(method_cls.config_cls, merged["method"], "method")
     task_cfg = build_dataclass(task_cls.config_cls, merged["task"], "task")
     train = build_dataclass(TrainConfig, merged["train"], "train")
-    train.weights_of(tuple(task_cfg.subtasks) or task_cls.default_subtasks)  # a misspelt subtask fails here, not later
+    train.weights_of(task_cls.selected_subtasks(task_cfg))  # a misspelt subtask fails here, not after loading data
     return Experiment(
         method_name=method,
         task_name=task,

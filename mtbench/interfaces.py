@@ -308,7 +308,12 @@ class Task(ABC):
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
-        self.subtasks: tuple[str, ...] = tuple(cfg.subtasks) or self.default_subtasks
+        self.subtasks: tuple[str, ...] = self.selected_subtasks(cfg)
+
+    @classmethod
+    def selected_subtasks(cls, cfg: TaskConfig) -> tuple[str, ...]:
+        """The subtasks a config runs: ``task.subtasks``, else :attr:`default_subtasks`."""
+        return tuple(cfg.subtasks) or cls.default_subtasks
 
     @abstractmethod
     def backbone(self) -> nn.Module:
