@@ -38,7 +38,7 @@ PERF = ["params/adapter", "params/trainable", "params/total", "perf/train_sample
 QUALITY = "val/avg"
 DELTA_M = "val/delta_m"
 HEAD = ["row_id", "rank", "task", "device", "profile", "protocol_id", "task_version", "metric_versions", "method",
-        "method_config_id", "config_note", "n", "seeds", "quality_metric", "quality_mean", "quality_std",
+        "method_config_id", "config_note", "n", "seeds", "failed_seeds", "runs", "quality_metric", "quality_mean", "quality_std",
         "quality_ci95", "reference", "ref_config", "ref_diff", "ref_n", "p_value", "significant", "pareto_params",
         "pareto_memory", "pareto_throughput"]
 TAIL = ["quality_per_seed", "method_config", "git_commits", "versions", "run_ids"]
@@ -74,7 +74,11 @@ class Leaderboard:
                      "merged_from_result_files": self.merged, "duplicate_result_files": self.duplicates,
                      "rejected_result_files": self.rejected},
             "statistics": {
-                "aggregate": "mean and sample std (ddof=1) over the runs of a row",
+                "replication": "seed: repeated runs of one seed are averaged into that seed's value "
+                               f"(repeats={stats.REPEATS}); n counts the seeds with a finite quality, listed in "
+                               "seeds; seeds whose quality is NaN are listed in failed_seeds and count in no "
+                               "statistic; runs counts every run of the row",
+                "aggregate": "mean and sample std (ddof=1) over the per-seed values of a row",
                 "interval": f"{stats.CONFIDENCE:.0%} two-sided Student-t interval of the mean "
                             "(quality_ci95 = half-width)",
                 "test": "paired t-test (scipy.stats.ttest_rel) against the reference, pairing runs by seed",
@@ -243,16 +247,18 @@ def _aggregate(frame: pd.DataFrame, default_ref: str, references: dict[str, str]
     for key, group in frame.groupby(KEYS, sort=True, dropna=False):
         row: dict[str, Any] = dict(zip(KEYS, key))
         row["row_id"] = hashlib.sha256(json.dumps([str(k) for k in key]).encode()).hexdigest()[:12]
-        row["n"] = len(group)
-        row["seeds"] = ",".join(sorted(group["seed"], key=lambda s: (len(s), s)))
         metric = row["quality_metric"] = group["quality_metric"].iloc[0]
-        quality = group[metric] if metric in group else pd.Series(math.nan, index=group.index)
-        seeds = quality.groupby(group["seed"]).mean().dropna()
-        per_seed.append({str(s): float(v) for s, v in seeds.items()})
+        quality = stats.per_seed(group["seed"], group[metric] if metric in group else [math.nan] * len(group))
+        # The seed is the unit of replication: n counts seeds with a finite quality, repeats are averaged first.
+        row["n"] = len(stats.finite_seeds(quality))
+        row["seeds"] = ",".join(stats.finite_seeds(quality))
+        row["failed_seeds"] = ",".join(stats.failed_seeds(quality))
+        row["runs"] = len(group)
+        per_seed.append({s: quality[s] for s in stats.finite_seeds(quality)})
         row["quality_per_seed"] = json.dumps(per_seed[-1], sort_keys=True)
-        _put(row, "quality", quality)
+        _put(row, "quality", quality.values())
         for column in measured:
-            _put(row, column, group[column])
+            _put(row, column, stats.per_seed(group["seed"], group[column]).values())
         row["method_config"] = json.dumps(group["method_config"].iloc[0], sort_keys=True)
         row["git_commits"] = ",".join(sorted(set(group["git_commit"])))
         row["versions"] = _versions(group["versions"])
@@ -277,8 +283,8 @@ def _config_notes(rows: pd.DataFrame) -> list[str]:
     return notes
 
 
-def _put(row: dict[str, Any], name: str, values: pd.Series) -> None:
-    summary = stats.summarize(values.dropna().astype(float))
+def _put(row: dict[str, Any], name: str, values: Iterable[float]) -> None:
+    summary = stats.summarize(values)
     row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_ci95"] = summary.mean, summary.std, summary.ci
 
 

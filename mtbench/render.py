@@ -136,7 +136,8 @@ def _summary(board: Leaderboard) -> str:
             f"{merged}.")
 
 
-NOTES = ("Mean ± std over seeds (n runs per row); 95 % CI: Student-t interval of the quality mean. Scores "
+NOTES = ("Mean ± std over seeds (n = seeds with a finite quality; repeated runs of a seed are averaged first, "
+         "seeds whose quality is NaN are listed apart); 95 % CI: Student-t interval of the quality mean. Scores "
          "(higher is better) ×100; errors (↓) and deltas as logged. Δ vs ref: mean paired difference to the "
          "reference method over shared seeds, paired t-test p; (n.s.) p ≥ 0.05, (n/a) fewer than two shared seeds. "
          "Pareto ● : on the front of quality vs trainable params (P), peak memory (M), train throughput (T). Rows "
@@ -168,7 +169,8 @@ def to_markdown(board: Leaderboard) -> str:
         lines += _md_table(_columns(rows, board), rows)
         lines += ["", "Provenance:", ""]
         lines += _md_table([_text("rank", "rank"), _text("method", "method"), _text("method_config_id", "config"),
-                            _text("seeds", "seeds"), _text("git_commits", "git commits"),
+                            _text("runs", "runs"), _text("failed_seeds", "NaN seeds"), _text("seeds", "seeds"),
+                            _text("git_commits", "git commits"),
                             _text("versions", "package versions")], rows)
     return "\n".join(lines) + "\n"
 
@@ -372,7 +374,8 @@ def _html_table(board: Leaderboard) -> list[str]:
     rows = board.rows
     columns = [_text("task", "task"), _text("device", "device"), _text("profile", "profile"),
                _text("protocol_id", "protocol"), *_columns(rows, board), _text("task_version", "task v"),
-               _text("metric_versions", "metric versions"), _text("seeds", "seeds"),
+               _text("metric_versions", "metric versions"), _text("runs", "runs"),
+               _text("failed_seeds", "NaN seeds"), _text("seeds", "seeds"),
                _text("git_commits", "git commits"), _text("versions", "package versions")]
     out = ['<div class="filters">']
     for key, label in (("task", "Task"), ("device", "Device")):

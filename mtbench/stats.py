@@ -1,6 +1,10 @@
 """Statistics of the leaderboard: mean, std and Student-t confidence intervals over seeds, paired comparisons against
 a reference method, ranks and Pareto fronts within a comparison group.
 
+The seed is the unit of replication. Runs of one row are first reduced to one value per distinct seed
+(:func:`per_seed`: repeated runs of a seed are averaged, so rerunning seed 0 never narrows an interval), and every
+statistic is computed over those per-seed values; ``n`` is the number of seeds that produced a finite value.
+
 A comparison group is one task, task version, metric versions, profile, protocol and device: numbers measured under
 different definitions, training protocols or hardware are never ranked against each other.
 """
@@ -52,8 +56,49 @@ class Paired:
     verdict: str
 
 
+REPEATS = "mean"
+"""How repeated runs of one seed are reduced to the seed's value: their mean over finite values."""
+
+
+def per_seed(seeds: Iterable[Any], values: Iterable[Any]) -> dict[str, float]:
+    """One value per distinct seed: the mean of that seed's finite values, NaN when it has none.
+
+    ``seeds`` and ``values`` are aligned (one entry per run). Keys are the seeds as strings, in the leaderboard's
+    order (numeric seeds by value: "2" before "10").
+    """
+    found: dict[str, list[float]] = {}
+    for seed, value in zip(seeds, values):
+        bucket = found.setdefault(str(seed), [])
+        number = _as_float(value)
+        if math.isfinite(number):
+            bucket.append(number)
+    return {s: (float(np.mean(found[s])) if found[s] else math.nan) for s in sorted(found, key=seed_order)}
+
+
+def seed_order(seed: str) -> tuple[int, str]:
+    """Sort key of a seed string: shorter first, then lexical (so numbers sort by value)."""
+    return len(seed), seed
+
+
+def finite_seeds(values: Mapping[str, float]) -> list[str]:
+    """Seeds of ``values`` (from :func:`per_seed`) whose value is finite, in order."""
+    return [s for s, v in values.items() if math.isfinite(v)]
+
+
+def failed_seeds(values: Mapping[str, float]) -> list[str]:
+    """Seeds of ``values`` (from :func:`per_seed`) whose value is NaN or infinite: they count in no statistic."""
+    return [s for s, v in values.items() if not math.isfinite(v)]
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value) if value is not None and not pd.isna(value) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summary:
-    """Summary of the finite values; std and interval are NaN below two values."""
+    """Summary of the finite values (one per seed: see :func:`per_seed`); std and interval are NaN below two."""
     data = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     n = len(data)
     if n == 0:

@@ -419,6 +419,37 @@ def test_delta_m_is_the_quality_where_every_run_carries_it(board: dict[str, Any]
     assert "| Δm |" in markdown and "| 4.50 ± 0.71 |" in markdown  # deltas as logged, not ×100
 
 
+def test_the_seed_is_the_unit_of_replication(board: dict[str, Any], tmp_path: Path) -> None:
+    """Repeated seeds are averaged before any statistic, n counts seeds with a value, NaN seeds are listed apart."""
+    source = board["source"]
+    runs = [(0, 0.50), (0, 0.60), (1, 0.70), (1, 0.80), (2, math.nan)]
+    for i, (seed, quality) in enumerate(runs):
+        data = copy.deepcopy(source) | {"run_id": f"{i:032d}", "seed": seed}
+        data["metrics"]["val/avg"] = quality
+        data["params"]["trainable"] = 100 + i
+        (tmp_path / f"{i}.result.json").write_text(json.dumps(data))
+    built = build_leaderboard(None, [tmp_path])
+    row = built.rows.iloc[0]
+    assert len(built.rows) == 1 and row["runs"] == 5
+    assert row["n"] == 2 and row["seeds"] == "0,1" and row["failed_seeds"] == "2"
+    assert row["quality_mean"] == pytest.approx(0.65)
+    assert row["quality_std"] == pytest.approx(math.sqrt(0.02))  # std of the seed means 0.55 and 0.75
+    assert row["quality_ci95"] == pytest.approx(12.7062 * 0.1, rel=1e-4)  # t(0.975, 1 dof) * std / sqrt(2)
+    assert json.loads(row["quality_per_seed"]) == pytest.approx({"0": 0.55, "1": 0.75})
+    assert row["params/trainable_mean"] == pytest.approx((100.5 + 102.5 + 104) / 3)  # every metric per seed too
+    assert "averaged" in built.provenance()["statistics"]["replication"]
+    markdown = to_markdown(built)
+    assert "| 5 | 2 | 0,1 |" in markdown and "repeated runs of a seed are averaged" in markdown
+
+
+def test_per_seed_summary_on_known_numbers() -> None:
+    values = stats.per_seed(["1", "0", "10", "1", "2"], [0.2, 0.5, float("nan"), 0.4, None])
+    assert list(values) == ["0", "1", "2", "10"]
+    assert values["1"] == pytest.approx(0.3) and math.isnan(values["2"]) and math.isnan(values["10"])
+    assert stats.finite_seeds(values) == ["0", "1"] and stats.failed_seeds(values) == ["2", "10"]
+    assert stats.summarize(values.values()).n == 2
+
+
 def test_another_protocol_is_its_own_comparison_group(board: dict[str, Any], tmp_path: Path) -> None:
     source = board["source"]
     moved = copy.deepcopy(source) | {"run_id": "e" * 32, "seed": 1}
