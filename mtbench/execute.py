@@ -34,6 +34,7 @@ from .tracking import (
     git_state,
     home_dir,
     host_info,
+    long_params,
     package_versions,
     safe_params,
     sqlite_path,
@@ -108,6 +109,11 @@ def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = Tru
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         mlflow.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        if long := long_params(flatten(config)):
+            # Longer than an MLflow param allows: logged cut (with a digest of the whole), kept in full here.
+            (Path(tmp) / "long_params.json").write_text(json.dumps(long, indent=1, sort_keys=True))
+            mlflow.log_artifact(run_id, str(Path(tmp) / "long_params.json"))
+            mlflow.set_tag(run_id, "mtbench.long_params", ",".join(sorted(long)) + " (in full in long_params.json)")
     return _train(exp, mlflow, run_id, uri, config, progress, built)
 
 

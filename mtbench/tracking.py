@@ -188,9 +188,32 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PARAM_LIMIT = 6000
+"""Longest param value an MLflow store accepts (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``, MLflow 2 and 3);
+not imported from MLflow so that reading a config does not load it."""
+
+
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
-    """Stringified params, dropping any whose name looks like a secret and truncating to MLflow's limit."""
-    return {k: str(v)[:500] for k, v in params.items() if not _SECRET.search(k)}
+    """Stringified params as logged to MLflow, dropping any whose name looks like a secret.
+
+    A value longer than :data:`PARAM_LIMIT` is logged as its head followed by ``…[<length> chars, sha256 <digest>]``
+    (its full text goes to the run's ``config.yaml`` and ``long_params.json`` artifacts, listed in the
+    ``mtbench.long_params`` tag): two values that differ anywhere, even past the limit, log differently, so
+    :func:`protocol_id` computed from logged params sees every value in full.
+    """
+    return {k: _fit(str(v)) for k, v in params.items() if not _SECRET.search(k)}
+
+
+def long_params(params: dict[str, Any]) -> dict[str, str]:
+    """The params (secrets dropped) whose value is too long for an MLflow param, in full."""
+    return {k: str(v) for k, v in params.items() if not _SECRET.search(k) and len(str(v)) > PARAM_LIMIT}
+
+
+def _fit(text: str) -> str:
+    if len(text) <= PARAM_LIMIT:
+        return text
+    tail = f"…[{len(text)} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()}]"
+    return text[: PARAM_LIMIT - len(tail)] + tail
 
 
 NOT_PROTOCOL = frozenset({"task.data_root", "train.num_workers", "trainer.enable_model_summary",
@@ -201,7 +224,10 @@ NOT_PROTOCOL = frozenset({"task.data_root", "train.num_workers", "trainer.enable
 def protocol_id(params: Mapping[str, str]) -> str:
     """Short hash of a run's logged params less the method's and the seed: the protocol (task options, optimisation,
     sampler, trainer) under which methods are compared. An override such as ``--set trainer.max_steps=0`` makes a
-    new protocol, so its runs never average or rank with the profile's."""
+    new protocol, so its runs never average or rank with the profile's.
+
+    ``params`` are values as :func:`safe_params` logs them: whole up to :data:`PARAM_LIMIT` characters, longer ones
+    with the SHA-256 of their full text, so the hash depends on every character of every value."""
     kept = {k: v for k, v in params.items() if not k.startswith("method.") and k != "seed" and k not in NOT_PROTOCOL}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -30,6 +30,7 @@ from mtbench.leaderboard import SCHEMA, build_leaderboard, load_runs
 from mtbench.render import fmt, to_markdown
 from mtbench.results import read_result
 from mtbench.sweep import SweepSpec, expand, make_spec, shard
+from mtbench.tasks import _llm_eval as le
 
 
 SETS = ["--set", "trainer.max_steps=5", "--set", "task.synthetic_size=8", "--set", "task.subtasks=[rte,sst2]"]
@@ -463,6 +464,33 @@ def test_another_protocol_is_its_own_comparison_group(board: dict[str, Any], tmp
     by_protocol = rows.set_index("protocol_id")["n"]
     assert by_protocol[source["protocol_id"]] == 2  # recomputed from the config, equal to the run's own id
     assert sorted(by_protocol) == [1, 2]
+
+
+def test_the_protocol_sees_every_character_of_long_settings(board: dict[str, Any], tmp_path: Path) -> None:
+    """Long list-valued settings that differ only at their end are two protocols, in the hash and on the board."""
+    from mtbench.config import resolve
+    from mtbench.tracking import PARAM_LIMIT, long_params, protocol_id, safe_params
+
+    subjects = list(le.MMLU_SUBJECTS[:40])
+    assert len(str(subjects)) > 500
+    other = [*subjects[:-1], le.MMLU_SUBJECTS[-1]]
+    first, second, again = (resolve("lora", "llm_mixture", sets=[f"task.mmlu_subjects=[{','.join(s)}]"])
+                            for s in (subjects, other, subjects))
+    assert first.protocol_id() != second.protocol_id() and first.protocol_id() == again.protocol_id()
+    # Past MLflow's param limit too: the logged value fits and still tells the two apart.
+    long, longer = "x" * (PARAM_LIMIT + 10), "x" * (PARAM_LIMIT + 9) + "y"
+    logged = safe_params({"task.a": long})["task.a"]
+    assert len(logged) == PARAM_LIMIT and logged != safe_params({"task.a": longer})["task.a"]
+    assert protocol_id(safe_params({"task.a": long})) != protocol_id(safe_params({"task.a": longer}))
+    assert long_params({"task.a": long, "task.b": "short"}) == {"task.a": long}
+    # On the board: result files whose settings differ only in the last list item are never one row.
+    source = board["source"]
+    for i, items in enumerate((subjects, other, subjects)):
+        data = copy.deepcopy(source) | {"run_id": f"{i:032d}", "seed": i}
+        data["config"]["task"]["extra_list"] = items
+        (tmp_path / f"{i}.result.json").write_text(json.dumps(data))
+    rows = build_leaderboard(None, [tmp_path]).rows
+    assert sorted(rows["n"]) == [1, 2] and rows["protocol_id"].nunique() == 2
 
 
 def test_tampered_results_are_rejected(board: dict[str, Any], tmp_path: Path) -> None:
