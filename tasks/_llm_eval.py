@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
@@ -58,9 +59,38 @@ def gsm8k_gold(answer: str) -> str:
     return normalize_answer(answer.rsplit("####", 1)[-1])
 
 
+GSM8K_METRIC_VERSION = "2"
+"""Version of the GSM8K metrics: 1 compared normalised strings (lm-eval), 2 compares numeric values."""
+
+
+def numeric_value(text: str) -> Decimal | None:
+    """The number an extracted answer denotes, or ``None`` when it is not one.
+
+    :func:`normalize_answer` first, then every trailing period goes (a sentence end after a number: ``"18..."``
+    extracts as ``"18..."``, which is 18, not ``"18.."``); what remains must read as a finite decimal
+    (``"29.00"`` -> 29, ``"-0"`` -> 0).
+    """
+    text = normalize_answer(text).rstrip(".")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
 def exact_match(prediction: str | None, gold: str) -> bool:
-    """lm-eval ``exact_match`` after :func:`normalize_answer` on both sides; a missing prediction never matches."""
-    return prediction is not None and normalize_answer(prediction) == normalize_answer(gold)
+    """Whether a predicted answer equals the gold one; a missing prediction never matches.
+
+    Both sides are read as numbers (:func:`numeric_value`) and compared by value, so ``"$29.00."`` and
+    ``"#### 29.00"`` match gold 29 and ``"-0"`` matches 0. lm-eval compares the normalised strings instead, which
+    scores those right answers wrong; a side that is not a number falls back to that string comparison.
+    """
+    if prediction is None:
+        return False
+    predicted, expected = numeric_value(prediction), numeric_value(gold)
+    if predicted is not None and expected is not None:
+        return predicted == expected
+    return normalize_answer(prediction) == normalize_answer(gold)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -31,7 +31,9 @@ Evaluation (each metric ``version="1"``, bump it with any change of prompt or sc
   argmax of the log-likelihood of the answer letter, micro-averaged over questions, plus ``acc_<k>shot_<category>``
   (stem, humanities, social_sciences, other; lm-eval's groups) or ``..._<subject>`` (``task.mmlu_breakdown``).
 * ``gsm8k``: ``em_strict`` (primary; the number after ``#### ``) and ``em_flexible`` (the last number), lm-eval
-  ``gsm8k`` v3 extraction and normalisation, greedy generation up to ``task.max_new_tokens`` with ``task.stop``.
+  ``gsm8k`` v3 extraction and normalisation, greedy generation up to ``task.max_new_tokens`` with ``task.stop``;
+  the extracted answer and the gold one are compared as numbers (``29.00`` = ``29``, ``-0`` = ``0``, trailing
+  periods dropped), where lm-eval compares strings: metric version 2 (version 1 compared strings).
 * SuperGLUE: the answer word with the highest summed log-likelihood (not length-normalised): ``acc``; CB also
   ``macro_f1``; MultiRC ``em`` (per question) and ``f1a`` (primary, binary F1 over answers).
 
@@ -344,7 +346,8 @@ class LLMMixture(Task):
                     out[sub][f"acc_{k}shot"] = dataclasses.replace(acc, primary=k == self.cfg.mmlu_shots[-1])
                     out[sub].update({f"acc_{k}shot_{g}": acc for g in self._mmlu_groups()})
             elif sub == "gsm8k":
-                out[sub] = {"em_strict": dataclasses.replace(acc, primary=True), "em_flexible": acc}
+                gsm = dataclasses.replace(acc, version=le.GSM8K_METRIC_VERSION)
+                out[sub] = {"em_strict": dataclasses.replace(gsm, primary=True), "em_flexible": gsm}
             elif sub == "cb":
                 out[sub] = {"acc": dataclasses.replace(acc, primary=True), "macro_f1": MetricSpec(
                     partial(MulticlassF1Score, num_classes=3, average="macro"), higher_is_better=True)}

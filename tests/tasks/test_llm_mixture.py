@@ -58,7 +58,7 @@ def test_registered_with_profiles_and_versioned_metrics() -> None:
     assert "acc_0shot_stem" in specs["mmlu"] and "acc_5shot_social_sciences" in specs["mmlu"]
     assert specs["gsm8k"]["em_strict"].primary and "em_flexible" in specs["gsm8k"]
     assert specs["multirc"]["f1a"].primary and "em" in specs["multirc"] and "macro_f1" in specs["cb"]
-    assert all(s.version == "1" for group in specs.values() for s in group.values())
+    assert all(s.version == ("2" if sub == "gsm8k" else "1") for sub, group in specs.items() for s in group.values())
     assert len(make(subtasks=("mmlu",), mmlu_breakdown="subject").metrics()["mmlu"]) == 2 * 58
 
 
@@ -118,9 +118,34 @@ def test_gsm8k_normalisation_and_matching() -> None:
     assert le.gsm8k_gold("Step.\n#### 1,234") == "1234"
     assert le.exact_match("$1,234.", "1234") and le.exact_match("1,234", le.gsm8k_gold("#### 1,234"))
     assert le.exact_match("-5", "-5") and not le.exact_match("5", "-5")
-    assert not le.exact_match(None, "0") and not le.exact_match("12.0", "12")  # string match, as lm-eval
+    assert not le.exact_match(None, "0") and not le.exact_match("twelve", "12")
     assert le.cut_at_stop("12\n\nQuestion: next", ["Question:", "</s>"]) == "12\n\n"
     assert le.cut_at_stop("no stop", ["Question:"]) == "no stop"
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "right"),
+    [
+        ("So the total is $29.00.", "29", True),  # flexible: "$29.00." is 29
+        ("#### 29.00", "29", True),  # strict: "29.00" is 29
+        ("She had 18...", "18", True),  # "18..." is 18, not the string "18.."
+        ("The change is -0", "0", True),
+        ("#### -0.0", "0", True),
+        ("It is 1,234.50 dollars.", "1234.5", True),
+        ("So 29.01.", "29", False),
+        ("It is -29", "29", False),
+        ("So 290.", "29", False),
+    ],
+)
+def test_gsm8k_answers_compare_as_numbers(text: str, gold: str, right: bool) -> None:
+    extracted = le.extract_strict(text) or le.extract_flexible(text)
+    assert le.exact_match(extracted, le.gsm8k_gold(f"work\n#### {gold}")) is right
+    assert le.numeric_value("18...") == 18 and le.numeric_value("$1,000.") == 1000 and le.numeric_value("..") is None
+
+
+def test_gsm8k_metrics_carry_the_numeric_comparison_version() -> None:
+    specs = make(subtasks=("gsm8k", "boolq")).metrics()
+    assert {s.version for s in specs["gsm8k"].values()} == {"2"} and specs["boolq"]["acc"].version == "1"
 
 
 def test_gsm8k_metrics_from_generation_outputs() -> None:
