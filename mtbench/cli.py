@@ -91,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_environment()
     try:
-        from . import registry
+        if args.command not in _NO_REGISTRY:
+            from . import registry
 
-        registry.discover(args.plugin)
+            registry.discover(args.plugin)
         return int(_COMMANDS[args.command](args))
     except Exception as exc:
         from .errors import MtbenchError
@@ -197,7 +198,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """Write the leaderboard files from the tracking store and any exported result files."""
-    from .leaderboard import build_leaderboard, write_leaderboard
+    from .leaderboard import build_leaderboard
+    from .render import write_leaderboard
     from .tracking import tracking_uri
 
     uri = None if getattr(args, "no_store", False) else tracking_uri(args.tracking_uri)
@@ -284,6 +286,8 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that read only the tracking store or result files: they load no plugin (a plugin imports torch).
+_NO_REGISTRY = frozenset({"runs", "leaderboard"})
 _COMMANDS: dict[str, Any] = {
     "run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "leaderboard": cmd_leaderboard, "demo": cmd_demo,
     "check-method": cmd_check_method, "runs": cmd_runs,

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .data import LoaderConfig
-from .errors import ConfigError
-from .registry import did_you_mean, methods, tasks
+from .errors import ConfigError, did_you_mean
+from .interfaces import LoaderConfig
+from .registry import methods, tasks
 from .tracking import flatten, protocol_id, safe_params
 
 

@@ -21,14 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     import torchmetrics
-
-    from .data import LoaderConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +63,71 @@ class TaskConfig(ConfigBase):
     """Backbone: a registered backbone name, a hub id, or a local directory / checkpoint."""
     data_root: str = ""
     """Local data folder; empty means $MTBENCH_DATA, then the hub (when online)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """How training batches are drawn from the subtasks."""
+
+    batch_size: int = 32
+    """Training examples per batch (per device)."""
+    eval_batch_size: int = 64
+    """Evaluation examples per batch."""
+    sampler: Literal["proportional", "temperature", "round_robin"] = "proportional"
+    """Task sampler: by dataset size, by size^(1/temperature), or cycling through the subtasks."""
+    temperature: float = 2.0
+    """Temperature of the ``temperature`` sampler (1 = proportional, large = uniform)."""
+    batch_mode: Literal["mixed", "homogeneous"] = "mixed"
+    """``mixed``: the task is drawn per example (a batch mixes tasks); ``homogeneous``: one task per batch."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    length_grouping: int = 0
+    """Length bucketing: regroup each window of this many batches so rows of similar length share a batch (padding
+    shrinks; the examples drawn and each task's share are unchanged). 0 = off; needs a task that gives lengths."""
+    task_weights: tuple[str, ...] = ()
+    """``subtask=weight`` entries (others 1) multiplying each subtask's share under any sampler: ``rte=2`` draws RTE
+    twice as often as the sampler alone would (weighted round robin keeps a fixed, interleaved order)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError("train.batch_size and train.eval_batch_size must be > 0")
+        if self.length_grouping < 0:
+            raise ConfigError(f"train.length_grouping must be >= 0 (0 = off), got {self.length_grouping}")
+        if self.temperature <= 0:
+            raise ConfigError("train.temperature must be > 0")
+        self.parsed_task_weights()
+
+    def parsed_task_weights(self) -> dict[str, float]:
+        """``task_weights`` as ``{subtask: weight}``.
+
+        Raises:
+            ConfigError: an entry is not ``name=positive number``, or a name repeats.
+        """
+        parsed: dict[str, float] = {}
+        for entry in self.task_weights:
+            name, sep, raw = str(entry).partition("=")
+            name = name.strip()
+            try:
+                value = float(raw) if sep and name else -1.0
+            except ValueError:
+                value = -1.0
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"train.task_weights: {entry!r} is not subtask=weight with a positive weight")
+            if name in parsed:
+                raise ConfigError(f"train.task_weights: {name} is given twice")
+            parsed[name] = value
+        return parsed
+
+    def weights_of(self, subtasks: Sequence[str]) -> list[float]:
+        """One ``task_weights`` weight per subtask, in that order (1 where not given).
+
+        Raises:
+            ConfigError: a weighted name is not one of ``subtasks``.
+        """
+        parsed = self.parsed_task_weights()
+        if unknown := [n for n in parsed if n not in subtasks]:
+            raise ConfigError("train.task_weights: " + did_you_mean(unknown[0], subtasks, "subtask of this run"))
+        return [parsed.get(n, 1.0) for n in subtasks]
 
 
 RoleKind = Literal["A", "B", "scale", "router", "other"]

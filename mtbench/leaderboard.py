@@ -25,8 +25,7 @@ import pandas as pd
 
 from . import stats
 from .errors import MtbenchError
-from .render import pareto_plots, to_html, to_markdown
-from .results import atomic_write, atomic_write_bytes, read_result
+from .results import read_result
 from .tracking import EXPERIMENT, client, flatten, liveness, package_versions, protocol_id, safe_params
 
 
@@ -294,51 +293,3 @@ def _versions(values: Iterable[dict[str, str]]) -> str:
         for package, version in versions.items():
             seen.setdefault(package, set()).add(str(version))
     return ", ".join(f"{p}={'|'.join(sorted(v))}" for p, v in sorted(seen.items()))
-
-
-# --- Outputs -------------------------------------------------------------------------------------------------------
-
-
-def write_leaderboard(board: Leaderboard, out: str | Path) -> list[Path]:
-    """Write ``leaderboard.csv``, ``leaderboard.json``, ``LEADERBOARD.md``, ``index.html`` and one
-    ``pareto-*.png`` per comparison group, each atomically."""
-    folder = Path(out)
-    plots = pareto_plots(board)
-    paths = [folder / "leaderboard.csv", folder / "leaderboard.json", folder / "LEADERBOARD.md", folder / "index.html"]
-    atomic_write(paths[0], board.rows.to_csv(index=False))
-    atomic_write(paths[1], json.dumps(to_json(board), indent=1, allow_nan=False) + "\n")
-    atomic_write(paths[2], to_markdown(board))
-    atomic_write(paths[3], to_html(board, plots))
-    for stale in folder.glob("pareto-*.png"):
-        if stale.name not in {plot.name for plot in plots}:
-            stale.unlink()
-    for plot in plots:
-        atomic_write_bytes(folder / plot.name, plot.png)
-        paths.append(folder / plot.name)
-    return paths
-
-
-def to_json(board: Leaderboard) -> dict[str, Any]:
-    """The ``leaderboard.json`` document: schema, generation time, rows (the CSV's columns) and provenance."""
-    rows = []
-    for record in board.rows.to_dict(orient="records"):
-        row = {k: _plain(v) for k, v in record.items()}
-        row["quality_per_seed"] = json.loads(record["quality_per_seed"])
-        rows.append(row)
-    return {
-        "schema": SCHEMA,
-        "generated": board.generated,
-        "columns": list(board.rows.columns),
-        "rows": rows,
-        "provenance": board.provenance(),
-    }
-
-
-def _plain(value: Any) -> Any:
-    if value is None or value is pd.NA:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -1,13 +1,17 @@
 """Name -> class registries for methods, tasks and backbones, and plugin discovery.
 
 A plugin registers itself with a decorator (``@register_method("lora")``); nothing else in the project lists it.
-Discovery runs once, from :func:`discover`, called by the CLI and by the test suite, never on ``import mtbench``:
+Each registry fills itself the first time it is read (``names()``, ``get()``, ``in``), never on ``import mtbench``,
+so a command pays only for the registries it uses (``mtbench ls methods`` imports no task):
 
-1. in-tree modules of ``mtbench.methods`` / ``mtbench.tasks`` (sorted, each imported so its decorator runs);
-2. entry points ``mtbench.methods`` / ``mtbench.tasks`` / ``mtbench.backbones`` of installed distributions,
-   registered lazily so that a broken third-party plugin fails only when selected
+1. its in-tree modules: every module of the package (or the one module) named by ``builtins``, sorted, each
+   imported so its decorators run (``mtbench.methods``, ``mtbench.tasks``, ``mtbench.backbones``: names, not
+   imports, so this module depends on none of them);
+2. entry points of its group (``mtbench.methods`` / ``mtbench.tasks`` / ``mtbench.backbones``) of installed
+   distributions, registered lazily so that a broken third-party plugin fails only when selected
    (``MTBENCH_DISABLE_PLUGIN_AUTOLOAD=1`` skips this step);
-3. files named by ``--plugin FILE.py`` and by the ``MTBENCH_PLUGINS`` path list (``os.pathsep``-separated).
+3. files named by ``--plugin FILE.py`` and by the ``MTBENCH_PLUGINS`` path list (``os.pathsep``-separated), loaded
+   by :func:`discover` (the CLI calls it for the commands that read a registry).
 
 Trust model: plugin code runs with the user's rights, so it is only ever loaded from the three sources above, all
 chosen by the user; mtbench never imports a file because it happens to sit in the working directory.
@@ -15,7 +19,6 @@ chosen by the user; mtbench never imports a file because it happens to sit in th
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -29,7 +32,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from .errors import MtbenchError
+from .errors import MtbenchError, did_you_mean
 
 
 T = TypeVar("T")
@@ -54,32 +57,35 @@ class _Entry(Generic[T]):
     entry_point: EntryPoint | None = None
 
 
-def did_you_mean(name: str, choices: Iterable[str], kind: str) -> str:
-    """Return ``unknown <kind> 'x'; did you mean 'y'? available: a, b`` for an unknown name."""
-    choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown {kind} '{name}'{hint} available: {', '.join(choices) or '(none)'}"
-
-
 class Registry(Generic[T]):
     """A typed name -> object registry filled by a decorator.
 
     Args:
         kind: what is registered ("method", "task", "backbone"), used in messages.
         check: validates an object at registration and returns an error message, or ``None`` if it is fine.
+        builtins: dotted name of the package (all its public modules) or module whose import registers the
+            built-ins; imported on first read.
+        group: entry-point group of third-party plugins, registered lazily on first read.
     """
 
-    def __init__(self, kind: str, check: Callable[[Any], str | None] | None = None) -> None:
+    def __init__(self, kind: str, check: Callable[[Any], str | None] | None = None, builtins: str | None = None,
+                 group: str | None = None) -> None:
         self.kind = kind
         self._check = check
+        self._builtins = builtins
+        self._group = group
         self._entries: dict[str, _Entry[T]] = {}
         self._frozen = False
+        self._state = "empty" if builtins or group else "filled"  # empty -> filling -> filled
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering an object under ``name`` (lowercase snake_case)."""
 
         def decorator(obj: T) -> T:
+            # A plugin registering before the built-ins were read: fill first, so a clash names both in order.
+            # Not for a built-in module imported directly (its siblings may import it while it is half-defined).
+            if not self._is_builtin(obj):
+                self._fill()
             self.add(name, obj, _origin_of(obj))
             return obj
 
@@ -112,6 +118,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the object registered as ``name``; unknown names raise with a did-you-mean line."""
+        self._fill()
         entry = self._entries.get(name)
         if entry is None:
             raise UnknownNameError(did_you_mean(name, self._entries, self.kind))
@@ -129,16 +136,41 @@ class Registry(Generic[T]):
 
     def origin(self, name: str) -> str:
         """``file:line`` of an in-tree or file plugin, or the entry point and its distribution."""
+        self._fill()
         if name not in self._entries:
             raise UnknownNameError(did_you_mean(name, self._entries, self.kind))
         return self._entries[name].origin
 
     def names(self) -> list[str]:
         """All registered names, sorted."""
+        self._fill()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._fill()
         return name in self._entries
+
+    def _is_builtin(self, obj: Any) -> bool:
+        module = getattr(obj, "__module__", "") or ""
+        return bool(self._builtins) and (module == self._builtins or module.startswith(f"{self._builtins}."))
+
+    def _fill(self) -> None:
+        """Import the built-ins and register the entry points, once (see the module docstring)."""
+        if self._state != "empty":
+            return
+        self._state = "filling"
+        try:
+            if self._builtins:
+                _import_builtins(self._builtins)
+            if self._group and os.environ.get("MTBENCH_DISABLE_PLUGIN_AUTOLOAD") != "1":
+                for ep in entry_points(group=self._group):
+                    entry = self._entries.get(ep.name)
+                    if entry is None or not entry.origin.startswith("built-in"):
+                        self.add_lazy(ep.name, ep)
+        except BaseException:
+            self._state = "empty"
+            raise
+        self._state = "filled"
 
     def freeze(self) -> None:
         """Forbid further registration (called once discovery is complete)."""
@@ -148,6 +180,7 @@ class Registry(Generic[T]):
         """Empty the registry (tests only)."""
         self._entries.clear()
         self._frozen = False
+        self._state = "empty" if self._builtins or self._group else "filled"
 
 
 def _origin_of(obj: Any) -> str:
@@ -156,10 +189,13 @@ def _origin_of(obj: Any) -> str:
         line = inspect.getsourcelines(obj)[1]
     except (TypeError, OSError):
         return getattr(obj, "__module__", "?")
-    module = sys.modules.get(getattr(obj, "__module__", ""), None)
-    package = getattr(module, "__package__", "") or ""
-    if package.startswith("mtbench."):
-        return f"built-in {package.split('.')[-1]}/{Path(path).name}:{line}"
+    module = getattr(obj, "__module__", "") or ""
+    if module.startswith("mtbench."):  # methods/lora.py, tasks/glue.py, backbones.py: where the source tree has it
+        return f"built-in {'/'.join(module.split('.')[1:])}.py:{line}"
+    try:
+        path = str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        pass
     return f"{path}:{line}"
 
 
@@ -196,46 +232,37 @@ def _check_backbone(obj: Any) -> str | None:
     return None if callable(obj) else f"a backbone builder must be callable, got {obj!r}"
 
 
-methods: Registry[Any] = Registry("method", _check_method)
-tasks: Registry[Any] = Registry("task", _check_task)
-backbones: Registry[Any] = Registry("backbone", _check_backbone)
+methods: Registry[Any] = Registry("method", _check_method, builtins="mtbench.methods", group="mtbench.methods")
+tasks: Registry[Any] = Registry("task", _check_task, builtins="mtbench.tasks", group="mtbench.tasks")
+backbones: Registry[Any] = Registry("backbone", _check_backbone, builtins="mtbench.backbones",
+                                   group="mtbench.backbones")
 register_method = methods.register
 register_task = tasks.register
 register_backbone = backbones.register
 
-_GROUPS = {"mtbench.methods": methods, "mtbench.tasks": tasks, "mtbench.backbones": backbones}
-_discovered = False
-
 
 def discover(plugins: Iterable[str | os.PathLike[str]] = ()) -> None:
-    """Fill the registries from built-ins, entry points, ``MTBENCH_PLUGINS`` and ``plugins``; idempotent."""
-    global _discovered
-    if not _discovered:
-        importlib.import_module("mtbench.backbones")
-        for package in ("mtbench.methods", "mtbench.tasks"):
-            _import_package_modules(package)
-        if os.environ.get("MTBENCH_DISABLE_PLUGIN_AUTOLOAD") != "1":
-            for group, registry in _GROUPS.items():
-                for ep in entry_points(group=group):
-                    if ep.name not in registry or not registry.origin(ep.name).startswith("built-in"):
-                        registry.add_lazy(ep.name, ep)
-        _discovered = True
+    """Load the plugin files of ``MTBENCH_PLUGINS`` and ``plugins`` (each once); the registries fill themselves
+    with built-ins and entry points when first read."""
     env_files = [p for p in os.environ.get("MTBENCH_PLUGINS", "").split(os.pathsep) if p]
     for path in [*env_files, *plugins]:
         load_plugin_file(path)
 
 
-def _import_package_modules(package: str) -> None:
-    pkg = importlib.import_module(package)
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
+def _import_builtins(name: str) -> None:
+    """Import module ``name``, and every public module of it when it is a package."""
+    names = [name]
+    module = importlib.import_module(name)
+    if hasattr(module, "__path__"):
+        infos = sorted(pkgutil.iter_modules(module.__path__), key=lambda i: i.name)
+        names = [f"{name}.{info.name}" for info in infos if not info.name.startswith("_")]
+    for full in names:
         try:
-            importlib.import_module(f"{package}.{info.name}")
+            importlib.import_module(full)
         except RegistryError:
             raise
         except Exception as exc:
-            raise RegistryError(f"built-in module {package}.{info.name} failed to import: {exc}") from exc
+            raise RegistryError(f"built-in module {full} failed to import: {exc}") from exc
 
 
 _loaded_files: set[Path] = set()

@@ -1,4 +1,6 @@
-"""Render a leaderboard: Markdown tables, Pareto-front plots (PNG) and a self-contained HTML page.
+"""Render a leaderboard: Markdown tables, Pareto-front plots (PNG), a self-contained HTML page, and the files.
+
+Rendering depends on the leaderboard model (:class:`mtbench.leaderboard.Leaderboard`), never the reverse.
 
 Markdown and HTML share one set of column definitions, so the two show the same numbers with the same rounding.
 """
@@ -13,15 +15,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from . import stats
-
-
-if TYPE_CHECKING:
-    from .leaderboard import Leaderboard
+from .leaderboard import SCHEMA, Leaderboard
+from .results import atomic_write, atomic_write_bytes
 
 
 # --- Rendering: one set of column definitions for Markdown and HTML ------------------------------------------------
@@ -401,3 +402,51 @@ def _html_table(board: Leaderboard) -> list[str]:
                    f'data-task="{_e(row["task"])}" data-device="{_e(row["device"])}">{"".join(cells)}</tr>')
     out.append("</tbody></table></div>")
     return out
+
+
+# --- Outputs -------------------------------------------------------------------------------------------------------
+
+
+def write_leaderboard(board: Leaderboard, out: str | Path) -> list[Path]:
+    """Write ``leaderboard.csv``, ``leaderboard.json``, ``LEADERBOARD.md``, ``index.html`` and one
+    ``pareto-*.png`` per comparison group, each atomically."""
+    folder = Path(out)
+    plots = pareto_plots(board)
+    paths = [folder / "leaderboard.csv", folder / "leaderboard.json", folder / "LEADERBOARD.md", folder / "index.html"]
+    atomic_write(paths[0], board.rows.to_csv(index=False))
+    atomic_write(paths[1], json.dumps(to_json(board), indent=1, allow_nan=False) + "\n")
+    atomic_write(paths[2], to_markdown(board))
+    atomic_write(paths[3], to_html(board, plots))
+    for stale in folder.glob("pareto-*.png"):
+        if stale.name not in {plot.name for plot in plots}:
+            stale.unlink()
+    for plot in plots:
+        atomic_write_bytes(folder / plot.name, plot.png)
+        paths.append(folder / plot.name)
+    return paths
+
+
+def to_json(board: Leaderboard) -> dict[str, Any]:
+    """The ``leaderboard.json`` document: schema, generation time, rows (the CSV's columns) and provenance."""
+    rows = []
+    for record in board.rows.to_dict(orient="records"):
+        row = {k: _plain(v) for k, v in record.items()}
+        row["quality_per_seed"] = json.loads(record["quality_per_seed"])
+        rows.append(row)
+    return {
+        "schema": SCHEMA,
+        "generated": board.generated,
+        "columns": list(board.rows.columns),
+        "rows": rows,
+        "provenance": board.provenance(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    if value is None or value is pd.NA:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -115,3 +115,56 @@ def test_dependency_rule_methods_and_tasks_do_not_import_each_other() -> None:
                     names = [node.module or ""]
                 for name in names:
                     assert not name.startswith((f"mtbench.{forbidden}", forbidden)), f"{file.name} imports {name}"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """mtbench module -> the mtbench modules it imports anywhere in its source (top level, functions and
+    ``TYPE_CHECKING`` blocks alike), read with ast."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for folder, package in (("mtbench", "mtbench"), ("methods", "mtbench.methods"), ("tasks", "mtbench.tasks")):
+        for file in (root / folder).glob("*.py"):
+            name = package if file.stem == "__init__" else f"{package}.{file.stem}"
+            files[name] = file
+    graph: dict[str, set[str]] = {}
+    for name, file in files.items():
+        package = name if file.stem == "__init__" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_import_graph_of_the_package_has_no_circle() -> None:
+    """Each module of mtbench/ (with the built-in methods and tasks) depends one way: no import circle."""
+    graph = _import_graph()
+    assert {"mtbench.registry", "mtbench.backbones", "mtbench.leaderboard", "mtbench.render"} <= set(graph)
+    assert "mtbench.interfaces" in graph["mtbench.registry"]  # the walker sees function-level imports
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                circle = path[path.index(dep):] + [dep]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert "mtbench.backbones" not in graph["mtbench.registry"]
+    assert "mtbench.render" not in graph["mtbench.leaderboard"]
