@@ -125,6 +125,20 @@ METRICS: dict[str, Any] = {
     "em": lambda n: GroupExactMatch,  # in _glue_data: torchmetrics has no grouped EM
 }
 """Metric name -> (number of classes -> metric factory). Every metric here is higher-is-better."""
+GROUPED_METRIC_VERSION = "2"
+"""Version of the metrics of a grouped subtask (MultiRC): 2 since ``task.eval_limit`` counts whole questions (1 kept
+the first N answer rows, which could cut a question in half)."""
+
+
+def first_groups(examples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The examples of the first ``limit`` distinct groups (in order of first appearance), each group whole: the
+    evaluation cap of a subtask scored per group (MultiRC questions), stable across seeds."""
+    kept: set[int] = set()
+    for ex in examples:
+        if len(kept) == limit:
+            break
+        kept.add(ex["group"])
+    return [ex for ex in examples if ex["group"] in kept]
 
 
 def example_chars(example: dict[str, Any]) -> int:
@@ -151,7 +165,8 @@ class GlueConfig(TaskConfig):
     train_limit: int = 0
     """Cap on training examples per subtask, a seeded random subset (0 = all)."""
     eval_limit: int = 0
-    """Cap on evaluation examples per subtask (and per MNLI split), the first N (0 = all)."""
+    """Cap on evaluation examples per subtask (and per MNLI split), the first N (0 = all). MultiRC counts questions,
+    each kept with all its answers, so its per-question metric never sees half a question."""
     mnli_mismatched: bool = True
     """Also evaluate MNLI on the mismatched dev set (metric ``acc_mm``)."""
 
@@ -305,7 +320,8 @@ class Glue(Task):
         for name in self.subtasks:
             spec = SUBTASKS[name]
             names = [m for m in spec.metrics if m != "acc_mm" or self.cfg.mnli_mismatched]
-            out[name] = {m: MetricSpec(METRICS[m](spec.num_classes), higher_is_better=True, primary=m == spec.primary)
+            out[name] = {m: MetricSpec(METRICS[m](spec.num_classes), higher_is_better=True, primary=m == spec.primary,
+                                       version=GROUPED_METRIC_VERSION if spec.group else "1")
                          for m in names}
         return out
 
@@ -356,11 +372,12 @@ class Glue(Task):
         out: list[dict[str, Any]] = []
         for part, split_id in parts:
             examples = gd.to_examples(spec, self._records(spec, part, seed), split_id)
-            if limit and len(examples) > limit:
-                # Train: a seeded random subset, so the cap does not keep only the first source file's rows;
-                # eval: the first N, stable across seeds.
-                keep = sorted(random.Random(seed).sample(range(len(examples)), limit)) if split == "train" else None
-                examples = [examples[i] for i in keep] if keep is not None else examples[:limit]
+            if limit and split == "eval":
+                examples = first_groups(examples, limit) if spec.group else examples[:limit]
+            elif limit and len(examples) > limit:
+                # A seeded random subset, so the cap does not keep only the first source file's rows.
+                keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+                examples = [examples[i] for i in keep]
             out += examples
         return out
 

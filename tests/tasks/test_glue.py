@@ -235,6 +235,23 @@ def test_limits_and_collate_truncation() -> None:
     assert batch["input_ids"].shape == (7, 8)  # synthetic pairs are longer than 8 tokens: truncated
 
 
+def test_eval_limit_keeps_whole_multirc_questions() -> None:
+    """A limit never cuts a question: with two questions of three answers each, eval_limit 4 keeps both."""
+    task = make(subtasks=("multirc",), source="synthetic", synthetic_size=6, eval_limit=4)
+    kept = task.examples("multirc", "eval")
+    assert len(kept) == 6 and [ex["group"] for ex in kept] == [0, 0, 0, 1, 1, 1]
+    one = make(subtasks=("multirc",), source="synthetic", synthetic_size=9, eval_limit=1).examples("multirc", "eval")
+    assert [ex["group"] for ex in one] == [0, 0, 0]
+    # Scored: every answer of question 0 right, one answer of question 1 wrong -> EM 0.5 (1.0 on a cut question).
+    metrics = {"multirc": {n: s.factory() for n, s in task.metrics()["multirc"].items()}}
+    target = [int(ex["label"]) for ex in kept]
+    preds = [*target[:5], 1 - target[5]]
+    batch = hand_batch(task, [("multirc", target[i], kept[i]["group"], 0) for i in range(len(kept))])
+    task.update_metrics(metrics, None, batch, {"multirc": one_hot_logits(preds, 2)})
+    assert float(metrics["multirc"]["em"].compute()) == pytest.approx(0.5)
+    assert {s.version for s in task.metrics()["multirc"].values()} == {"2"}
+
+
 # -- real files -----------------------------------------------------------------------------------------------------
 
 
