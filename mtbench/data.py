@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .interfaces import LoaderConfig
 
 
