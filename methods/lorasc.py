@@ -11,11 +11,11 @@ Update rule: stage forward ``y = (W + ε) x + b + s · B A drop(x)``; at its end
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +25,10 @@ from mtbench.errors import ConfigError
 from mtbench.interfaces import MethodConfig
 from mtbench.methods.lora import LoRA, LoRAConfig, LoRALinear
 from mtbench.registry import register_method
+
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 UpdateRule = Literal["lookahead", "ema"]
@@ -132,45 +136,58 @@ def _noise_hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> 
     return output + F.linear(args[0].to(noise.dtype), noise).to(output.dtype)
 
 
-class LoRASCStages(pl.Callback):
-    """Stage boundaries of a :class:`LoRASC` run: every epoch end or every ``stage_steps`` optimizer steps.
+@functools.cache
+def _stages_class() -> type[pl.Callback]:
+    """:class:`LoRASCStages`, defined on first use: Lightning is imported only by a run that trains."""
+    import lightning.pytorch as pl
 
-    At a boundary the fast LoRA is folded into the backbone, A/B are re-initialised with their optimizer state
-    cleared, and the noise is resampled; at the end of training a final fold leaves the model dense. The learning-rate
-    schedule is not restarted per stage (one global schedule, methods.md §6).
-    """
+    class LoRASCStages(pl.Callback):
+        """Stage boundaries of a :class:`LoRASC` run: every epoch end or every ``stage_steps`` optimizer steps.
 
-    def __init__(self, method: LoRASC) -> None:
-        self.method = method
-        self._last_boundary: int | None = None
+        At a boundary the fast LoRA is folded into the backbone, A/B are re-initialised with their optimizer state
+        cleared, and the noise is resampled; at the end of training a final fold leaves the model dense. The
+        learning-rate schedule is not restarted per stage (one global schedule, methods.md §6).
+        """
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_boundary = trainer.global_step
-        self.method.start_stage(pl_module)
+        def __init__(self, method: LoRASC) -> None:
+            self.method = method
+            self._last_boundary: int | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        every = self.method.cfg.stage_steps
-        if every and trainer.global_step % every == 0:
-            self._boundary(trainer, pl_module, restart=True)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.method.cfg.stage_steps:
-            self._boundary(trainer, pl_module, restart=True)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._boundary(trainer, pl_module, restart=False)
-        self.method.finish(pl_module)
-
-    def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, restart: bool) -> None:
-        # Only optimizer steps count: hooks fire per micro-batch under gradient accumulation, and an epoch or the
-        # run may end right after a boundary; folding an untrained (B = 0) LoRA would count a stage that never ran.
-        if trainer.global_step == self._last_boundary:
-            return
-        self._last_boundary = trainer.global_step
-        self.method.end_stage(pl_module, trainer.optimizers)
-        if restart:
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self._last_boundary = trainer.global_step
             self.method.start_stage(pl_module)
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            every = self.method.cfg.stage_steps
+            if every and trainer.global_step % every == 0:
+                self._boundary(trainer, pl_module, restart=True)
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if not self.method.cfg.stage_steps:
+                self._boundary(trainer, pl_module, restart=True)
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self._boundary(trainer, pl_module, restart=False)
+            self.method.finish(pl_module)
+
+        def _boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, restart: bool) -> None:
+            # Only optimizer steps count: hooks fire per micro-batch under gradient accumulation, and an epoch or the
+            # run may end right after a boundary; folding an untrained (B = 0) LoRA would count a stage that never ran.
+            if trainer.global_step == self._last_boundary:
+                return
+            self._last_boundary = trainer.global_step
+            self.method.end_stage(pl_module, trainer.optimizers)
+            if restart:
+                self.method.start_stage(pl_module)
+
+    return LoRASCStages
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LoRASCStages":  # module attribute built on first access (PEP 562), see _stages_class
+        return _stages_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @register_method("lorasc")
@@ -241,4 +258,4 @@ class LoRASC(LoRA):
 
     def callbacks(self) -> list[pl.Callback]:
         """The stage schedule (:class:`LoRASCStages`)."""
-        return [LoRASCStages(self)]
+        return [_stages_class()(self)]

@@ -19,6 +19,7 @@ chosen by the user; mtbench never imports a file because it happens to sit in th
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -192,10 +193,8 @@ def _origin_of(obj: Any) -> str:
     module = getattr(obj, "__module__", "") or ""
     if module.startswith("mtbench."):  # methods/lora.py, tasks/glue.py, backbones.py: where the source tree has it
         return f"built-in {'/'.join(module.split('.')[1:])}.py:{line}"
-    try:
+    with contextlib.suppress(ValueError):  # outside the working directory: keep the absolute path
         path = str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        pass
     return f"{path}:{line}"
 
 

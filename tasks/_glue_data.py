@@ -19,11 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torchmetrics
-from torch import Tensor
-from torchmetrics.utilities import dim_zero_cat
-
 from mtbench.backbones import SMOKE_WORDS
 from mtbench.errors import ConfigError, DataError
 
@@ -319,39 +314,6 @@ def _label(spec: Subtask, where: str, line: int, value: Any) -> float:
         raise DataError(f"{where} line {line}: label {value!r} of subtask '{spec.name}' is not allowed; "
                         f"allowed values: {', '.join(spec.classes)}")
     return float(spec.classes[key])
-
-
-class GroupExactMatch(torchmetrics.Metric):
-    """Share of groups (MultiRC questions) whose every member (answer option) is predicted right.
-
-    torchmetrics' ``ExactMatch`` wants a whole group in one row, but a question's answers are separate rows that can
-    straddle evaluation batches and DDP ranks, so we keep (group, correct) pairs and group them only in ``compute``.
-    """
-
-    full_state_update = False
-    higher_is_better = True
-    groups: list[Tensor]
-    correct: list[Tensor]
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("groups", default=[], dist_reduce_fx="cat")
-        self.add_state("correct", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor, groups: Tensor) -> None:
-        """Add predicted and true labels ``(N,)`` with their group ids ``(N,)``."""
-        self.groups.append(groups.long())
-        self.correct.append((preds.long() == target.long()).long())
-
-    def compute(self) -> Tensor:
-        """Exact match over groups (0 when nothing was seen)."""
-        if not self.groups or not len(dim_zero_cat(self.groups)):
-            return torch.tensor(0.0, device=self.device)
-        groups, correct = dim_zero_cat(self.groups), dim_zero_cat(self.correct)
-        _, index = torch.unique(groups, return_inverse=True)
-        wrong = torch.zeros(int(index.max()) + 1, dtype=torch.long, device=groups.device)
-        wrong.scatter_add_(0, index, 1 - correct)
-        return (wrong == 0).float().mean()
 
 
 # Cue families by class index: binary label 1 (positive, paraphrase, true) reads as the "good" words.

@@ -1,4 +1,4 @@
-"""LLM-mixture helpers: prompts and batches, GSM8K answer extraction, log-likelihood scoring, MMLU groups, metrics.
+"""LLM-mixture helpers: prompts and batches, GSM8K answer extraction, log-likelihood scoring, MMLU groups.
 
 Everything here works on a causal LM through two transformers calls, ``get_decoder()`` (hidden states) and
 ``get_output_embeddings()`` (the LM head), so the vocabulary projection runs only on the positions that are scored:
@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
 
 
@@ -340,41 +339,3 @@ MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
 """The four lm-eval ``mmlu`` groups (57 subjects; lm-eval puts anatomy in STEM, the original code under health)."""
 MMLU_SUBJECTS: tuple[str, ...] = tuple(sorted(s for group in MMLU_CATEGORIES.values() for s in group))
 CATEGORY_OF: dict[str, str] = {s: c for c, group in MMLU_CATEGORIES.items() for s in group}
-
-
-# -- metrics ---------------------------------------------------------------------------------------------------------
-
-
-class TokenNLL(torchmetrics.Metric):
-    """Mean negative log-likelihood per token over everything seen (micro over tokens), or its exponential.
-
-    Args:
-        exp: report ``exp(mean NLL)`` (perplexity) instead of the mean NLL (loss).
-    """
-
-    full_state_update = False
-    higher_is_better = False
-    nll: Tensor
-    tokens: Tensor
-
-    def __init__(self, exp: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.exp = exp
-        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, nll_sum: Tensor, tokens: Tensor) -> None:
-        """Add summed token NLLs and their token counts (any shapes; summed)."""
-        self.nll += nll_sum.detach().double().sum()
-        self.tokens += tokens.detach().double().sum()
-
-    def compute(self) -> Tensor:
-        """Mean NLL per token (or perplexity); NaN when no token was seen."""
-        mean = self.nll / self.tokens if self.tokens > 0 else torch.tensor(float("nan"), dtype=torch.float64)
-        return (mean.exp() if self.exp else mean).float()
-
-
-class Accuracy(torchmetrics.MeanMetric):
-    """Share of correct items, micro-averaged over every item seen (``update`` takes 0/1 values)."""
-
-    higher_is_better = True  # type: ignore[assignment]

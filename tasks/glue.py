@@ -30,6 +30,7 @@ max length 128, linear schedule, lr 5e-5, 3 epochs, fp16) on the 8 GLUE tasks PE
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import random
@@ -41,23 +42,21 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
-from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from mtbench.backbones import TextBackbone, build
-from mtbench.data import MultiTaskDataModule
 from mtbench.errors import ConfigError
 from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
 from mtbench.registry import did_you_mean, register_task
 
 from . import _glue_data as gd
-from ._glue_data import GroupExactMatch, Subtask, classes, in_folders, superglue_files
+from ._glue_data import Subtask, classes, in_folders, superglue_files
 
 
 if TYPE_CHECKING:
-    from mtbench.data import LoaderConfig
+    import torchmetrics
+
+    from mtbench.data import LoaderConfig, MultiTaskDataModule
 
 
 _GLUE, _SUPER = "nyu-mll/glue", "aps/super_glue"
@@ -113,16 +112,27 @@ GLUE_PEFT = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 """The 8 GLUE tasks PEFT papers report (WNLI left out, as in LoRA Table 2)."""
 
 
+def metric_class(path: str) -> Any:
+    """``"module:Class"`` of torchmetrics (or of this package's ``_text_metrics``), imported when first called:
+    importing torchmetrics loads torchvision, scipy and transformers, which listing tasks never needs."""
+    module, _, name = path.partition(":")
+    package = "mtbench.tasks" if module.startswith(".") else None
+    return getattr(importlib.import_module(module, package), name)
+
+
 METRICS: dict[str, Any] = {
-    "acc": lambda n: partial(MulticlassAccuracy, num_classes=n, average="micro"),
-    "acc_mm": lambda n: partial(MulticlassAccuracy, num_classes=n, average="micro"),
-    "f1": lambda n: BinaryF1Score,
-    "f1a": lambda n: BinaryF1Score,
-    "mcc": lambda n: BinaryMatthewsCorrCoef,
-    "macro_f1": lambda n: partial(MulticlassF1Score, num_classes=n, average="macro"),
-    "pearson": lambda n: PearsonCorrCoef,
-    "spearman": lambda n: SpearmanCorrCoef,
-    "em": lambda n: GroupExactMatch,  # in _glue_data: torchmetrics has no grouped EM
+    "acc": lambda n: partial(metric_class("torchmetrics.classification:MulticlassAccuracy"), num_classes=n,
+                             average="micro"),
+    "acc_mm": lambda n: partial(metric_class("torchmetrics.classification:MulticlassAccuracy"), num_classes=n,
+                                average="micro"),
+    "f1": lambda n: metric_class("torchmetrics.classification:BinaryF1Score"),
+    "f1a": lambda n: metric_class("torchmetrics.classification:BinaryF1Score"),
+    "mcc": lambda n: metric_class("torchmetrics.classification:BinaryMatthewsCorrCoef"),
+    "macro_f1": lambda n: partial(metric_class("torchmetrics.classification:MulticlassF1Score"), num_classes=n,
+                                  average="macro"),
+    "pearson": lambda n: metric_class("torchmetrics.regression:PearsonCorrCoef"),
+    "spearman": lambda n: metric_class("torchmetrics.regression:SpearmanCorrCoef"),
+    "em": lambda n: metric_class("._text_metrics:GroupExactMatch"),  # torchmetrics has no grouped EM
 }
 """Metric name -> (number of classes -> metric factory). Every metric here is higher-is-better."""
 GROUPED_METRIC_VERSION = "2"
@@ -354,6 +364,8 @@ class Glue(Task):
         # Longest first, so evaluation batches hold similar lengths (and memory peaks at once); metrics ignore order.
         val = {name: sorted(self.examples(name, "eval", seed), key=example_chars, reverse=True)
                for name in self.subtasks}
+        from mtbench.data import MultiTaskDataModule  # Lightning: imported by a run, not by listing
+
         return MultiTaskDataModule(self.subtasks, train, val, self.collate, loader, seed, length=example_chars)
 
     def examples(self, name: str, split: Literal["train", "eval"], seed: int = 0) -> list[dict[str, Any]]:

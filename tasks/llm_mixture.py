@@ -61,25 +61,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-import torchmetrics
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from torchmetrics.classification import BinaryF1Score, MulticlassF1Score
 
 from mtbench.backbones import TextBackbone, build, hf_causal_lm
-from mtbench.data import MultiTaskDataModule
 from mtbench.errors import ConfigError
 from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
 from mtbench.registry import backbones, did_you_mean, register_task
 
-from . import _glue_data as gd
 from . import _llm_data as ld
 from . import _llm_eval as le
 from .glue import SUBTASKS as GLUE_SUBTASKS
 
 
 if TYPE_CHECKING:
-    from mtbench.data import LoaderConfig
+    import torchmetrics
+
+    from mtbench.data import LoaderConfig, MultiTaskDataModule
 
 
 _YN, _NY = ("yes", "no"), ("no", "yes")
@@ -334,12 +332,16 @@ class LLMMixture(Task):
 
     def metrics(self) -> dict[str, dict[str, MetricSpec]]:
         """Subtask -> metric -> spec; see the module docstring."""
-        acc = MetricSpec(le.Accuracy, higher_is_better=True)
+        from torchmetrics.classification import BinaryF1Score, MulticlassF1Score  # heavy: here, not at the top
+
+        from . import _text_metrics as tm
+
+        acc = MetricSpec(tm.Accuracy, higher_is_better=True)
         out: dict[str, dict[str, MetricSpec]] = {}
         for sub in self.subtasks:
             if sub == "alpaca":
-                out[sub] = {"ppl": MetricSpec(partial(le.TokenNLL, exp=True), higher_is_better=False, primary=True),
-                            "loss": MetricSpec(le.TokenNLL, higher_is_better=False)}
+                out[sub] = {"ppl": MetricSpec(partial(tm.TokenNLL, exp=True), higher_is_better=False, primary=True),
+                            "loss": MetricSpec(tm.TokenNLL, higher_is_better=False)}
             elif sub == "mmlu":
                 out[sub] = {}
                 for k in self.cfg.mmlu_shots:
@@ -352,7 +354,7 @@ class LLMMixture(Task):
                 out[sub] = {"acc": dataclasses.replace(acc, primary=True), "macro_f1": MetricSpec(
                     partial(MulticlassF1Score, num_classes=3, average="macro"), higher_is_better=True)}
             elif sub == "multirc":
-                out[sub] = {"em": MetricSpec(gd.GroupExactMatch, higher_is_better=True),
+                out[sub] = {"em": MetricSpec(tm.GroupExactMatch, higher_is_better=True),
                             "f1a": MetricSpec(BinaryF1Score, higher_is_better=True, primary=True)}
             else:
                 out[sub] = {"acc": dataclasses.replace(acc, primary=True)}
@@ -430,6 +432,8 @@ class LLMMixture(Task):
             scale = max(len(train[s]) * total / weights[s] for s in self.subtasks)
             train = {s: _Resized(train[s], max(len(train[s]), round(scale * weights[s] / total)))
                      for s in self.subtasks}
+        from mtbench.data import MultiTaskDataModule  # Lightning: imported by a run, not by listing
+
         return MultiTaskDataModule(self.subtasks, train, val, self.collate, loader, seed, length=ld.length_key)
 
     def root(self) -> Path | None:

@@ -51,23 +51,23 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from mtbench.backbones import build, swin_feature_channels, swin_stage_features
-from mtbench.data import MultiTaskDataModule
 from mtbench.errors import ConfigError, DataError
 from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
 from mtbench.metrics import BASELINES_DIR, load_baselines
 from mtbench.registry import backbones, did_you_mean, register_task
 
 from ._pascal_data import IGNORE, SPLIT_SIZES, PascalMT, cache_dir, split_ids, synthetic_release
-from ._pascal_metrics import DatasetMIoU, NormalsAngularError, NormalsStat, SaliencyScores
 
 
 if TYPE_CHECKING:
-    from mtbench.data import LoaderConfig
+    import torchmetrics
+
+    from mtbench.data import LoaderConfig, MultiTaskDataModule
+
+    from ._pascal_metrics import NormalsStat
 
 
 SUBTASKS = ("semseg", "human_parts", "sal", "normals")
@@ -150,24 +150,6 @@ class PascalHead(nn.Module):
         size = maps[0].shape[-2:]
         maps = [maps[0], *(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:])]
         return self.head(torch.cat(maps, 1))
-
-
-class _AllTasksDataModule(MultiTaskDataModule):
-    """Training batches of whole images (each carries every subtask): a seeded shuffle per epoch, split across
-    ranks, incomplete last batch dropped; evaluation as in :class:`MultiTaskDataModule` (one loader per subtask)."""
-
-    def __init__(self, subtasks: Sequence[str], train: PascalMT, val: Mapping[str, Any], collate: Any,
-                 loader: LoaderConfig, seed: int) -> None:
-        super().__init__(subtasks, {}, val, collate, loader, seed)
-        self.train_set = train
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled whole-image batches."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        sampler: DistributedSampler[int] = DistributedSampler(self.train_set, num_replicas=world, rank=rank,
-                                                              shuffle=True, seed=self.seed)
-        return DataLoader(self.train_set, batch_size=self.loader.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=self.collate, num_workers=self.loader.num_workers)
 
 
 @register_task("pascal")
@@ -273,6 +255,8 @@ class Pascal(Task):
 
     def metrics(self) -> dict[str, dict[str, MetricSpec]]:
         """See the module docstring; versions name the accumulation, thresholds and units."""
+        from ._pascal_metrics import DatasetMIoU, NormalsAngularError, SaliencyScores  # torchmetrics: not at the top
+
         normals: dict[NormalsStat, bool] = {"mean": True, "median": False, "rmse": False, "pct_11_25": False,
                                             "pct_22_5": False, "pct_30": False}
         table: dict[str, dict[str, MetricSpec]] = {
@@ -332,7 +316,9 @@ class Pascal(Task):
             val_ids = val_ids[: self.cfg.eval_limit]
         train = PascalMT(root, "train", self.subtasks, size, self.cfg.augment, ids=train_ids)
         val = {t: PascalMT(root, "val", (t,), size, False, ids=val_ids) for t in self.subtasks}
-        return _AllTasksDataModule(self.subtasks, train, val, self.collate, loader, seed)
+        from ._pascal_loader import AllTasksDataModule  # Lightning: imported by a run, not by listing
+
+        return AllTasksDataModule(self.subtasks, train, val, self.collate, loader, seed)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Stack examples; ``task_ids`` per (image, subtask): the example's own subtask (evaluation) or all."""
