@@ -432,8 +432,14 @@ class Task(ABC):
         """
         return f"task {type(self).__name__} has nothing to prefetch"
 
+    def subtask_examples(self, batch: Mapping[str, Any]) -> Tensor:
+        """Examples of each subtask in a batch, ``(len(subtasks),)`` int64: what every per-subtask share counts (the
+        runner's loss weighting, throughput). Default: one example per ``task_ids`` entry; a task whose examples span
+        several rows (GLUE COPA: one row per choice) counts each example once."""
+        return torch.bincount(batch["task_ids"].flatten(), minlength=len(self.subtasks))
+
     def batch_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
         """(examples, tokens) in a batch, for throughput; tokens is 0 for non-text tasks."""
-        n = int(batch["task_ids"].shape[0])
+        n = int(self.subtask_examples(batch).sum())
         mask = batch.get("attention_mask")
         return n, int(mask.sum()) if isinstance(mask, Tensor) else 0

@@ -49,12 +49,12 @@ class BenchModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         losses = self.task.loss(self(batch), batch)
-        task_ids = batch.get("task_ids")
+        # In a mixed batch a subtask's mean loss counts in proportion to its share of the examples (not of the rows:
+        # a COPA example is two choice rows), so the sum equals the per-example mean a homogeneous batch would give.
+        examples = self.task.subtask_examples(batch).float() if batch.get("task_ids") is not None else None
         total = torch.zeros((), device=self.device)
         for sub, loss in losses.items():
-            # In a mixed batch a subtask's mean loss counts in proportion to its share of the examples, so the sum
-            # equals the per-example mean a homogeneous batch would give.
-            share = (task_ids == self.task.subtasks.index(sub)).float().mean() if task_ids is not None else 1.0
+            share = examples[self.task.subtasks.index(sub)] / examples.sum() if examples is not None else 1.0
             total = total + self.weights.get(sub, 1.0) * share * loss
             self.log(f"train/{sub}/loss", loss.detach(), on_step=True, batch_size=1)
         aux = self.method.aux_loss(self.model)

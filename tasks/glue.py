@@ -411,13 +411,11 @@ class Glue(Task):
             return "local" if self._root() else "hub"
         return self.cfg.source
 
-    def batch_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
-        """(examples, tokens): a multiple-choice example (COPA) counts once, not once per choice row."""
-        rows, tokens = super().batch_size(batch)
-        task_ids = batch["task_ids"]
-        extra_rows = sum(int((task_ids == i).sum()) * (len(spec.choices) - 1) // len(spec.choices)
-                         for i, spec in enumerate(SUBTASKS[name] for name in self.subtasks) if spec.choices)
-        return rows - extra_rows, tokens
+    def subtask_examples(self, batch: Mapping[str, Any]) -> Tensor:
+        """Examples per subtask: a multiple-choice example (COPA) counts once, not once per choice row."""
+        rows = super().subtask_examples(batch)
+        per_example = torch.tensor([len(SUBTASKS[name].choices) or 1 for name in self.subtasks], device=rows.device)
+        return torch.div(rows, per_example, rounding_mode="floor")
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Tokenize to the longest row (capped at ``task.max_length``); choices become consecutive rows."""

@@ -235,6 +235,25 @@ def test_limits_and_collate_truncation() -> None:
     assert batch["input_ids"].shape == (7, 8)  # synthetic pairs are longer than 8 tokens: truncated
 
 
+def test_mixed_batch_weighs_every_example_alike() -> None:
+    """A COPA example (two choice rows) weighs as much as an RTE example (one row) in the training loss."""
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    module = build_module(resolve("lora", "glue", "smoke", sets=["task.subtasks=[rte,copa]"]))
+    module.eval()  # no dropout: the two forward passes below see the same model
+    task = module.task
+    rte, copa = task.examples("rte", "eval")[:1], task.examples("copa", "eval")[:1]
+    batch = task.collate([{**ex, "task_id": 0} for ex in rte] + [{**ex, "task_id": 1} for ex in copa])
+    assert batch["task_ids"].tolist() == [0, 1, 1]
+    with torch.no_grad():
+        losses = task.loss(module(batch), batch)
+        total = module.training_step(batch, 0)
+    assert abs(float(losses["rte"]) - float(losses["copa"])) > 1e-3  # else any weighting would pass
+    assert float(total) == pytest.approx(0.5 * float(losses["rte"]) + 0.5 * float(losses["copa"]), rel=1e-6)
+    assert task.subtask_examples(batch).tolist() == [1, 1]
+
+
 def test_eval_limit_keeps_whole_multirc_questions() -> None:
     """A limit never cuts a question: with two questions of three answers each, eval_limit 4 keeps both."""
     task = make(subtasks=("multirc",), source="synthetic", synthetic_size=6, eval_limit=4)
