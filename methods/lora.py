@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Interval
 from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
@@ -26,34 +27,22 @@ from mtbench.registry import register_method
 
 
 LoRAInit = Literal["kaiming", "gaussian"]
-_INITS = ("kaiming", "gaussian")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig(MethodConfig):
     """LoRA hyperparameters (peft ``LoraConfig`` names in brackets)."""
 
-    r: int = 8
+    r: Annotated[int, Gt(0)] = 8
     """Rank of the update ``B A`` [r]."""
-    alpha: float = 16.0
+    alpha: Annotated[float, Gt(0)] = 16.0
     """Scale numerator: the branch is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) [lora_alpha]."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     """Dropout probability on the input of the low-rank branch only [lora_dropout]."""
     use_rslora: bool = False
     """Rank-stabilised scale ``alpha / sqrt(r)`` (Kalajdzievski, 2023) instead of ``alpha / r`` [use_rslora]."""
     init: LoRAInit = "kaiming"
     """Init of ``A``: kaiming (kaiming_uniform_, a=√5) or gaussian (N(0, 1/r²)); ``B`` always starts at 0."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"method.r must be > 0, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in _INITS:
-            raise ConfigError(f"method.init must be one of {', '.join(_INITS)}, got {self.init!r}")
 
 
 class LoRALinear(DeltaMergeable, nn.Module):

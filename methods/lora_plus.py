@@ -13,39 +13,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+from annotated_types import Gt
 from torch import nn
 
-from mtbench.errors import ConfigError
 from mtbench.interfaces import AdapterModule, MethodConfig, adapter_roles
 from mtbench.methods.lora import LoRA, LoRAConfig
 from mtbench.registry import register_method
 
 
 Partition = Literal["roles", "peft"]
-_PARTITIONS = ("roles", "peft")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAPlusConfig(LoRAConfig):
     """LoRA hyperparameters plus LoRA+'s learning-rate ratio (peft ``create_loraplus_optimizer`` names in brackets)."""
 
-    lr_ratio: float = 16.0
+    lr_ratio: Annotated[float, Gt(0)] = 16.0
     """λ = η_B / η_A [loraplus_lr_ratio]. Must be > 0: λ < 1 is allowed because the official sweeps include it."""
     partition: Partition = "roles"
     """``roles``: ×λ for declared ``B`` tensors only; ``peft``: peft's name/ndim rule (×λ for every 1-D tensor too)."""
-    embedding_lr: float = 1e-6
+    embedding_lr: Annotated[float, Gt(0)] = 1e-6
     """Absolute lr of LoRA factors on embedding layers, ``peft`` partition only [loraplus_lr_embedding]."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lr_ratio <= 0:
-            raise ConfigError(f"method.lr_ratio must be > 0, got {self.lr_ratio}")
-        if self.partition not in _PARTITIONS:
-            raise ConfigError(f"method.partition must be one of {', '.join(_PARTITIONS)}, got {self.partition!r}")
-        if self.embedding_lr <= 0:
-            raise ConfigError(f"method.embedding_lr must be > 0, got {self.embedding_lr}")
 
 
 @register_method("lora_plus")

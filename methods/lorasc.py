@@ -14,14 +14,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Interval
 from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
-from mtbench.errors import ConfigError
 from mtbench.interfaces import MethodConfig
 from mtbench.methods.lora import LoRA, LoRAConfig, LoRALinear
 from mtbench.registry import register_method
@@ -39,30 +39,17 @@ NoiseScope = Literal["adapted", "all"]
 class LoRASCConfig(LoRAConfig):
     """LoRA hyperparameters plus the cascade: stage length, slow-fast pace, noise and update rule (methods.md §6)."""
 
-    stage_steps: int = 0
+    stage_steps: Annotated[int, Ge(0)] = 0
     """Stage length: 0 = one stage per epoch (the paper); N = a stage boundary every N optimizer steps."""
-    slow_fast_alpha: float = 1.0
+    slow_fast_alpha: Annotated[float, Interval(gt=0, le=1)] = 1.0
     """Slow-fast pace α_sf in (0, 1]: the share of each fast LoRA folded into the backbone at a stage's end."""
-    noise: float = 0.15
+    noise: Annotated[float, Ge(0)] = 0.15
     """NoisyTune intensity λ: ε = U(-λ/2, λ/2) · std(W) per matrix, resampled every stage, training only; 0 = off."""
     update_rule: UpdateRule = "lookahead"
     """lookahead: W ← W + α_sf·ΔW (= a slow LoRA S ← S + α_sf·ΔW under W_pre + S); ema: S ← (1-α_sf)·S + α_sf·ΔW,
     an average of the stages' deltas, backbone W_pre + S (the other reading of Fig. 1; stores S beside W)."""
     noise_scope: NoiseScope = "adapted"
     """Matrices that get noise: the adapted ones, or every linear layer of the backbone."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.stage_steps < 0:
-            raise ConfigError(f"method.stage_steps must be >= 0 (0 = one stage per epoch), got {self.stage_steps}")
-        if not 0.0 < self.slow_fast_alpha <= 1.0:
-            raise ConfigError(f"method.slow_fast_alpha must be in (0, 1], got {self.slow_fast_alpha}")
-        if self.noise < 0:
-            raise ConfigError(f"method.noise must be >= 0 (0 turns noise off), got {self.noise}")
-        if self.update_rule not in ("lookahead", "ema"):
-            raise ConfigError(f"method.update_rule must be lookahead or ema, got {self.update_rule!r}")
-        if self.noise_scope not in ("adapted", "all"):
-            raise ConfigError(f"method.noise_scope must be adapted or all, got {self.noise_scope!r}")
 
 
 class LoRASCLinear(LoRALinear):

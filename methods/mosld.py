@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval, MinLen
 from torch import Tensor, nn
 
 from mtbench.backbones import blocks, find_linears, get_submodule_parent
@@ -27,7 +28,6 @@ from mtbench.registry import register_method
 
 
 AInit = Literal["kaiming", "gaussian"]
-_INITS = ("kaiming", "gaussian")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,21 +36,21 @@ class MoSLDConfig(MethodConfig):
 
     target_modules: tuple[str, ...] = ("q", "v")
     """Linear layers to adapt; the paper adapts the attention query and value projections only."""
-    r: int = 8
+    r: Annotated[int, Gt(0)] = 8
     """Rank of the shared down-projection ``A`` and of every expert's ``B_k``."""
-    alpha: float = 16.0
+    alpha: Annotated[float, Gt(0)] = 16.0
     """Scale numerator: the mixture is multiplied by ``alpha / r``."""
-    top_k: int = 2
+    top_k: Annotated[int, Ge(1)] = 2
     """Experts selected per token; their router probabilities are renormalised to sum to 1."""
-    experts: tuple[int, ...] = (2, 4, 6, 8)
+    experts: Annotated[tuple[Annotated[int, Ge(1)], ...], MinLen(1)] = (2, 4, 6, 8)
     """Experts per depth group: the blocks split into len(experts) consecutive groups of (near-)equal size, shallow
     first. The default gives later layers more experts, which the paper's Fig. 7 and MoLA find better; the paper's
     main setup lists the reverse, (8, 6, 4, 2) — pass that to reproduce it."""
-    dropconnect: float = 0.1
+    dropconnect: Annotated[float, Interval(ge=0, lt=1)] = 0.1
     """DropConnect probability on the shared ``A`` (training only; kept entries are rescaled by 1/(1-p))."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     """Dropout probability on the input of the adapter branch (not in the paper; MoLA applies its lora_dropout)."""
-    balance_coef: float = 0.001
+    balance_coef: Annotated[float, Ge(0)] = 0.001
     """Weight of the balance loss summed over layers (MoLA's router_aux_loss_coef); 0 turns it off."""
     a_init: AInit = "kaiming"
     """Init of ``A``: kaiming (kaiming_uniform_, a=√5, as MoLA's code) or gaussian (N(0, 1/r²), peft-style). The
@@ -58,22 +58,9 @@ class MoSLDConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r <= 0:
-            raise ConfigError(f"method.r must be > 0, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
-        if not self.experts or any(n < 1 for n in self.experts):
-            raise ConfigError(f"method.experts must be a non-empty list of counts >= 1, got {list(self.experts)}")
-        if not 1 <= self.top_k <= min(self.experts):
+        if not self.top_k <= min(self.experts):
             raise ConfigError(f"method.top_k must be in [1, min(method.experts) = {min(self.experts)}], "
                               f"got {self.top_k}")
-        for key in ("dropconnect", "dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"method.{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.balance_coef < 0:
-            raise ConfigError(f"method.balance_coef must be >= 0, got {self.balance_coef}")
-        if self.a_init not in _INITS:
-            raise ConfigError(f"method.a_init must be one of {', '.join(_INITS)}, got {self.a_init!r}")
 
 
 class MoSLDLinear(nn.Module):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Interval
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -36,15 +37,15 @@ _QKV_ROLES = ("q", "k", "v", "qkv")
 class MTLoRAConfig(MethodConfig):
     """MTLoRA hyperparameters (official config keys in brackets; defaults: ``mtlora_tiny_448_r64_scale4_pertask``)."""
 
-    r: int = 64
+    r: Annotated[int, Gt(0)] = 64
     """Shared (TA-LoRA) rank [R]; the paper's headline model is r=64 (Δm +2.55 %, 8.34 M params), also 16 and 32."""
-    task_r: int = 4
+    task_r: Annotated[int, Gt(0)] = 4
     """Rank of each task-specific (TS-LoRA) update [R_PER_TASK]."""
-    scale: float = 4.0
+    scale: Annotated[float, Gt(0)] = 4.0
     """Fixed multiplier of the shared and task branches [SHARED_SCALE = SCALE_PER_TASK]; not alpha / r."""
-    dropout: float = 0.05
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.05
     """Dropout on the shared LoRA input (and on the task input of ``proj``-style calls); never on task inputs."""
-    task_blocks: int = 1
+    task_blocks: Annotated[int, Gt(0)] = 1
     """TS-LoRA sits in the last ``task_blocks`` blocks of each stage (1 = paper; all = INTERMEDIATE_SPECIALIZATION)."""
     task_targets: tuple[str, ...] = ("proj", "fc1", "fc2")
     """Layers with TS-LoRA, among target_modules (roles or names, never qkv); empty = TA-LoRA only."""
@@ -53,14 +54,7 @@ class MTLoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("r", "task_r", "task_blocks"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
-        if not self.scale > 0:
-            raise ConfigError(f"method.scale must be > 0, got {self.scale}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.task_targets, str) or any(t in _QKV_ROLES for t in self.task_targets):
+        if any(t in _QKV_ROLES for t in self.task_targets):
             raise ConfigError(f"method.task_targets must be a list without q/k/v/qkv, got {self.task_targets!r}")
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
@@ -26,20 +27,19 @@ from mtbench.registry import register_method
 
 
 ScaleKind = Literal["channel", "scalar"]
-_SCALES = ("channel", "scalar")
 
 
 @dataclass(frozen=True, kw_only=True)
 class MultiLoRAConfig(MethodConfig):
     """MultiLoRA hyperparameters."""
 
-    n: int = 3
+    n: Annotated[int, Ge(1)] = 3
     """Number of parallel LoRA branches per adapted layer (``lora_num`` in the MTL-LoRA re-implementation)."""
-    r: int = 8
+    r: Annotated[int, Gt(0)] = 8
     """Rank of each branch; with ``equal_budget`` the total rank, split evenly over the ``n`` branches."""
-    alpha: float = 16.0
+    alpha: Annotated[float, Gt(0)] = 16.0
     """Scale numerator: the summed branches are multiplied by ``alpha / r`` (``r`` as configured)."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     """Dropout probability on the input of the branches only."""
     scale: ScaleKind = "channel"
     """Granularity of the learnable ``s_i``: ``channel`` (one per output channel) or ``scalar`` (one per branch)."""
@@ -48,16 +48,6 @@ class MultiLoRAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n < 1:
-            raise ConfigError(f"method.n must be >= 1, got {self.n}")
-        if self.r <= 0:
-            raise ConfigError(f"method.r must be > 0, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if self.scale not in _SCALES:
-            raise ConfigError(f"method.scale must be one of {', '.join(_SCALES)}, got {self.scale!r}")
         if self.equal_budget and self.r % self.n:
             raise ConfigError(f"method.r={self.r} must be divisible by method.n={self.n} when method.equal_budget")
 

@@ -1,26 +1,31 @@
 """Experiment configuration: defaults, then the task's profile, then a YAML file, then ``--set key=value``.
 
-Every section is validated against a dataclass (``method``, ``task``, ``train``) or against the Lightning Trainer's
-signature (``trainer``); unknown keys and ill-typed values are :class:`ConfigError` with a did-you-mean line.
+Every section is validated with pydantic (:mod:`mtbench.schema`) against a dataclass whose fields declare their types
+and constraints (``method``, ``task``, ``train``) or against the Lightning Trainer's signature (``trainer``); unknown
+keys get a did-you-mean, ill-typed, out-of-range and non-finite values a one-line :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Interval
+from pydantic import TypeAdapter, ValidationError
 
 from .errors import ConfigError, did_you_mean
 from .interfaces import LoaderConfig
 from .registry import methods, tasks
+from .schema import STRICT, keyed_adapter, short_repr, type_name, validate
 from .tracking import flatten, protocol_id, safe_params
 
 
@@ -39,42 +44,34 @@ DEFAULT_TRAINER: dict[str, Any] = {
 }
 
 
+_Beta = Annotated[float, Interval(ge=0, lt=1)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(LoaderConfig):
     """Optimisation and evaluation settings shared by every method and task."""
 
-    lr: float = 1e-3
+    lr: Annotated[float, Gt(0)] = 1e-3
     """Base learning rate (AdamW)."""
-    weight_decay: float = 0.01
+    weight_decay: Annotated[float, Ge(0)] = 0.01
     """Weight decay of 2-D+ parameters (the method's ``param_groups`` decides which)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    eps: float = 1e-8
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
+    eps: Annotated[float, Gt(0)] = 1e-8
     """AdamW epsilon."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warm-up."""
-    warmup_ratio: float = 0.06
+    warmup_ratio: Annotated[float, Interval(ge=0, lt=1)] = 0.06
     """Fraction of the steps spent in linear warm-up (ignored when ``warmup_steps`` > 0)."""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Ge(0)] = 0
     """Linear warm-up steps; 0 uses ``warmup_ratio``."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Annotated[float, Interval(ge=0, le=1)] = 0.0
     """Final learning rate as a fraction of ``lr``."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer's activations in the backward pass instead of storing them: less memory for
     about a third more compute (transformers backbones)."""
     on_nonfinite_loss: Literal["fail", "skip"] = "fail"
     """A NaN/Inf loss stops the run as FAILED (``fail``) or the step is skipped (``skip``)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
-            raise ConfigError("train.warmup_ratio must be in [0, 1) and train.warmup_steps >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(frozen=True)
@@ -131,40 +128,121 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where a config file is concerned (hand-written: PyYAML has no such options).
+
+    - a key given twice in one mapping is an error (PyYAML keeps the last silently);
+    - anchors and aliases are refused: a config never needs them, and a "billion laughs" file of nested aliases
+      would expand into an exponentially large value wherever it is printed or walked;
+    - ``1e-3`` is a float as in YAML 1.2 (YAML 1.1 wants ``1.0e-3``).
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None) is not None:
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&name, *name) are not supported",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {short_repr(key)} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem and where (``line 3, column 5``)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def parse_sets(sets: list[str]) -> dict[str, Any]:
     """``["method.r=16", "trainer.max_steps=5"]`` -> nested dict; values are parsed as YAML scalars or lists."""
     nested: dict[str, Any] = {}
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got '{item}'")
+            raise ConfigError(f"--set expects key=value, got {short_repr(item)}")
         section, _, sub = key.partition(".")
         if section not in SECTIONS or not sub:
-            raise ConfigError(f"--set key '{key}' must start with one of {', '.join(s + '.' for s in SECTIONS)}")
+            raise ConfigError(f"--set key {short_repr(key)} must start with one of "
+                              f"{', '.join(s + '.' for s in SECTIONS)}")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value '{raw}' ({exc.__class__.__name__})") from exc
+            raise ConfigError(f"--set {key}: cannot parse value {short_repr(raw)} ({_yaml_error(exc)})") from exc
+        if sub in nested.get(section, {}):
+            raise ConfigError(f"--set {key} is given twice")
         nested.setdefault(section, {})[sub] = value
     return nested
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read an experiment YAML file (sections method/task/train/trainer, optional profile and seed)."""
+    """Read an experiment YAML file (sections method/task/train/trainer, optional profile and seed).
+
+    Raises:
+        ConfigError: unreadable, not UTF-8, not YAML, a repeated key, an anchor/alias, an unknown section, a section
+            that is not a mapping.
+    """
     file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = _yaml(file.read_bytes().decode("utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(SECTIONS)}")
-    unknown = set(data) - {*SECTIONS, "profile", "seed"}
+    unknown = set(map(str, data)) - {*SECTIONS, "profile", "seed"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(f"config file {path}: " + did_you_mean(key, [*SECTIONS, "profile", "seed"], "section"))
+    for section in SECTIONS:
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            raise ConfigError(f"config file {path}: section '{section}' must be a mapping of keys to values, "
+                              f"got {short_repr(data[section])}")
+        if not all(isinstance(k, str) for k in data.get(section) or {}):
+            key = next(k for k in data[section] if not isinstance(k, str))
+            raise ConfigError(f"config file {path}: key {short_repr(key)} of section '{section}' is not a name")
+    if "profile" in data and not isinstance(data["profile"], str):
+        raise ConfigError(f"config file {path}: profile={short_repr(data['profile'])} must be a profile name")
+    for section in ("method", "task"):
+        name = (data.get(section) or {}).get("name")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"config file {path}: {section}.name={short_repr(name)} must be a registered name")
     return data
+
+
+SEED = TypeAdapter(Annotated[int, Interval(ge=0, le=2**32 - 1)], config=STRICT)
+"""Seeds: what ``lightning.seed_everything`` (numpy) accepts."""
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an integer in [0, 2**32 - 1]; else :class:`ConfigError`."""
+    try:
+        return int(SEED.validate_python(seed))
+    except ValidationError:
+        raise ConfigError(f"seed={short_repr(seed)} must be an integer in [0, {2**32 - 1}]") from None
 
 
 def resolve(
@@ -175,11 +253,16 @@ def resolve(
     config_file: str | Path | None = None,
     sets: list[str] | None = None,
 ) -> Experiment:
-    """Merge defaults, profile, file and ``--set`` overrides into a validated :class:`Experiment`."""
+    """Merge defaults, profile, file and ``--set`` overrides into a validated :class:`Experiment`.
+
+    Raises:
+        ConfigError: any unknown key, ill-typed or out-of-range value (see :mod:`mtbench.schema`).
+        KeyError: an unknown method, task (:class:`~mtbench.registry.Registry` did-you-mean).
+    """
     file = load_yaml(config_file) if config_file else {}
     overrides = parse_sets(sets or [])
-    method = method or file.get("method", {}).get("name")
-    task = task or file.get("task", {}).get("name")
+    method = method or (file.get("method") or {}).get("name")
+    task = task or (file.get("task") or {}).get("name")
     if not method or not task:
         raise ConfigError("both a method and a task are required (--method M --task T, or method.name/task.name)")
     method_cls, task_cls = methods.get(method), tasks.get(task)
@@ -200,7 +283,7 @@ def resolve(
         method_name=method,
         task_name=task,
         profile=profile,
-        seed=int(seed if seed is not None else file.get("seed", 0)),
+        seed=check_seed(seed if seed is not None else file.get("seed", 0)),
         method_cls=method_cls,
         task_cls=task_cls,
         method=method_cfg,
@@ -211,85 +294,47 @@ def resolve(
 
 
 def build_dataclass(cls: type, values: dict[str, Any], section: str) -> Any:
-    """Instantiate a config dataclass from ``values``, rejecting unknown keys and coercing types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
+    """Instantiate a config dataclass from ``values``: unknown keys get a did-you-mean, and the dataclass's own
+    validation (:func:`mtbench.schema.validate_fields`, then its cross-field checks) runs on construction.
+
+    Raises:
+        ConfigError: an unknown key, or a value the config rejects.
+    """
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in values:
         if key not in fields:
             raise ConfigError(did_you_mean(f"{section}.{key}", [f"{section}.{n}" for n in fields], "key"))
-        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
     try:
-        return cls(**kwargs)
+        return cls(**values)
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{section}: {exc}") from exc
 
 
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a type hint (bool, int, float, str, Literal, tuple, Optional) and convert it."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, args))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(hint)}")
-    if origin in (tuple, list):
-        items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
-        if args and args[-1] is not Ellipsis and len(args) != len(items):
-            raise ConfigError(f"{key}={value!r} needs exactly {len(args)} values")
-        item_types = [args[0]] * len(items) if (args and args[-1] is Ellipsis) else list(args or [Any] * len(items))
-        return tuple(coerce(v, t, key) for v, t in zip(items, item_types))
-    return _coerce_scalar(value, hint, key)
+@functools.cache
+def _trainer_schema() -> tuple[TypeAdapter[Any], dict[str, Any]]:
+    """The options of ``lightning.pytorch.Trainer`` with the types its signature declares."""
+    from lightning.pytorch import Trainer
 
-
-def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-2" (no dot) as a string; accept any spelling Python reads as a number.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif isinstance(value, hint):
-        return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(hint)}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    hints = typing.get_type_hints(Trainer.__init__)
+    params = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    fields = {p: hints.get(p, Any) for p in params if p not in _RESERVED_TRAINER_KEYS}
+    return keyed_adapter(fields, "TrainerOptions"), fields
 
 
 def check_trainer_kwargs(values: dict[str, Any]) -> dict[str, Any]:
-    """Accept only arguments of ``lightning.pytorch.Trainer`` that mtbench does not set itself."""
-    from lightning.pytorch import Trainer
+    """Accept only arguments of ``lightning.pytorch.Trainer`` that mtbench does not set itself, each of the type
+    the Trainer's signature declares (strict: ``max_steps`` takes an int, not a bool or a string; finite floats).
 
-    allowed = set(inspect.signature(Trainer.__init__).parameters) - {"self"} - _RESERVED_TRAINER_KEYS
+    Raises:
+        ConfigError: an unknown or reserved key (did-you-mean), or an ill-typed value.
+    """
+    adapter, fields = _trainer_schema()
     for key in values:
-        if key not in allowed:
-            raise ConfigError(did_you_mean(f"trainer.{key}", [f"trainer.{a}" for a in allowed], "key"))
+        if key not in fields:
+            raise ConfigError(did_you_mean(f"trainer.{key}", [f"trainer.{a}" for a in fields], "key"))
+    validate(adapter, values, "trainer", fields)
     return dict(values)
 
 
@@ -300,7 +345,7 @@ def config_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-        out.append((f.name, _type_name(hints[f.name]), default, docs.get(f.name, "")))
+        out.append((f.name, type_name(hints[f.name]), default, docs.get(f.name, "")))
     return out
 
 

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
+from annotated_types import Ge, Gt
 from torch import Tensor, nn
 
 from .errors import ConfigError, did_you_mean
@@ -33,30 +34,39 @@ if TYPE_CHECKING:
 class ConfigBase:
     """Base of every method and task config: frozen, keyword-only, every field typed and defaulted.
 
-    Each field carries an attribute docstring; ``mtbench ls`` shows fields and defaults. Cross-field checks go in
-    ``__post_init__`` and raise ``ValueError`` naming the CLI key (``"method.r must be > 0"``).
+    Each field carries an attribute docstring; ``mtbench ls`` shows fields and defaults. Each field declares its
+    constraints (``r: Annotated[int, Gt(0)] = 8``, ``annotated_types`` markers); construction checks every field's type
+    and constraints with pydantic (strict types, finite floats; :func:`mtbench.schema.validate_fields`) and raises
+    :class:`~mtbench.errors.ConfigError` naming the CLI key. Cross-field checks go in ``__post_init__`` after
+    ``super().__post_init__()`` and raise ``ConfigError`` naming the key (``"method.r must be divisible by ..."``).
     """
+
+    _section: ClassVar[str] = ""
+    """The experiment section the fields belong to (``method``, ``task``), for error messages."""
+
+    def __post_init__(self) -> None:
+        from .schema import validate_fields  # pydantic loads on the first config built, not on import
+
+        validate_fields(self, self._section)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig(ConfigBase):
     """Fields shared by every method."""
 
+    _section: ClassVar[str] = "method"
     target_modules: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     """Linear layers to adapt: backbone roles (q, k, v, qkv, proj, fc1, fc2), exact module names, or one regex."""
-    lr: float | None = None
+    lr: Annotated[float, Gt(0)] | None = None
     """This method's base learning rate, replacing ``train.lr`` (None: use ``train.lr``). Profiles set adapter
     rates; full fine-tuning usually needs 10-50x less. Being a method field, it tells leaderboard rows apart."""
-
-    def __post_init__(self) -> None:
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"method.lr must be > 0 (or null for train.lr), got {self.lr}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig(ConfigBase):
     """Fields shared by every task."""
 
+    _section: ClassVar[str] = "task"
     subtasks: tuple[str, ...] = ()
     """Subtasks to train and evaluate; empty means the task's default list."""
     backbone: str = ""
@@ -67,21 +77,22 @@ class TaskConfig(ConfigBase):
 
 @dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
-    """How training batches are drawn from the subtasks."""
+    """How training batches are drawn from the subtasks (fields validated as in :class:`ConfigBase`)."""
 
-    batch_size: int = 32
+    _section: ClassVar[str] = "train"
+    batch_size: Annotated[int, Gt(0)] = 32
     """Training examples per batch (per device)."""
-    eval_batch_size: int = 64
+    eval_batch_size: Annotated[int, Gt(0)] = 64
     """Evaluation examples per batch."""
     sampler: Literal["proportional", "temperature", "round_robin"] = "proportional"
     """Task sampler: by dataset size, by size^(1/temperature), or cycling through the subtasks."""
-    temperature: float = 2.0
+    temperature: Annotated[float, Gt(0)] = 2.0
     """Temperature of the ``temperature`` sampler (1 = proportional, large = uniform)."""
     batch_mode: Literal["mixed", "homogeneous"] = "mixed"
     """``mixed``: the task is drawn per example (a batch mixes tasks); ``homogeneous``: one task per batch."""
-    num_workers: int = 0
+    num_workers: Annotated[int, Ge(0)] = 0
     """DataLoader worker processes."""
-    length_grouping: int = 0
+    length_grouping: Annotated[int, Ge(0)] = 0
     """Length bucketing: regroup each window of this many batches so rows of similar length share a batch (padding
     shrinks; the examples drawn and each task's share are unchanged). 0 = off; needs a task that gives lengths."""
     task_weights: tuple[str, ...] = ()
@@ -89,12 +100,9 @@ class LoaderConfig:
     twice as often as the sampler alone would (weighted round robin keeps a fixed, interleaved order)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ConfigError("train.batch_size and train.eval_batch_size must be > 0")
-        if self.length_grouping < 0:
-            raise ConfigError(f"train.length_grouping must be >= 0 (0 = off), got {self.length_grouping}")
-        if self.temperature <= 0:
-            raise ConfigError("train.temperature must be > 0")
+        from .schema import validate_fields  # pydantic loads on the first config built, not on import
+
+        validate_fields(self, self._section)
         self.parsed_task_weights()
 
     def parsed_task_weights(self) -> dict[str, float]:

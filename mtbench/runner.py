@@ -159,19 +159,32 @@ def set_trainable(model: MultiTaskModel, method: Method, task: Task) -> list[str
     return extras
 
 
+def _plugin_result(value: Any, expected: type, kind: str, name: str, call: str) -> Any:
+    """``value`` if a plugin's ``call`` returned an ``expected``; else a RegistryError naming the plugin and call
+    (instead of a failure at the first forward pass that names neither)."""
+    if not isinstance(value, expected):
+        from .registry import RegistryError, methods, tasks
+
+        origin = (methods if kind == "method" else tasks).origin(name)
+        raise RegistryError(f"{kind} '{name}' ({origin}): {call} returned {type(value).__name__}, "
+                            f"expected an nn.{expected.__name__}")
+    return value
+
+
 def build_module(exp: Experiment) -> BenchModule:
     """Task -> backbone -> method.apply -> heads -> freezing -> :class:`BenchModule`."""
     pl.seed_everything(exp.seed, workers=True, verbose=False)
     task = exp.task_cls(exp.task)
-    backbone = task.backbone()
+    backbone = _plugin_result(task.backbone(), nn.Module, "task", exp.task_name, "backbone()")
     method = exp.method_cls(exp.method, task.subtasks)
-    backbone = method.apply(backbone)
+    backbone = _plugin_result(method.apply(backbone), nn.Module, "method", exp.method_name, "apply()")
     if exp.train.activation_checkpointing:  # after apply, so the recomputed layers hold the adapters
         if not method.checkpointable:
             raise ConfigError(f"train.activation_checkpointing: method '{exp.method_name}' does not support it; "
                               "set it to false")
         enable_activation_checkpointing(backbone)
-    model = MultiTaskModel(backbone, task.heads(backbone))
+    model = MultiTaskModel(backbone, _plugin_result(task.heads(backbone), nn.ModuleDict, "task", exp.task_name,
+                                                    "heads()"))
     set_trainable(model, method, task)
     # transformers loads pretrained models in eval mode, and Lightning (since 2.2) keeps each submodule's mode when
     # fitting: without this the backbone would train with its dropout off and its layers never checkpointed.

@@ -38,10 +38,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 
 from mtbench.backbones import TextBackbone, build
@@ -162,26 +163,26 @@ class GlueConfig(TaskConfig):
 
     backbone: str = "tiny_bert"
     """Backbone: a registered name (tiny_bert, minilm_l6), a hub id (roberta-base) or a local directory."""
-    max_length: int = 128
+    max_length: Annotated[int, Gt(0)] = 128
     """Token cap per (pair of) sentence(s); batches are padded to their longest row, truncating longest-first."""
     pooling: Literal["cls", "mean"] = "cls"
     """Sentence vector fed to the heads: the first token's state, or the mean over non-padding tokens."""
-    head_dropout: float = 0.1
+    head_dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.1
     """Dropout before each subtask's linear head."""
     source: Literal["auto", "local", "hub", "synthetic"] = "auto"
     """Data source; ``auto`` = local when task.data_root or $MTBENCH_DATA is set, else the hub."""
-    synthetic_size: int = 64
+    synthetic_size: Annotated[int, Gt(0)] = 64
     """Generated examples per subtask and split with ``source=synthetic`` (MultiRC: answer rows)."""
-    train_limit: int = 0
+    train_limit: Annotated[int, Ge(0)] = 0
     """Cap on training examples per subtask, a seeded random subset (0 = all)."""
-    eval_limit: int = 0
+    eval_limit: Annotated[int, Ge(0)] = 0
     """Cap on evaluation examples per subtask (and per MNLI split), the first N (0 = all). MultiRC counts questions,
     each kept with all its answers, so its per-question metric never sees half a question."""
     mnli_mismatched: bool = True
     """Also evaluate MNLI on the mismatched dev set (metric ``acc_mm``)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "subtasks", tuple(self.subtasks))
+        super().__post_init__()
         for name in self.subtasks:
             if name == "record":
                 raise ConfigError("task.subtasks: ReCoRD (entity span extraction) is out of scope of the glue task")
@@ -191,15 +192,6 @@ class GlueConfig(TaskConfig):
             raise ConfigError(f"task.subtasks must not repeat a subtask, got {list(self.subtasks)}")
         if not self.backbone:
             raise ConfigError("task.backbone must name a backbone (tiny_bert, minilm_l6, a hub id or a folder)")
-        for key, low in (("max_length", 1), ("synthetic_size", 1), ("train_limit", 0), ("eval_limit", 0)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"task.{key} must be {'> 0' if low else '>= 0'}, got {getattr(self, key)}")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ConfigError(f"task.head_dropout must be in [0, 1), got {self.head_dropout}")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"task.pooling must be one of cls, mean; got {self.pooling!r}")
-        if self.source not in ("auto", "local", "hub", "synthetic"):
-            raise ConfigError(f"task.source must be one of auto, local, hub, synthetic; got {self.source!r}")
 
 
 @register_task("glue")

@@ -58,9 +58,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
+from annotated_types import Ge, Interval, MinLen
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -109,23 +110,23 @@ class LLMMixtureConfig(TaskConfig):
     """Data source; ``auto`` = local when task.data_root or $MTBENCH_DATA is set, else the hub."""
     chat_template: bool = True
     """Format prompts with the tokenizer's chat template when it has one (false: plain text)."""
-    max_length: int = 512
+    max_length: Annotated[int, Ge(8)] = 512
     """Token cap per training or scoring sequence (contexts are cut from the left)."""
     mix: tuple[str, ...] = ()
     """Mixing weights ``subtask=weight`` for every selected subtask (empty: natural dataset sizes)."""
-    train_limit: int = 0
+    train_limit: Annotated[int, Ge(0)] = 0
     """Cap on training examples per subtask, a seeded random subset (0 = all)."""
-    eval_limit: int = 0
+    eval_limit: Annotated[int, Ge(0)] = 0
     """Cap on evaluation examples per subtask (MultiRC: questions), a fixed random subset (0 = all)."""
     eval_limits: tuple[str, ...] = ()
     """Per-subtask overrides of eval_limit, ``subtask=N``."""
-    synthetic_size: int = 32
+    synthetic_size: Annotated[int, Ge(4)] = 32
     """Generated examples per subtask and split with ``source=synthetic``."""
-    alpaca_eval_fraction: float = 0.05
+    alpaca_eval_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.05
     """Share of the Alpaca file held out (fixed seed) for loss / perplexity."""
-    holdout_missing_eval: float = 0.0
+    holdout_missing_eval: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     """SuperGLUE subtasks without a local validation file evaluate on this held-out share of train (0 = error)."""
-    mmlu_shots: tuple[int, ...] = (0, 5)
+    mmlu_shots: Annotated[tuple[Annotated[int, Interval(ge=0, le=5)], ...], MinLen(1)] = (0, 5)
     """MMLU few-shot settings, each a metric acc_<k>shot; the last is the primary metric."""
     mmlu_train_splits: tuple[str, ...] = ("val",)
     """MMLU splits trained on: dev, val, auxiliary_train (hub only); test is always the evaluation split."""
@@ -133,17 +134,17 @@ class LLMMixtureConfig(TaskConfig):
     """MMLU subjects (empty = all 57)."""
     mmlu_breakdown: Literal["none", "category", "subject"] = "category"
     """Extra MMLU metrics per category (4) or per subject (57), each micro-averaged within the group."""
-    gsm8k_shots: int = 0
+    gsm8k_shots: Annotated[int, Ge(0)] = 0
     """GSM8K exemplars (the first k training problems) before each test question."""
     gsm8k_calculator: bool = False
     """Keep GSM8K's <<a+b=c>> calculator annotations in training targets."""
-    max_new_tokens: int = 256
+    max_new_tokens: Annotated[int, Ge(1)] = 256
     """Generation budget per GSM8K answer (greedy)."""
     stop: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
     """Stop strings of GSM8K generation (the tokenizer's EOS always stops too)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "subtasks", tuple(self.subtasks))
+        super().__post_init__()
         for name in self.subtasks:
             if name not in SUBTASKS:
                 raise ConfigError(f"task.subtasks: {did_you_mean(name, SUBTASKS, 'llm_mixture subtask')}")
@@ -151,16 +152,7 @@ class LLMMixtureConfig(TaskConfig):
             raise ConfigError(f"task.subtasks must not repeat a subtask, got {list(self.subtasks)}")
         if not self.backbone:
             raise ConfigError("task.backbone must name a causal LM (tiny_llama, smollm2_135m, a hub id or a folder)")
-        for key, low in (("max_length", 8), ("synthetic_size", 4), ("train_limit", 0), ("eval_limit", 0),
-                         ("gsm8k_shots", 0), ("max_new_tokens", 1)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"task.{key} must be >= {low}, got {getattr(self, key)}")
-        if not 0.0 < self.alpaca_eval_fraction < 1.0:
-            raise ConfigError(f"task.alpaca_eval_fraction must be in (0, 1), got {self.alpaca_eval_fraction}")
-        if not 0.0 <= self.holdout_missing_eval < 1.0:
-            raise ConfigError(f"task.holdout_missing_eval must be in [0, 1), got {self.holdout_missing_eval}")
-        if not self.mmlu_shots or any(not 0 <= k <= 5 for k in self.mmlu_shots) or \
-                len(set(self.mmlu_shots)) != len(self.mmlu_shots):
+        if len(set(self.mmlu_shots)) != len(self.mmlu_shots):
             raise ConfigError(f"task.mmlu_shots must be distinct counts in 0-5 (dev has 5 per subject), "
                               f"got {list(self.mmlu_shots)}")
         if bad := [s for s in self.mmlu_train_splits if s not in ("dev", "val", "auxiliary_train")]:
@@ -181,9 +173,9 @@ def parse_pairs(items: tuple[str, ...], key: str, kind: type) -> dict[str, Any]:
             raise ConfigError(f"{key}: expected subtask=value entries, got {item!r} ({', '.join(SUBTASKS)})")
         try:
             value = kind(raw)
-        except ValueError:
+        except (ValueError, OverflowError):
             value = -1
-        if not value > 0 and not (kind is int and value == 0):
+        if not (value > 0 or kind is int and value == 0) or value == float("inf"):
             raise ConfigError(f"{key}: {name} needs a {'positive number' if kind is float else 'count >= 0'}, "
                               f"got {raw!r}")
         out[name] = value

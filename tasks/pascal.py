@@ -47,10 +47,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, MultipleOf
 from torch import Tensor, nn
 
 from mtbench.backbones import build, swin_feature_channels, swin_stage_features
@@ -93,17 +94,17 @@ class PascalConfig(TaskConfig):
     """Local Swin checkpoint (official release, e.g. swin_tiny_patch4_window7_224.pth, or timm layout); empty = hub."""
     pretrained: bool = True
     """Load pretrained Swin-T weights (task.checkpoint, else the hub); false = random init."""
-    image_size: int = 448
+    image_size: Annotated[int, Ge(32), MultipleOf(32)] = 448
     """Side of the square network input; images and labels are resized to it ignoring the aspect ratio."""
     source: Literal["local", "synthetic"] = "local"
     """``local``: the PASCAL_MT release; ``synthetic``: generated scenes in the same layout (smoke / cpu)."""
-    synthetic_train: int = 16
+    synthetic_train: Annotated[int, Ge(1)] = 16
     """Generated training scenes (source=synthetic)."""
-    synthetic_val: int = 8
+    synthetic_val: Annotated[int, Ge(1)] = 8
     """Generated validation scenes (source=synthetic)."""
-    train_limit: int = 0
+    train_limit: Annotated[int, Ge(0)] = 0
     """Use only the first N training images (0 = all)."""
-    eval_limit: int = 0
+    eval_limit: Annotated[int, Ge(0)] = 0
     """Evaluate on the first N validation images (0 = all)."""
     augment: bool = True
     """Training augmentation: flip, rotation ±20°, scale 0.75-1.25 (methods.md §7.13)."""
@@ -111,19 +112,12 @@ class PascalConfig(TaskConfig):
     """Δm baselines: empty = shipped Swin-T single-task file, a JSON path of the same shape, or none."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "subtasks", tuple(self.subtasks))
+        super().__post_init__()
         for name in self.subtasks:
             if name not in SUBTASKS:
                 raise ConfigError(f"task.subtasks: {did_you_mean(name, SUBTASKS, 'pascal subtask')}")
         if len(set(self.subtasks)) != len(self.subtasks):
             raise ConfigError(f"task.subtasks must not repeat a subtask, got {list(self.subtasks)}")
-        if self.image_size < 32 or self.image_size % 32:
-            raise ConfigError(f"task.image_size must be a positive multiple of 32, got {self.image_size}")
-        for key, low in (("synthetic_train", 1), ("synthetic_val", 1), ("train_limit", 0), ("eval_limit", 0)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"task.{key} must be >= {low}, got {getattr(self, key)}")
-        if self.source not in ("local", "synthetic"):
-            raise ConfigError(f"task.source must be one of local, synthetic; got {self.source!r}")
         if self.baseline_file and self.baseline_file.lower() != "none" and not Path(self.baseline_file).is_file():
             raise ConfigError(f"task.baseline_file={self.baseline_file!r} is not a file (or use 'none')")
 

@@ -74,7 +74,10 @@ CASES: list[Case] = [
     ("negative_lr", lambda t: [*RUN, "--set", "train.lr=-0.1"], "train.lr must be > 0"),
     ("empty_subtasks", lambda t: [*RUN, "--set", "task.subtasks=[]"], "task.subtasks is empty"),
     ("unknown_subtask", lambda t: [*RUN, "--set", "task.subtasks=[rtee]"], "did you mean 'rte'?"),
-    ("bad_trainer_value", lambda t: [*RUN, "--set", "trainer.precision=banana"], "trainer options rejected"),
+    ("bad_trainer_value", lambda t: [*RUN, "--set", "trainer.precision=banana"],
+     "trainer.precision='banana' is not allowed; choose one of 64, 32, 16, transformer-engine"),
+    ("trainer_value_lightning_rejects", lambda t: [*RUN, "--set", "trainer.strategy=banana"],
+     "trainer options rejected"),
     ("unknown_trainer_key", lambda t: [*RUN, "--set", "trainer.max_step=3"], "did you mean 'trainer.max_steps'?"),
     ("missing_data_root", lambda t: [*RUN, *LOCAL, "--set", f"task.data_root={t / 'nowhere'}"], "nowhere"),
     ("missing_data_file", lambda t: [*RUN, *LOCAL, "--set", f"task.data_root={t}"], "rte"),
@@ -100,11 +103,49 @@ CASES: list[Case] = [
     ("unsupported_tracking_uri", lambda t: [*RUN, "--tracking-uri", "ftp://example/x"], "is not supported"),
     ("resume_unknown_run", lambda t: ["run", "--resume", "f" * 32], "not found"),
     ("check_method_not_python", lambda t: ["check-method", str(_write(t / "m.txt", "x"))], "not a .py file"),
+    # Values: non-finite and out-of-range numbers, wrong types, in --set and in config files.
+    ("lr_nan", lambda t: [*RUN, "--set", "train.lr=.nan"], "train.lr must be a finite number, got nan"),
+    ("lr_nan_word", lambda t: [*RUN, "--set", "train.lr=nan"], "train.lr='nan' has the wrong type; expected float"),
+    ("lr_inf", lambda t: [*RUN, "--set", "train.lr=.inf"], "train.lr must be a finite number, got inf"),
+    ("lr_overflow", lambda t: [*RUN, "--set", "train.lr=1e999"], "train.lr must be a finite number, got inf"),
+    ("weight_decay_nan", lambda t: [*RUN, "--set", "train.weight_decay=.nan"], "train.weight_decay must be a finite"),
+    ("alpha_nan", lambda t: [*RUN, "--set", "method.alpha=.nan"], "method.alpha must be a finite number"),
+    ("beta_above_one", lambda t: [*RUN, "--set", "train.betas=[0.9,2.0]"], "train.betas[1] must be >= 0 and < 1"),
+    ("max_steps_string", lambda t: [*RUN, "--set", "trainer.max_steps='5'"], "trainer.max_steps='5' has the wrong"),
+    ("max_steps_list", lambda t: [*RUN, "--set", "trainer.max_steps=[5]"], "trainer.max_steps=[5] has the wrong"),
+    ("max_steps_bool", lambda t: [*RUN, "--set", "trainer.max_steps=true"], "trainer.max_steps=True has the wrong"),
+    ("seed_negative", lambda t: [*RUN, "--seed", "-1"], "seed=-1 must be an integer in [0, 4294967295]"),
+    ("seed_string", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "seed: abc\n"))], "seed='abc' must be"),
+    ("config_duplicate_key", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", (
+        "method: {r: 4}\ntrain: {lr: 0.1}\nmethod: {r: 8}\n")))], "key 'method' is given twice (line 3"),
+    ("config_billion_laughs", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'lol'] * 9)}]\n" for i in range(10)
+    ) + "method: {r: *l9}\n"))], "anchors and aliases (&name, *name) are not supported"),
+    ("config_tab", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "train:\n\tlr: 0.1\n"))],
+     "cannot start any token (line 2, column 1)"),
+    ("config_not_utf8", lambda t: [*RUN, "--config", str(_write_bytes(t / "x.yaml", b"train: {lr: 0.1} # \xe9\n"))],
+     "x.yaml is not UTF-8 text"),
+    ("config_section_scalar", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "method: 5\n"))],
+     "section 'method' must be a mapping"),
+    ("config_section_list", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "train: [1, 2]\n"))],
+     "section 'train' must be a mapping"),
+    ("config_trainer_list", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "trainer: [max_steps, 2]\n"))],
+     "section 'trainer' must be a mapping"),
+    ("plugin_apply_returns_none", lambda t: ["run", "--method", "none_apply", "--task", "glue", "--plugin",
+                                             str(_plugin(t, (
+        "from mtbench import register_method\nfrom mtbench.methods.lora import LoRA\n"
+        "@register_method('none_apply')\nclass NoneApply(LoRA):\n    def apply(self, backbone):\n"
+        "        return None\n")))], "method 'none_apply' (")
 ]
 
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
+    return path
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
     return path
 
 
@@ -114,7 +155,9 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     before = _tree_digest(store)
-    methods_before = set(registry.methods.names())
+    # A plugin that registers fine but misbehaves later stays registered: keep it out of the other cases.
+    monkeypatch.setattr(registry.methods, "_entries", dict(registry.methods._entries))
+    methods_before = set(registry.methods.names()) | ({"none_apply"} if name == "plugin_apply_returns_none" else set())
     args = argv(tmp_path)
     if "--tracking-uri" not in args and args[0] == "run":
         args += ["--tracking-uri", f"sqlite:///{store / 'm.db'}"]
