@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", parents=[common],
                            help="write the leaderboard (CSV, JSON, Markdown, HTML, Pareto plots) from the runs")
-    board.add_argument("--out", default="leaderboard", help="output folder (default ./leaderboard)")
+    board.add_argument("--out", default=None,
+                       help="output folder (default: <store home>/leaderboard, so a checkout's committed "
+                            "leaderboard/ is only written when named)")
     board.add_argument("--from-results", nargs="+", default=[], metavar="DIR",
                        help="also read exported result.json files under these folders (recursively)")
     board.add_argument("--no-store", action="store_true", help="only the --from-results files, not the store")
@@ -200,8 +202,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     """Write the leaderboard files from the tracking store and any exported result files."""
     from .leaderboard import build_leaderboard
     from .render import write_leaderboard
-    from .tracking import tracking_uri
+    from .tracking import home_dir, tracking_uri
 
+    args.out = args.out or str(home_dir() / "leaderboard")
     uri = None if getattr(args, "no_store", False) else tracking_uri(args.tracking_uri)
     board = build_leaderboard(uri, getattr(args, "from_results", []), getattr(args, "reference", []))
     for line in board.rejected:
