@@ -138,25 +138,57 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    """One line per run: id, status (DEAD for a RUNNING run whose process is gone), method, task, seed, val/avg."""
+    """A table of the newest runs: id, status (DEAD for a RUNNING run whose process is gone), start (UTC), duration,
+    method, task, profile, seed and val/avg."""
     import time
 
-    from .leaderboard import load_runs
-    from .tracking import liveness, tracking_uri
+    from .tracking import liveness, load_runs, tracking_uri
 
     runs = load_runs(tracking_uri(args.tracking_uri))
     if runs.empty:
         print("no runs")
         return 0
     now = time.time()
+    rows = [("RUN_ID", "STATUS", "STARTED (UTC)", "DURATION", "METHOD", "TASK", "PROFILE", "SEED", "VAL/AVG")]
     for _, r in runs.head(args.limit).iterrows():
         status = liveness(r["status"], r.get("tags.mtbench.host"), r.get("tags.mtbench.pid"),
                           r.get("tags.mtbench.heartbeat"), now)
+        start, end = _epoch(r.get("start_time")), _epoch(r.get("end_time"))
+        if end is None and status == "RUNNING":
+            end = now
         avg = r.get("metrics.val/avg")
-        print(f"{r['run_id']}  {status:8s}  {r.get('tags.mtbench.method')}  {r.get('tags.mtbench.task')}  "
-              f"{r.get('tags.mtbench.profile')}  seed={r.get('tags.mtbench.seed')}  "
-              f"val/avg={'' if avg is None or avg != avg else f'{avg:.4f}'}")
+        rows.append((
+            str(r["run_id"]), status,
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(start)) if start is not None else "-",
+            _duration(end - start) if start is not None and end is not None else "-",
+            *(_text(r.get(f"tags.mtbench.{k}")) for k in ("method", "task", "profile", "seed")),
+            "-" if avg is None or avg != avg else f"{avg:.4f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _epoch(value: Any) -> float | None:
+    """Seconds since the epoch of a pandas/MLflow timestamp, or None when missing."""
+    if value is None or value != value:  # None, NaN or NaT
+        return None
+    return float(value.timestamp()) if hasattr(value, "timestamp") else float(value) / 1000.0
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None or value != value else str(value)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

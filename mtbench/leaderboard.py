@@ -26,7 +26,7 @@ import pandas as pd
 from . import stats
 from .errors import MtbenchError
 from .results import read_result
-from .tracking import EXPERIMENT, client, flatten, liveness, package_versions, protocol_id, safe_params
+from .tracking import flatten, liveness, load_runs, package_versions, protocol_id, safe_params
 
 
 SCHEMA = "mtbench.leaderboard/1"
@@ -90,18 +90,6 @@ class Leaderboard:
             "pareto_axes": {f"pareto_{n}": {"metric": m, "better": "lower" if low else "higher"}
                             for n, m, low in stats.PARETO_AXES},
         }
-
-
-def load_runs(uri: str) -> pd.DataFrame:
-    """All mtbench runs in the store as one frame (``status``, ``metrics.*``, ``tags.*``)."""
-    import mlflow
-
-    mlflow_client = client(uri)
-    exp = mlflow_client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        return pd.DataFrame()
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
 
 
 def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:

@@ -19,9 +19,13 @@ from collections.abc import Mapping
 from contextlib import closing
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MtbenchError
+
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 EXPERIMENT = "mtbench"
@@ -129,6 +133,20 @@ def _check_server(uri: str) -> None:
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise MtbenchError(f"tracking server {uri} is unreachable ({problem}); start it or pass another --tracking-uri")
+
+
+def load_runs(uri: str) -> pd.DataFrame:
+    """All mtbench runs in the store as one frame (``run_id``, ``status``, ``start_time``, ``end_time``,
+    ``metrics.*``, ``params.*``, ``tags.*``), newest first; empty when the store has no mtbench experiment."""
+    import mlflow
+    import pandas as pd
+
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return pd.DataFrame()
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas")
 
 
 def experiment_id(mlflow_client: Any, uri: str) -> str:

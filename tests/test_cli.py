@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,6 +47,50 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "run" in done.stdout and "leaderboard" in done.stdout
+
+
+HEAVY = ("lightning", "torchmetrics", "transformers", "timm", "mlflow", "pandas", "matplotlib", "datasets")
+
+
+@pytest.mark.parametrize(("argv", "allowed"), [
+    (["ls", "methods"], ()),
+    (["ls", "tasks"], ()),
+    (["ls", "backbones"], ()),
+    (["runs"], ("mlflow", "pandas")),
+    (["leaderboard"], ("mlflow", "pandas", "matplotlib")),
+])
+def test_listing_commands_import_only_what_they_use(argv: list[str], allowed: tuple[str, ...],
+                                                    tmp_path: Path) -> None:
+    """Listing reads the registries or the store, never Lightning, torchmetrics or transformers (they cost seconds
+    of start-up; benchmarks/cli_startup.py times it). runs and leaderboard import no torch."""
+    argv = [*argv, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    if argv[0] == "leaderboard":
+        argv += ["--out", str(tmp_path / "board")]
+    no_torch = argv[0] in ("runs", "leaderboard")
+    code = (
+        "import sys\nfrom mtbench.cli import main\n"
+        f"assert main({argv!r}) == 0\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules and m not in {allowed!r}]\n"
+        f"heavy += ['torch'] if {no_torch} and 'torch' in sys.modules else []\n"
+        "assert not heavy, f'imported {heavy}'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "MTBENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "MTBENCH_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr[-1500:]
+
+
+def test_runs_prints_a_table_with_start_and_duration(store: dict[str, Any],
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["runs", "--tracking-uri", store["uri"]]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["RUN_ID", "STATUS", "STARTED", "(UTC)", "DURATION", "METHOD", "TASK", "PROFILE",
+                              "SEED", "VAL/AVG"]
+    assert len(lines) == 3
+    for line in lines:
+        run_id, status, day, clock, duration, method, task, profile, seed, avg = line.split()
+        assert status == "FINISHED" and method in ("lora", "full_ft") and task == "glue" and profile == "smoke"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d", day) and re.fullmatch(r"\d\d:\d\d", clock)
+        assert re.fullmatch(r"\d+s|\d+m\d\ds", duration) and re.fullmatch(r"0\.\d{4}|1\.0000", avg)
 
 
 def test_smoke_runs_finish_and_are_recorded(store: dict[str, Any]) -> None:
