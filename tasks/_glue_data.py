@@ -10,6 +10,7 @@ MNLI-mismatched evaluation rows and 0 otherwise.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -21,6 +22,8 @@ from typing import Any
 
 from mtbench.backbones import SMOKE_WORDS
 from mtbench.errors import ConfigError, DataError
+
+from ._files import data_folder, is_file, read_text
 
 
 Record = tuple[int, dict[str, Any]]
@@ -113,10 +116,14 @@ def superglue_files(folder: str, official: str) -> tuple[tuple[tuple[str, ...], 
 
 
 def find_files(root: Path, candidates: Sequence[tuple[str, ...]]) -> tuple[Path, ...] | None:
-    """The first candidate (a tuple of relative paths) whose files all exist under ``root``."""
+    """The first candidate (a tuple of relative paths) whose files all exist under ``root``.
+
+    Raises:
+        DataError: a folder on the way cannot be entered (rather than reading as "missing").
+    """
     for candidate in candidates:
         paths = tuple(root / rel for rel in candidate)
-        if all(p.is_file() for p in paths):
+        if all(is_file(p) for p in paths):
             return paths
     return None
 
@@ -126,14 +133,13 @@ def local_files(spec: Subtask, root: Path | None, part: str) -> tuple[Path, ...]
 
     Raises:
         ConfigError: no data root is configured.
-        DataError: the root folder or the split's files are missing (the message says what to put where).
+        DataError: the root folder or the split's files are missing (the message says what to put where), the root
+            is a file, or a folder cannot be read.
     """
     if root is None:
         raise ConfigError("task.source=local needs task.data_root or $MTBENCH_DATA (a folder with the GLUE files)")
-    if not root.is_dir():
-        raise DataError(f"data folder {root} (task.data_root / $MTBENCH_DATA) does not exist; create it and put "
-                        f"the GLUE / SuperGLUE files there, e.g. {root}/rte/train.tsv and {root}/rte/dev.tsv "
-                        "(layouts in tasks/glue.py), or use task.source=hub or task.source=synthetic")
+    data_folder(root, f"create it and put the GLUE / SuperGLUE files there, e.g. {root}/rte/train.tsv and "
+                      f"{root}/rte/dev.tsv (layouts in tasks/glue.py), or use task.source=hub or synthetic")
     candidates = {"train": spec.train_files, "eval": spec.eval_files, "eval_mm": spec.mm_files}[part]
     found = find_files(root, candidates)
     if found is None:
@@ -156,17 +162,17 @@ def read_file(spec: Subtask, path: Path) -> list[Record]:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_no}: malformed JSON ({exc.msg}), expected an object") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {line_no}: malformed row, expected a JSON object, got {row!r:.40}")
-            records.append((line_no, row))
+    for line_no, line in enumerate(read_text(path, "a SuperGLUE jsonl file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise DataError(f"{path} line {line_no}: malformed JSON ({msg}), expected an object") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {line_no}: malformed row, expected a JSON object, got {row!r:.40}")
+        records.append((line_no, row))
     return records
 
 
@@ -174,37 +180,30 @@ def _read_tsv(spec: Subtask, path: Path) -> list[Record]:
     import pandas as pd
 
     # GLUE TSVs are unquoted: sentences hold stray quotes (MRPC) that csv quoting would swallow across lines.
-    # A cheap pre-scan counts fields per line, because pandas fills short rows silently and drops line numbers.
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a GLUE TSV") from exc
-    if lines and lines[-1] == "":
-        lines.pop()
+    # A cheap pre-scan counts fields per line, because pandas fills short rows silently and drops line numbers. It
+    # also normalises what pandas would take for rows: CRLF line ends, and blank lines (also "\r" alone) anywhere.
+    text = read_text(path, f"a GLUE TSV with columns {', '.join(spec.columns())}")
+    lines = [(i, line.removesuffix("\r")) for i, line in enumerate(text.split("\n"), 1)]
+    lines = [(i, line) for i, line in lines if line.strip()]
     if not lines:
         raise DataError(f"{path} is empty; expected a GLUE TSV with columns {', '.join(spec.columns())}")
     known = {name for slot in spec.fields for name in slot} | set(spec.label)
-    first = lines[0].rstrip("\r").split("\t")
+    first = lines[0][1].split("\t")
     header = not spec.headerless or bool(known & set(first))
     names = first if header else list(spec.headerless)
-    data_lines = []
-    for i, line in enumerate(lines[1:] if header else lines, 2 if header else 1):
-        if line == "":
-            continue
+    rows = lines[1:] if header else lines
+    for i, line in rows:
         n = line.count("\t") + 1
         if n != len(names):
             raise DataError(f"{path} line {i}: malformed row with {n} tab-separated fields, expected {len(names)} "
                             f"({', '.join(names)})")
-        data_lines.append(i)
-    df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+    clean = "\n".join(line for _, line in lines) + "\n"
+    df = pd.read_csv(io.StringIO(clean), sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
                      lineterminator="\n", header=0 if header else None, names=None if header else names)
-    if len(df) != len(data_lines):
-        raise DataError(f"{path}: pandas read {len(df)} rows but the file has {len(data_lines)} data lines; "
+    if len(df) != len(rows):
+        raise DataError(f"{path}: pandas read {len(df)} rows but the file has {len(rows)} data lines; "
                         "expected a plain tab-separated file with one example a line")
-    df.columns = [str(c).rstrip("\r") for c in df.columns]
-    last = df.columns[-1]
-    df[last] = df[last].str.removesuffix("\r")
-    return list(zip(data_lines, df.to_dict("records")))
+    return list(zip([i for i, _ in rows], df.to_dict("records")))
 
 
 def hub_records(spec: Subtask, split: str) -> list[Record]:

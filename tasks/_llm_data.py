@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import random
@@ -22,6 +23,7 @@ from mtbench.backbones import SMOKE_WORDS
 from mtbench.errors import DataError
 
 from . import _glue_data as gd
+from ._files import data_folder, is_file, is_folder, read_text
 from ._llm_eval import MMLU_SUBJECTS, Turn, gsm8k_gold
 
 
@@ -44,10 +46,7 @@ LETTERS = ("A", "B", "C", "D")
 
 def read_rows(path: Path) -> list[Row]:
     """Rows of a ``.jsonl`` file or of a ``.json`` array of objects, each with its line number."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    text = read_text(path, "a JSON array of objects" if path.suffix == ".json" else "one JSON object a line")
     rows = _json_array(path, text) if path.suffix == ".json" else _jsonl(path, text)
     for line, row in rows:
         if not isinstance(row, dict):
@@ -61,9 +60,9 @@ def _jsonl(path: Path, text: str) -> list[Row]:
         if line.strip():
             try:
                 rows.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_no}: malformed JSON ({exc.msg}), expected one object a "
-                                "line") from exc
+            except (json.JSONDecodeError, RecursionError) as exc:
+                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"{path} line {line_no}: malformed JSON ({msg}), expected one object a line") from exc
     return rows
 
 
@@ -91,6 +90,8 @@ def _json_array(path: Path, text: str) -> list[Row]:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as exc:
             raise fail(exc.pos, exc.msg) from exc
+        except RecursionError as exc:
+            raise fail(i, "nested too deeply") from exc
         rows.append((line, obj))
         i = skip(end)
         if i < len(text) and text[i] == ",":
@@ -103,18 +104,21 @@ def _json_array(path: Path, text: str) -> list[Row]:
 def read_mmlu_csv(path: Path, subject: str) -> list[Row]:
     """Rows of a headerless MMLU CSV (question, A, B, C, D, answer letter) as ``question/choices/answer/subject``."""
     rows = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        start = 1
+    text = read_text(path, "a headerless MMLU CSV (question, A, B, C, D, answer letter)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    try:
         for fields in reader:
             line, start = start, reader.line_num + 1  # a quoted field may span lines: report where the row starts
-            if not fields:
+            if not fields or not any(f.strip() for f in fields):
                 continue
             if len(fields) != 6 or fields[5].strip().upper() not in LETTERS:
                 raise DataError(f"{path} line {line}: malformed MMLU row, expected 6 comma-separated fields "
                                 f"(question, A, B, C, D, answer letter A-D), got {len(fields)}: {fields[-1]!r:.40}")
             rows.append((line, {"question": fields[0], "choices": fields[1:5],
                                 "answer": LETTERS.index(fields[5].strip().upper()), "subject": subject}))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {start}: malformed CSV ({exc})") from exc
     return rows
 
 
@@ -147,7 +151,7 @@ def hub_rows(subtask: str, dataset: str, config: str | None, split: str) -> list
 def local_file(root: Path, candidates: Sequence[str], subtask: str, what: str, fmt: str) -> Path:
     """The first existing candidate under ``root``; otherwise a :class:`DataError` saying what to put where."""
     for rel in candidates:
-        if (root / rel).is_file():
+        if is_file(root / rel):
             return root / rel
     raise DataError(f"subtask '{subtask}': no local {what} under {root}; tried {', '.join(candidates)}. Put {fmt} at "
                     f"{root / candidates[0]}, or drop '{subtask}' from task.subtasks, or use task.source=hub")
@@ -157,8 +161,8 @@ def mmlu_files(root: Path, split: str, subjects: Sequence[str]) -> list[tuple[Pa
     """``(csv path, subject)`` of one MMLU split for every subject; all must exist."""
     for folder in MMLU_DIRS:
         base = root / folder / split
-        if base.is_dir():
-            missing = [s for s in subjects if not (base / f"{s}_{split}.csv").is_file()]
+        if is_folder(base):
+            missing = [s for s in subjects if not is_file(base / f"{s}_{split}.csv")]
             if missing:
                 raise DataError(f"subtask 'mmlu': {base} lacks {len(missing)} subject file(s), e.g. "
                                 f"{base / f'{missing[0]}_{split}.csv'}; add them or restrict task.mmlu_subjects")
@@ -336,9 +340,9 @@ def build_examples(cfg: Any, sub: str, source: str, root: Path | None, seed: int
     """
     if source == "local" and root is None:
         raise DataError("task.source=local needs task.data_root or $MTBENCH_DATA (a folder with the benchmark files)")
-    if source == "local" and not root.is_dir():  # type: ignore[union-attr]
-        raise DataError(f"data folder {root} (task.data_root / $MTBENCH_DATA) does not exist; create it with the "
-                        "benchmark files (layouts in tasks/llm_mixture.py), or use task.source=hub or synthetic")
+    if source == "local":
+        data_folder(root, "create it with the benchmark files (layouts in tasks/llm_mixture.py), or use "  # type: ignore[arg-type]
+                          "task.source=hub or synthetic")
     if sub == "alpaca":
         train, evaluation = _alpaca(cfg, source, root, seed)
     elif sub == "mmlu":

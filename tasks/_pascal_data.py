@@ -34,6 +34,8 @@ from torch.utils.data import Dataset
 
 from mtbench.errors import DataError
 
+from ._files import is_file, read_text
+
 
 IGNORE = 255
 PERSON = 15
@@ -66,11 +68,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def split_ids(root: Path, split: str) -> list[str]:
     """Image ids of ``ImageSets/Context/<split>.txt``; every listed JPEG must exist."""
     path = root / "ImageSets" / "Context" / f"{split}.txt"
-    try:
-        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise DataError(f"{path}: missing split file of the PASCAL_MT release ({exc.strerror})") from exc
-    missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    text = read_text(path, "the split file of the PASCAL_MT release (one image id a line)")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    missing = [i for i in ids if not is_file(root / "JPEGImages" / f"{i}.jpg")]
     if missing or not ids:
         raise DataError(f"{path}: {len(missing)} of {len(ids)} listed images missing from {root / 'JPEGImages'} "
                         f"(first: {missing[0] if missing else 'the split is empty'})")
@@ -79,7 +79,7 @@ def split_ids(root: Path, split: str) -> list[str]:
 
 def _image(path: Path, what: str, convert: str | None = None, modes: Sequence[str] = ()) -> np.ndarray:
     """Pixels of an image file, converted to mode ``convert`` or required to be one of ``modes``."""
-    if not path.is_file():
+    if not is_file(path):
         raise DataError(f"{path}: missing ({what})")
     try:
         with Image.open(path) as img:
@@ -96,7 +96,7 @@ def _image(path: Path, what: str, convert: str | None = None, modes: Sequence[st
 def _mat(path: Path, what: str) -> dict[str, Any]:
     import scipy.io
 
-    if not path.is_file():
+    if not is_file(path):
         raise DataError(f"{path}: missing ({what})")
     try:
         return scipy.io.loadmat(str(path))
@@ -118,7 +118,7 @@ def read_image(root: Path, pid: str) -> np.ndarray:
 def read_semseg(root: Path, pid: str, shape: tuple[int, int]) -> np.ndarray:
     """``(H, W)`` uint8 class ids 0-20, 255 ignore."""
     path = root / "semseg" / "VOC12" / f"{pid}.png"
-    if not path.is_file():
+    if not is_file(path):
         path = root / "semseg" / "pascal-context" / f"{pid}.png"
     label = _check_shape(path, _image(path, "8-bit class-index PNG", modes=("L", "P")), shape)
     bad = (label > 20) & (label != IGNORE)
@@ -130,7 +130,7 @@ def read_semseg(root: Path, pid: str, shape: tuple[int, int]) -> np.ndarray:
 def read_human_parts(root: Path, pid: str, shape: tuple[int, int]) -> np.ndarray:
     """``(H, W)`` uint8: 0 background, 1-6 part groups; all 255 without person parts (or without a file)."""
     path = root / "human_parts" / f"{pid}.mat"
-    if not path.is_file():
+    if not is_file(path):
         return np.full(shape, IGNORE, np.uint8)
     mat = _mat(path, "PASCAL-Part annotation")
     target = None

@@ -60,6 +60,7 @@ from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
 from mtbench.metrics import BASELINES_DIR, load_baselines
 from mtbench.registry import backbones, did_you_mean, register_task
 
+from ._files import data_folder, is_folder
 from ._pascal_data import IGNORE, SPLIT_SIZES, PascalMT, cache_dir, split_ids, synthetic_release
 
 
@@ -336,8 +337,10 @@ class Pascal(Task):
             return synthetic_release(cfg.synthetic_train, cfg.synthetic_val, seed=0, size=scene)
         bases = [Path(b).expanduser() for b in (cfg.data_root, os.environ.get("MTBENCH_DATA", "")) if b]
         for base in [*bases, default_data_dir()]:
+            if os.path.lexists(base):  # a file, or a folder that cannot be read, is named as such
+                data_folder(base, "point task.data_root or $MTBENCH_DATA at the folder holding PASCAL_MT")
             for folder in (base / "PASCAL_MT", base):
-                if (folder / "ImageSets" / "Context").is_dir():
+                if is_folder(folder / "ImageSets" / "Context"):
                     return folder
         where = bases[0] if bases else default_data_dir()
         raise DataError(f"PASCAL_MT not found in {where}: run `mtbench prefetch --task pascal` (online), or download "

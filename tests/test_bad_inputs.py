@@ -4,6 +4,7 @@ no traceback, and the existing store and leaderboard left byte-for-byte unchange
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,6 +132,15 @@ CASES: list[Case] = [
      "section 'train' must be a mapping"),
     ("config_trainer_list", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "trainer: [max_steps, 2]\n"))],
      "section 'trainer' must be a mapping"),
+    # Data: a root that is a file, for every task's reader.
+    ("glue_data_root_is_a_file", lambda t: _local(_write(t / "root.txt", "x")), "root.txt (task.data_root / "
+     "$MTBENCH_DATA) is a file, not a folder"),
+    ("llm_data_root_is_a_file", lambda t: ["run", "--method", "lora", "--task", "llm_mixture", "--set",
+                                           "task.source=local", "--set", "task.subtasks=[alpaca]", "--set",
+                                           f"task.data_root={_write(t / 'root.txt', 'x')}"], "is a file, not a"),
+    ("pascal_data_root_is_a_file", lambda t: ["run", "--method", "lora", "--task", "pascal", "--set",
+                                              "task.source=local", "--set",
+                                              f"task.data_root={_write(t / 'root.txt', 'x')}"], "is a file, not a"),
     ("plugin_apply_returns_none", lambda t: ["run", "--method", "none_apply", "--task", "glue", "--plugin",
                                              str(_plugin(t, (
         "from mtbench import register_method\nfrom mtbench.methods.lora import LoRA\n"
@@ -180,3 +190,66 @@ def test_enough_distinct_bad_inputs() -> None:
 def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(KeyError, match="lroa"):
         main(["run", "--method", "lroa", "--task", "glue", "--debug"])
+
+
+def test_glue_tsv_with_crlf_ends_and_trailing_blank_lines_reads_as_lf(tmp_path: Path) -> None:
+    from mtbench.tasks import _glue_data as gd
+    from mtbench.tasks.glue import SUBTASKS
+
+    lf = tmp_path / "lf.tsv"
+    crlf = tmp_path / "crlf.tsv"
+    lf.write_text(RTE_HEADER + RTE_ROWS)
+    crlf.write_bytes(((RTE_HEADER + RTE_ROWS).replace("\n", "\r\n") + "\r\n\r\n").encode())
+    assert gd.read_file(SUBTASKS["rte"], crlf) == gd.read_file(SUBTASKS["rte"], lf)
+    assert len(gd.read_file(SUBTASKS["rte"], crlf)) == 8
+
+
+def _deny(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """What the kernel does for a non-root user when ``locked`` has mode 000: its own contents cannot be read, and
+    nothing inside it can be looked up. (Tests run as root here, where chmod does not bite.)"""
+    import errno
+    import pathlib
+
+    stat, read_bytes = pathlib.Path.stat, pathlib.Path.read_bytes
+
+    def denied(path: pathlib.Path) -> OSError:
+        return PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def fake_stat(self: pathlib.Path, *args: object, **kwargs: object) -> object:
+        if str(self).startswith(f"{locked}/"):
+            raise denied(self)
+        return stat(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def fake_read_bytes(self: pathlib.Path) -> bytes:
+        if self == locked or str(self).startswith(f"{locked}/"):
+            raise denied(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(pathlib.Path, "stat", fake_stat)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", fake_read_bytes)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+
+
+@pytest.mark.parametrize("what", ["root", "subfolder", "file"])
+def test_unreadable_data_is_named_in_one_line(
+    what: str, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = _rte_root(tmp_path)
+    locked = {"root": root, "subfolder": root / "rte", "file": root / "rte" / "train.tsv"}[what]
+    before = _tree_digest(store)
+    monkeypatch.setenv("MTBENCH_HOME", str(store))
+    if os.geteuid() == 0:
+        _deny(monkeypatch, locked)
+    else:
+        locked.chmod(0)
+    try:
+        capsys.readouterr()
+        code = main([*_local(root), "--tracking-uri", f"sqlite:///{store / 'm.db'}", "--no-progress"])
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    named = locked if what != "subfolder" else root / "rte"
+    assert str(named) in err and ("cannot be read" in err), err
+    assert _tree_digest(store) == before
