@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
 from mtbench.errors import ConfigError
-from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole
+from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole, refuse_shared_weights
 from mtbench.registry import register_method
 
 
@@ -106,8 +106,8 @@ class LoRALinear(DeltaMergeable, nn.Module):
         return {"lora_A": ParamRole("A"), "lora_B": ParamRole("B")}
 
     def delta_weight(self) -> Tensor:
-        """The dense update ``s · B A`` (out × in), in the base weight's dtype."""
-        return (self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
+        """The dense update ``s · B A`` (out × in), in the factors' dtype (fp32 beside a half-precision weight)."""
+        return self.scale * (self.lora_B @ self.lora_A)
 
     def forward(self, x: Tensor) -> Tensor:
         """``base(x) + s · B A dropout(x)``; just ``base(x)`` while merged.
@@ -119,10 +119,13 @@ class LoRALinear(DeltaMergeable, nn.Module):
             ``(..., out_features)``.
         """
         y = self.base(x)
-        if self.merged:
-            return y
-        h = self.dropout(x).to(self.lora_A.dtype)
-        return y + (self.scale * F.linear(F.linear(h, self.lora_A), self.lora_B)).to(y.dtype)
+        return y if self.merged else self.add_update(x, y)
+
+    def add_update(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y + s · B A dropout(x)``: the low-rank branch on input ``x`` added to a base output ``y``."""
+        # The scale multiplies the rank-r activations, not the (..., out) result: one pass over the output less.
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scale
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}, merged={self.merged}"
@@ -141,7 +144,8 @@ class LoRA(Method):
 
         Raises:
             ValueError: ``target_modules`` matches no linear layer.
-            ConfigError: ``r`` exceeds the width of a target layer.
+            ConfigError: ``r`` exceeds the width of a target layer, or a target's weight is shared with another
+                module (tied input and output embeddings: a merge would change both).
         """
         cfg = self.cfg
         for name in find_linears(backbone, cfg.target_modules):
@@ -156,4 +160,5 @@ class LoRA(Method):
                 name=name,
             )
             setattr(parent, attr, layer)
+        refuse_shared_weights(backbone)
         return backbone

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mtbench.backbones import find_linears, get_submodule_parent
 from mtbench.errors import ConfigError
-from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole
+from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole, refuse_shared_weights
 from mtbench.registry import register_method
 
 
@@ -114,8 +114,9 @@ class MultiLoRALinear(DeltaMergeable, nn.Module):
         return blocks.reshape(out, self.n * self.rank)
 
     def delta_weight(self) -> Tensor:
-        """The dense update ``(α/r) Σ_i diag(s_i) B_i A_i`` (out × in), in the base weight's dtype."""
-        return (self.scale * (self.scaled_B() @ self.multilora_A)).to(self.base.weight.dtype)
+        """The dense update ``(α/r) Σ_i diag(s_i) B_i A_i`` (out × in), in the factors' dtype (fp32 beside a
+        half-precision weight)."""
+        return self.scale * (self.scaled_B() @ self.multilora_A)
 
     def forward(self, x: Tensor) -> Tensor:
         """``base(x) + (α/r) Σ_i s_i ⊙ B_i A_i drop(x)``; just ``base(x)`` while merged.
@@ -155,9 +156,11 @@ class MultiLoRA(Method):
 
         Raises:
             ValueError: ``target_modules`` matches no linear layer.
-            ConfigError: the branch rank exceeds the width of a target layer.
+            ConfigError: the branch rank exceeds the width of a target layer, or a target's weight is shared with
+                another module (tied input and output embeddings: a merge would change both).
         """
         for name in find_linears(backbone, self.cfg.target_modules):
             parent, attr = get_submodule_parent(backbone, name)
             setattr(parent, attr, MultiLoRALinear(getattr(parent, attr), self.cfg, name=name))
+        refuse_shared_weights(backbone)
         return backbone

@@ -165,30 +165,92 @@ class AdapterModule(Protocol):
 class DeltaMergeable:
     """Mixin for an adapter layer whose whole update is a dense ``delta_weight()`` added to ``self.base.weight``.
 
-    It gives the exact ``merge`` / ``unmerge`` pair every such layer needs and the ``merged`` flag its forward checks
+    It gives the ``merge`` / ``unmerge`` pair every such layer needs and the ``merged`` flag its forward checks
     (merged: return ``base(x)`` alone). :meth:`Method.merge` folds every instance in a model.
+
+    Exact to the weight's precision, whatever its dtype: :meth:`merge` adds the update at fp32 (or wider) precision and
+    rounds once, ``W ← round(W + ΔW)``, so a bf16 weight is not first rounded to the update's size (adding ``ΔW``
+    cast to bf16 loses most of an update that is small beside ``W``); it keeps the unmerged weight (one copy per
+    layer, in the weight's dtype, until :meth:`unmerge`), so the round trip restores every weight bit for bit.
+    Subtracting ``ΔW`` again cannot: a rounded sum does not determine its summands.
     """
 
     base: nn.Linear
     merged: bool = False
+    unmerged_weight: Tensor | None
+    """The base weight as it was before :meth:`merge` (a non-persistent buffer while merged, else None)."""
 
     def delta_weight(self) -> Tensor:
-        """The dense update (out × in) in the base weight's dtype."""
+        """The dense update (out × in) at fp32 precision or wider (never rounded to a half-precision weight's dtype)."""
         raise NotImplementedError
+
+    def exact_weight(self) -> Tensor:
+        """The base weight at fp32 precision or wider, to which :meth:`merge` adds the update before rounding."""
+        weight = self.base.weight
+        return weight.to(torch.promote_types(weight.dtype, torch.float32))
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight, ``W ← W + ΔW``; a no-op when already merged."""
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
+        """Fold the update into the base weight, ``W ← round(W + ΔW)``; a no-op when already merged."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        saved = weight.detach().clone()
+        total = self.exact_weight() + self.delta_weight().to(torch.promote_types(weight.dtype, torch.float32))
+        weight.copy_(total)
+        self.register_buffer("unmerged_weight", saved, persistent=False)  # type: ignore[attr-defined]
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`, ``W ← W − ΔW``; a no-op when not merged."""
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
+        """Undo :meth:`merge` exactly (the weight saved by it is put back); a no-op when not merged.
+
+        A layer marked merged without a saved weight (LoRASC after its last fold, whose update is zero) only clears
+        the flag.
+        """
+        if not self.merged:
+            return
+        saved = getattr(self, "unmerged_weight", None)
+        if saved is not None:
+            self.base.weight.copy_(saved)
+            self.unmerged_weight = None
+        self.merged = False
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Each :class:`DeltaMergeable` layer whose base weight is also another module's parameter (tied input and output
+    embeddings), mapped to those other parameter names; empty when no merged update could leak into another module."""
+    def key(param: Tensor) -> int:
+        # The same Parameter object (how transformers ties weights), or another tensor starting at the same memory.
+        return param.data_ptr() if param.device.type != "meta" and param.numel() else id(param)
+
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(key(param), []).append(name)
+    shared: dict[str, list[str]] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, DeltaMergeable):
+            own = f"{prefix}.base.weight" if prefix else "base.weight"
+            others = [n for n in owners.get(key(module.base.weight), []) if n != own]
+            if others:
+                shared[prefix] = others
+    return shared
+
+
+def refuse_shared_weights(model: nn.Module) -> None:
+    """Raise when a mergeable adapter layer's base weight is shared with another module (see :func:`shared_weights`).
+
+    A merge (or LoRASC's stage fold) writes into the base weight; with tied embeddings that tensor is also the input
+    embedding, which would then change too (the tiny LLaMA's logits moved by up to 3.3 after a merge of ``lm_head``).
+
+    Raises:
+        ConfigError: naming the layer and the parameter it shares its weight with.
+    """
+    for layer, others in shared_weights(model).items():
+        raise ConfigError(
+            f"method.target_modules selects {layer}, whose weight is shared with {others[0]} (tied input and output "
+            f"embeddings): merging into it would change that module too; leave {layer} out of method.target_modules"
+        )
 
 
 class TaskRouting:
@@ -315,7 +377,11 @@ class Method(ABC):
         return None
 
     def merge(self, model: nn.Module) -> None:
-        """Fold every :class:`DeltaMergeable` layer into its base weight (mergeable methods only)."""
+        """Fold every :class:`DeltaMergeable` layer into its base weight (mergeable methods only).
+
+        Raises:
+            ConfigError: a layer's base weight is shared with another module (:func:`refuse_shared_weights`).
+        """
         self._fold(model, merge=True)
 
     def unmerge(self, model: nn.Module) -> None:
@@ -325,6 +391,8 @@ class Method(ABC):
     def _fold(self, model: nn.Module, merge: bool) -> None:
         if not self.mergeable:
             raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+        if merge:
+            refuse_shared_weights(model)
         for module in model.modules():
             if isinstance(module, DeltaMergeable):
                 module.merge() if merge else module.unmerge()

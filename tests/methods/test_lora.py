@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,69 @@ def test_dropout_only_in_training() -> None:
     torch.testing.assert_close(layer(x), layer(x))
     layer.train()
     assert not torch.allclose(layer(x), layer(x))
+
+
+MERGING = ("lora", "lora_plus", "multilora", "lorasc")
+"""Every method whose layers write their update into the base weight (merge, or LoRASC's stage folds)."""
+
+
+def test_merging_methods_are_all_listed() -> None:
+    from mtbench import registry
+
+    registry.discover()
+    builtins = [n for n in registry.methods.names() if registry.methods.origin(n).startswith("built-in")]
+    assert {n for n in builtins if registry.methods.get(n).mergeable} <= set(MERGING)
+
+
+@pytest.mark.parametrize("name", MERGING)
+def test_tied_output_embedding_is_refused(name: str) -> None:
+    # The tiny LLaMA ties lm_head to the input embedding, as SmolLM2 does: a merge into lm_head would move both.
+    from mtbench import registry
+    from mtbench.backbones import tiny_llama
+
+    registry.discover()
+    cls = registry.methods.get(name)
+    method = cls(cls.config_cls(target_modules=("q", "lm_head")), tasks=("a",))
+    with pytest.raises(ConfigError, match=r"selects lm_head, whose weight is shared with model\.embed_tokens\.weight"):
+        method.apply(tiny_llama().model)
+
+
+def test_tied_output_embedding_is_refused_when_merging_too() -> None:
+    # A model adapted without the check (a plugin's apply) is still refused by merge(), before any weight moves.
+    from mtbench.backbones import tiny_llama
+
+    model = tiny_llama().model
+    model.lm_head = LoRALinear(model.lm_head, r=2, alpha=4.0, name="lm_head")
+    nn.init.normal_(model.lm_head.lora_B)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ConfigError, match="lm_head"):
+        LoRA(LoRAConfig(), tasks=("a",)).merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+def test_tied_output_embedding_exits_2_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mtbench.cli import main
+
+    code = main(["run", "--method", "lora", "--task", "llm_mixture", "--profile", "smoke", "--no-progress",
+                 "--set", "method.target_modules=[q,lm_head]", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lm_head" in err[0] and "Traceback" not in err[0]
+
+
+@torch.no_grad()
+def test_bf16_merge_rounds_once_and_unmerge_restores_every_bit() -> None:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 64).to(torch.bfloat16), r=4, alpha=4.0)
+    layer.lora_B.normal_(0.0, 3e-5)  # updates of ~1e-4, below the weights' bf16 rounding step for many of them
+    w0 = layer.base.weight.clone()
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float32
+    layer.merge()
+    # One rounding of the exact sum: W + ΔW computed in fp32, then rounded to bf16 (not W + bf16(ΔW)).
+    assert torch.equal(layer.base.weight, (w0.float() + delta).to(torch.bfloat16))
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, w0)  # bit for bit, for every one of the 4,096 weights
+    layer.merge()
+    layer.merge()  # merging twice changes nothing
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, w0)

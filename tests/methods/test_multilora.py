@@ -170,3 +170,17 @@ def test_bad_config(cfg: dict[str, object], key: str) -> None:
 def test_branch_rank_exceeds_width() -> None:
     with pytest.raises(ConfigError, match=r"method\.r.*exceeds the width 32 of layer encoder\.layer\.0"):
         MultiLoRA(MultiLoRAConfig(r=33), tasks=("a",)).apply(tiny_bert().model)
+
+
+@torch.no_grad()
+def test_bf16_merge_rounds_once_and_unmerge_restores_every_bit() -> None:
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(nn.Linear(64, 64).to(torch.bfloat16), MultiLoRAConfig(n=3, r=4))
+    layer.multilora_s.normal_(0.0, 1e-4)
+    w0 = layer.base.weight.clone()
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float32
+    layer.merge()
+    assert torch.equal(layer.base.weight, (w0.float() + delta).to(torch.bfloat16))
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, w0)
