@@ -215,14 +215,14 @@ def _stages_class() -> type[pl.Callback]:
         """Stage boundaries of a :class:`LoRASC` run: every epoch end or every ``stage_steps`` optimizer steps.
 
         At a boundary the fast LoRA is folded into the backbone, A/B are re-initialised with their optimizer state
-        cleared, and the noise moves to the next stage; after the last optimizer step a final fold leaves the model dense.
-        The learning-rate schedule is not restarted per stage (one global schedule, methods.md §6).
+        cleared, and the noise moves to the next stage; after the last optimizer step a final fold leaves the model
+        dense. The learning-rate schedule is not restarted per stage (one global schedule, methods.md §6).
 
-        Every fold happens in ``on_train_batch_end``, which Lightning runs before it validates at that step: a stage-end
-        evaluation and the final score are those of the folded model, the one that is shipped. A fit that stops before its
-        last step (a stop request, to be resumed) folds nothing more: the model keeps its fast LoRA and is evaluated as is.
-        The stage count and noise seed are callback state, saved in checkpoints, so a resumed run continues the same stage
-        with the same noise.
+        Every fold happens in ``on_train_batch_end``, which Lightning runs before it validates at that step: a
+        stage-end evaluation and the final score are those of the folded model, the one that is shipped. A fit that
+        stops before its last step (a stop request, to be resumed) folds nothing more: the model keeps its fast LoRA
+        and is evaluated as is. The stage count and noise seed are callback state, saved in checkpoints, so a resumed
+        run continues the same stage with the same noise.
         """
 
         def __init__(self, method: LoRASC) -> None:
@@ -242,8 +242,8 @@ def _stages_class() -> type[pl.Callback]:
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                batch_idx: int) -> None:
-            # Only optimizer steps count: this hook fires per micro-batch under gradient accumulation, and the step that
-            # ends the run may also end a stage; folding an untrained (B = 0) LoRA would count a stage that never ran.
+            # Only optimizer steps count: this hook fires per micro-batch under gradient accumulation, and the step
+            # that ends the run may also end a stage; folding an untrained (B = 0) LoRA would count a stage twice.
             if trainer.global_step == self._last_boundary:
                 return
             every = self.method.cfg.stage_steps

@@ -181,7 +181,7 @@ class DeltaMergeable:
     """The base weight as it was before :meth:`merge` (a non-persistent buffer while merged, else None)."""
 
     def delta_weight(self) -> Tensor:
-        """The dense update (out × in) at fp32 precision or wider (never rounded to a half-precision weight's dtype)."""
+        """The dense update (out × in), at fp32 precision or wider (not rounded to a half-precision weight's dtype)."""
         raise NotImplementedError
 
     def exact_weight(self) -> Tensor:

@@ -15,8 +15,7 @@ from torch.utils.data import DataLoader
 from mtbench import registry
 from mtbench.backbones import tiny_bert
 from mtbench.errors import ConfigError
-from mtbench.methods.lorasc import (LoRASC, LoRASCConfig, LoRASCLinear, LoRASCStages, set_stage_noise,
-                                   stage_noise)
+from mtbench.methods.lorasc import LoRASC, LoRASCConfig, LoRASCLinear, LoRASCStages, set_stage_noise, stage_noise
 
 
 def _inputs() -> dict[str, torch.Tensor]:
