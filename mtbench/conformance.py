@@ -1,7 +1,8 @@
 """Conformance checks every registered method must pass, on a tiny random BERT and two synthetic tasks.
 
 Each check takes a method class and returns ``(ok, message)``; a check that does not apply to a method raises
-:class:`SkipCheck`. The test suite (``tests/test_conformance.py``) runs them over every registered method, and
+:class:`SkipCheck`. Messages state the measured value and what was expected (the threshold), passed or not. The test
+suite (``tests/test_conformance.py``) runs them over every registered method, and
 ``mtbench check-method FILE.py`` runs them over a plugin, so a new method is tested without editing any test.
 
 The harness drives a method the way the runner does: ``apply`` the backbone, freeze everything except
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import tiny_bert
-from .interfaces import Method, MethodConfig, MultiTaskModel
+from .interfaces import Method, MethodConfig, MultiTaskModel, adapter_roles
 
 
 TASKS = ("a", "b")
@@ -68,6 +69,8 @@ class _Rig:
     inputs: dict[str, Tensor]
     task_ids: Tensor
     labels: Tensor
+    added: dict[str, bool]
+    """Parameters ``apply`` added to the backbone (full names) -> whether they required grad right after it."""
 
 
 def _build(method_cls: type[Method], cfg: MethodConfig | None = None, seed: int = 0) -> _Rig:
@@ -75,9 +78,11 @@ def _build(method_cls: type[Method], cfg: MethodConfig | None = None, seed: int 
     torch.manual_seed(seed)
     text = tiny_bert()
     method = method_cls(cfg if cfg is not None else method_cls.config_cls(), tasks=TASKS)
+    original = {id(p) for p in text.model.parameters()}
     backbone = method.apply(text.model)
     heads = nn.ModuleDict({t: nn.Linear(text.hidden_size, 2) for t in TASKS})
     model = MultiTaskModel(backbone, heads)
+    added = {n: p.requires_grad for n, p in backbone.named_parameters(prefix="backbone") if id(p) not in original}
     # As the runner's set_trainable: the method names its parameters on the whole model; heads always train.
     trainable = method.trainable(model) | {f"heads.{n}" for n, _ in heads.named_parameters()}
     names = {n for n, _ in model.named_parameters()}
@@ -92,7 +97,7 @@ def _build(method_cls: type[Method], cfg: MethodConfig | None = None, seed: int 
     mask[1, 5:] = 0
     inputs = {"input_ids": input_ids, "attention_mask": mask}
     task_ids = torch.tensor([0, 1, 1, 0])
-    return _Rig(method, model, inputs, task_ids, torch.randint(0, 2, (4,), generator=gen))
+    return _Rig(method, model, inputs, task_ids, torch.randint(0, 2, (4,), generator=gen), added)
 
 
 def _forward(rig: _Rig) -> tuple[Tensor, Tensor]:
@@ -135,7 +140,7 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 def check_forward_backward(method_cls: type[Method]) -> tuple[bool, str]:
     """apply → forward → backward runs and gives a finite loss."""
     loss = _backward(_build(method_cls))
-    return bool(torch.isfinite(loss)), f"loss = {loss.item():.4g}"
+    return bool(torch.isfinite(loss)), f"loss = {loss.item():.4g} (expected finite)"
 
 
 def check_grads_only_trainable(method_cls: type[Method]) -> tuple[bool, str]:
@@ -144,12 +149,33 @@ def check_grads_only_trainable(method_cls: type[Method]) -> tuple[bool, str]:
     _backward(rig)
     frozen = [n for n, p in rig.model.named_parameters() if not p.requires_grad and p.grad is not None]
     if frozen:
-        return False, f"frozen parameters received gradients: {frozen[:5]}"
+        return False, f"{len(frozen)} frozen parameters received gradients (expected 0): {frozen[:5]}"
     trainable = {n for n in rig.method.trainable(rig.model) if n.startswith("backbone.")}
     with_grad = [n for n, p in rig.model.named_parameters() if n in trainable and p.grad is not None]
     if not with_grad:
-        return False, "no backbone parameter named by trainable() received a gradient"
-    return True, f"{len(with_grad)}/{len(trainable)} trainable backbone parameters received gradients"
+        return False, "0 backbone parameters named by trainable() received a gradient (expected at least 1)"
+    return True, f"{len(with_grad)}/{len(trainable)} trainable backbone parameters received gradients (expected >= 1)"
+
+
+def check_params_declared(method_cls: type[Method]) -> tuple[bool, str]:
+    """Every parameter ``apply`` adds to the backbone is declared by its layer's ``adapter_params()`` (with a role),
+    or frozen on purpose (``requires_grad=False`` set in ``apply`` and not named by ``trainable()``).
+
+    An undeclared parameter is silently frozen by the runner, or trained without a role (so optimizer grouping and
+    the adapter count miss it): either way the method is not the one written down.
+    """
+    rig = _build(method_cls)
+    declared = set(adapter_roles(rig.model))
+    trained = rig.method.trainable(rig.model)
+    undeclared = sorted(n for n, grad in rig.added.items() if n not in declared and (grad or n in trained))
+    if undeclared:
+        return False, (f"{len(undeclared)} added parameters are neither declared in adapter_params() nor frozen "
+                       f"on purpose (expected 0): {undeclared[:5]}")
+    if not rig.added and method_name(method_cls) not in TRAINS_EVERYTHING:
+        return False, "apply() added no parameter to the backbone (expected adapter parameters)"
+    frozen = len(rig.added) - len(declared & set(rig.added))
+    return True, (f"{len(rig.added)} added parameters: {len(declared & set(rig.added))} declared, {frozen} frozen "
+                  "on purpose (expected every one declared or frozen)")
 
 
 def check_frozen_unchanged(method_cls: type[Method]) -> tuple[bool, str]:
@@ -159,7 +185,13 @@ def check_frozen_unchanged(method_cls: type[Method]) -> tuple[bool, str]:
     _step(rig)
     params = dict(rig.model.named_parameters())
     changed = [n for n, t in before.items() if not torch.equal(params[n], t)]
-    return not changed, f"frozen parameters changed: {changed[:5]}" if changed else f"{len(before)} frozen tensors"
+    if changed:
+        return False, f"{len(changed)} of {len(before)} frozen tensors changed (expected 0, bit-exact): {changed[:5]}"
+    if not before:
+        if method_name(method_cls) in TRAINS_EVERYTHING:
+            raise SkipCheck(f"0 frozen tensors: {TRAINS_EVERYTHING[method_name(method_cls)]}")
+        return False, "0 frozen tensors, nothing to compare (expected the base weights frozen)"
+    return True, f"{len(before)} frozen tensors bit-identical after one AdamW step (expected all)"
 
 
 def check_trainable_count(method_cls: type[Method]) -> tuple[bool, str]:
@@ -170,8 +202,8 @@ def check_trainable_count(method_cls: type[Method]) -> tuple[bool, str]:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     message = f"{trainable:,} of {total:,} backbone parameters train"
     if method_name(method_cls) in TRAINS_EVERYTHING:
-        return trainable == total, message
-    return 0 < trainable < total, message
+        return trainable == total, f"{message} (expected all {total:,})"
+    return 0 < trainable < total, f"{message} (expected 0 < trainable < {total:,})"
 
 
 def check_state_dict_roundtrip(method_cls: type[Method]) -> tuple[bool, str]:
@@ -181,7 +213,7 @@ def check_state_dict_roundtrip(method_cls: type[Method]) -> tuple[bool, str]:
     fresh = _build(method_cls, seed=1)
     fresh.model.load_state_dict(rig.model.state_dict(), strict=True)
     diff = max(_max_diff(a, b) for a, b in zip(_eval(rig), _eval(fresh)))
-    return diff <= 1e-6, f"max |Δoutput| = {diff:.2e}"
+    return diff <= 1e-6, f"max |Δoutput| = {diff:.2e} (threshold 1e-6)"
 
 
 def check_param_groups(method_cls: type[Method]) -> tuple[bool, str]:
@@ -198,7 +230,9 @@ def check_param_groups(method_cls: type[Method]) -> tuple[bool, str]:
         problems.append(f"missing: {sorted(names[i] for i in missing)[:5]}")
     if extra := set(seen) - trainable:
         problems.append(f"frozen or foreign: {sorted(names.get(i, '?') for i in extra)[:5]}")
-    return not problems, "; ".join(problems) or f"{len(groups)} groups, {len(seen)} tensors"
+    if problems:
+        return False, "; ".join(problems) + " (expected each trainable parameter in exactly one group)"
+    return True, f"{len(groups)} groups, {len(seen)} tensors (expected each trainable parameter once)"
 
 
 def check_identity_at_init(method_cls: type[Method]) -> tuple[bool, str]:
@@ -210,7 +244,7 @@ def check_identity_at_init(method_cls: type[Method]) -> tuple[bool, str]:
     with torch.no_grad():
         expected = plain(**rig.inputs).last_hidden_state
     diff = _max_diff(_eval(rig)[0], expected)
-    return diff <= 1e-6, f"max |Δhidden| = {diff:.2e}"
+    return diff <= 1e-6, f"max |Δhidden| = {diff:.2e} (threshold 1e-6)"
 
 
 def check_merge_unmerge(method_cls: type[Method]) -> tuple[bool, str]:
@@ -228,7 +262,8 @@ def check_merge_unmerge(method_cls: type[Method]) -> tuple[bool, str]:
     restored = _eval(rig)[0]
     w_diff = max(_max_diff(v, weights[k]) for k, v in rig.model.state_dict().items() if v.is_floating_point())
     d_merge, d_back = _max_diff(merged, before), _max_diff(restored, before)
-    message = f"merged Δ = {d_merge:.2e}, unmerged Δ = {d_back:.2e}, weights Δ = {w_diff:.2e}"
+    message = (f"merged Δ = {d_merge:.2e} (threshold 1e-5), unmerged Δ = {d_back:.2e} (threshold 1e-5), "
+               f"weights Δ = {w_diff:.2e} (threshold 1e-6)")
     if not moved:
         return False, f"merge() changed no weight ({message})"
     return d_merge <= 1e-5 and d_back <= 1e-5 and w_diff <= 1e-6, message
@@ -241,12 +276,13 @@ def check_no_match_raises(method_cls: type[Method]) -> tuple[bool, str]:
         _build(method_cls, cfg)
     except ValueError as exc:
         return True, f"{type(exc).__name__}: {exc}"
-    return False, "apply() accepted target_modules that match no layer"
+    return False, "apply() accepted target_modules that match no layer (expected ValueError or ConfigError)"
 
 
 CHECKS: list[tuple[str, CheckFn]] = [
     ("forward_backward", check_forward_backward),
     ("grads_only_trainable", check_grads_only_trainable),
+    ("params_declared", check_params_declared),
     ("frozen_unchanged", check_frozen_unchanged),
     ("trainable_count", check_trainable_count),
     ("state_dict_roundtrip", check_state_dict_roundtrip),

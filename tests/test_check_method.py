@@ -55,7 +55,86 @@ def test_broken_method_fails_naming_the_check(tmp_path: Path, capsys: pytest.Cap
     assert "FAIL" in out
     failing = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert any("trainable_count" in line for line in failing), out
+    # Nothing is frozen, so there is nothing to compare: that is a failure, not a vacuous pass.
+    assert any("frozen_unchanged: 0 frozen tensors" in line for line in failing), out
+    assert all("expected" in line for line in failing), failing  # each FAIL line says what was expected
     assert "check(s) failed" in out
+
+
+DORA = Path(__file__).resolve().parent / "plugins" / "dora.py"
+
+
+def _dora_variant(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of the DoRA fixture with one planted fault, registered under its own name."""
+    text = DORA.read_text()
+    assert old in text
+    path = tmp_path / "dora_variant.py"
+    suffix = tmp_path.name[-6:].lower().replace("-", "_")
+    path.write_text(text.replace(old, new).replace('"dora_fixture"', f'"dora_variant_{suffix}"'))
+    return path
+
+
+def _lines(out: str, verdict: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(verdict)]
+
+
+def test_dora_written_from_the_docs_passes_every_check(capsys: pytest.CaptureFixture) -> None:
+    """The DoRA fixture (magnitude + direction, mergeable with an update that depends on W0) passes as written."""
+    assert main(["check-method", str(DORA)]) == 0
+    out = capsys.readouterr().out
+    assert not _lines(out, "FAIL"), out
+    passed = {line.split()[2].rstrip(":") for line in _lines(out, "pass")}
+    assert {"params_declared", "frozen_unchanged", "merge_unmerge", "identity_at_init"} <= passed, out
+
+
+def test_undeclared_magnitude_fails_params_declared(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A DoRA whose magnitude is left out of adapter_params() would silently never train: a named FAIL line."""
+    path = _dora_variant(tmp_path, ', "magnitude": ParamRole("scale")}', "}")
+    assert main(["check-method", str(path)]) == 1
+    failing = _lines(capsys.readouterr().out, "FAIL")
+    line = next(line for line in failing if "params_declared" in line)
+    assert "magnitude" in line and "expected 0" in line, line
+
+
+def test_trained_but_undeclared_parameter_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Training a parameter through trainable() without declaring its role fails too (no optimizer role)."""
+    path = _dora_variant(tmp_path, ', "magnitude": ParamRole("scale")}', "}\n\n    # planted\n")
+    text = path.read_text().replace(
+        "    def apply(self, backbone: nn.Module) -> nn.Module:",
+        "    def trainable(self, model: nn.Module) -> set[str]:\n"
+        "        return super().trainable(model) | {n for n, _ in model.named_parameters() if n.endswith('magnitude')}"
+        "\n\n    def apply(self, backbone: nn.Module) -> nn.Module:")
+    path.write_text(text)
+    assert main(["check-method", str(path)]) == 1
+    line = next(line for line in _lines(capsys.readouterr().out, "FAIL") if "params_declared" in line)
+    assert "magnitude" in line
+
+
+def test_frozen_on_purpose_parameter_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A parameter the method freezes itself in apply() (and does not train) is allowed undeclared."""
+    path = _dora_variant(tmp_path, ', "magnitude": ParamRole("scale")}', "}")
+    text = path.read_text().replace("        self.magnitude = nn.Parameter(weight.detach().norm(dim=1))",
+                                    "        self.magnitude = nn.Parameter(weight.detach().norm(dim=1), "
+                                    "requires_grad=False)")
+    path.write_text(text)
+    assert main(["check-method", str(path)]) == 0
+    line = next(line for line in _lines(capsys.readouterr().out, "pass") if "params_declared" in line)
+    assert "24 declared, 12 frozen on purpose" in line, line
+
+
+def test_forward_ignoring_merged_fails_merge(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The DeltaMergeable contract's other half: a merged layer's forward must be base(x) alone."""
+    path = _dora_variant(tmp_path, "        if self.merged:\n            return self.base(x)\n", "")
+    assert main(["check-method", str(path)]) == 1
+    line = next(line for line in _lines(capsys.readouterr().out, "FAIL") if "merge_unmerge" in line)
+    assert "threshold 1e-5" in line
+
+
+def test_dora_fixture_trains_on_glue_smoke(tmp_path: Path) -> None:
+    """The docs' run command works for the fixture: a FINISHED run through --plugin."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", "--plugin", str(DORA), "--method", "dora_fixture", "--task", "glue", "--profile", "smoke",
+                 "--tracking-uri", uri, "--set", "trainer.max_steps=3", "--no-progress"]) == 0
 
 
 def test_good_method_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
