@@ -24,7 +24,11 @@ from .interfaces import adapter_roles
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Adapter-only, all trainable (incl. heads and unfrozen backbone parts) and total parameter counts."""
+    """Adapter-only, all trainable (incl. heads and unfrozen backbone parts) and total parameter counts.
+
+    Trainable means ``requires_grad``; the runner freezes what no gradient reaches before training
+    (:func:`mtbench.runner.freeze_unused`), so on a fitted module it counts exactly what trains.
+    """
     params = dict(model.named_parameters())
     adapter = sum(params[n].numel() for n in adapter_roles(model) if n in params)
     return {

