@@ -274,7 +274,8 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
                        "git_commit": git_state()[0], "git_dirty": git_state()[1], "versions": package_versions(),
                        "started": started, "finished": time.time()},
     }
-    result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False, "version": exp.task_cls.version}
+    result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False,
+                                         "version": exp.task_cls.headline_version or exp.task_cls.version}
     # Δm and the per-subtask deltas (higher = better than the single-task baseline) compare only under the same
     # baseline values, so their version carries a digest of them.
     baselines = module.task.baselines() if module is not None else None

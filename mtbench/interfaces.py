@@ -442,6 +442,8 @@ class Task(ABC):
     version: ClassVar[str]
     profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     default_subtasks: ClassVar[tuple[str, ...]] = ()
+    headline_version: ClassVar[str | None] = None
+    """Version of :meth:`headline`'s definition, the version of ``val/avg`` (``None``: the task's version)."""
     unfrozen_with_peft: ClassVar[str | None] = None
     """Regex of backbone parameters that train beside the adapters for every PEFT method (recorded in the config)."""
 
@@ -490,6 +492,21 @@ class Task(ABC):
         outputs: Mapping[str, Any],
     ) -> None:
         """Update the metrics of the subtasks present in an evaluation batch."""
+
+    def headline(self, values: Mapping[str, float]) -> float | None:
+        """The task's headline quality, higher is better: logged as ``val/avg``, what the leaderboard ranks, compares
+        and puts on Pareto fronts (unless every run of a comparison group carries Δm).
+
+        ``values`` maps ``val/<subtask>/<metric>`` to one evaluation's numbers. Default: the mean of the subtasks'
+        primary metrics when every one is higher-is-better; ``None`` when their directions are mixed (a task such as
+        PASCAL-Context, mIoU with an angle in degrees, is then summarised by Δm against single-task baselines).
+        A task with its own definition overrides this and sets :attr:`headline_version`.
+        """
+        specs = self.metrics()
+        keys = [f"val/{sub}/{name}" for sub, group in specs.items() for name, s in group.items() if s.primary]
+        directions = {s.higher_is_better for group in specs.values() for s in group.values() if s.primary}
+        found = [values[k] for k in keys if k in values]
+        return sum(found) / len(found) if found and directions == {True} else None
 
     def loss_weights(self) -> dict[str, float]:
         """Per-subtask loss weights (default 1)."""

@@ -96,12 +96,9 @@ class BenchModule(pl.LightningModule):
                     continue
                 values[f"val/{sub}/{name}"] = float(metric.compute())
                 metric.reset()
-        primaries = [values[k] for k in self.primary_keys() if k in values]
-        directions = {s.higher_is_better for specs in self.specs.values() for s in specs.values() if s.primary}
-        # The plain average only means something when every headline metric points the same way (not, say, mIoU
-        # with an angular error in degrees); mixed tasks are summarised by Δm instead.
-        if primaries and directions == {True}:
-            values["val/avg"] = sum(primaries) / len(primaries)
+        headline = self.task.headline(values)
+        if headline is not None:
+            values["val/avg"] = headline
         baselines = self.task.baselines()
         if baselines is not None:
             values.update(delta_m_metrics(values, self.specs, baselines))

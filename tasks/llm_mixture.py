@@ -37,6 +37,12 @@ Evaluation (each metric ``version="1"``, bump it with any change of prompt or sc
 * SuperGLUE: the answer word with the highest summed log-likelihood (not length-normalised): ``acc``; CB also
   ``macro_f1``; MultiRC ``em`` (per question) and ``f1a`` (primary, binary F1 over answers).
 
+Headline (``val/avg``, version ``mean-acc-1``): the quality measure of MultiLoRA (Wang et al. 2023) and MoSLD (Zhao
+et al. 2025), the mean accuracy over MMLU, BoolQ, MultiRC, RTE and WiC, over those of the five the run has (MMLU at
+its primary shot count, MultiRC with its primary F1a: the papers' MultiRC score, there being no per-question
+accuracy). A run with none of the five averages its other higher-is-better primaries (GSM8K, CB, ...); Alpaca
+perplexity points the other way and stays its own column.
+
 Mixing: ``task.mix`` (``subtask=weight``) resizes each training set to ``weight · K`` virtual examples (repeating
 examples, never dropping any; K the smallest size that keeps every real example reachable), so under
 ``train.sampler=proportional`` subtask t is drawn with probability ``weight_t`` exactly. Padding: every batch is padded
@@ -96,6 +102,8 @@ SUPERGLUE: dict[str, tuple[str, tuple[str, ...] | None]] = {
 SUBTASKS = ("alpaca", "mmlu", "gsm8k", *SUPERGLUE)
 DEFAULT_SUBTASKS = ("alpaca", "mmlu", "gsm8k", "boolq", "rte", "wic", "cb", "multirc")
 MMLU_HEADER = "The following are multiple choice questions (with answers) about {}."
+HEADLINE_SUBTASKS = ("mmlu", "boolq", "multirc", "rte", "wic")
+"""Subtasks whose accuracy MultiLoRA and MoSLD average into their quality measure (the task's ``val/avg``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +219,7 @@ class LLMMixture(Task):
 
     config_cls = LLMMixtureConfig
     version = "1"
+    headline_version = "mean-acc-1"
     default_subtasks = DEFAULT_SUBTASKS
     profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "smoke": {
@@ -351,6 +360,17 @@ class LLMMixture(Task):
             else:
                 out[sub] = {"acc": dataclasses.replace(acc, primary=True)}
         return out
+
+    def headline(self, values: Mapping[str, float]) -> float | None:
+        """Mean of the primary metrics of the run's subtasks among :data:`HEADLINE_SUBTASKS` (MMLU, BoolQ,
+        MultiRC, RTE, WiC: MultiLoRA's and MoSLD's quality measure); without any of them, the mean of the other
+        higher-is-better primaries; ``None`` when there is none (Alpaca alone)."""
+        specs = self.metrics()
+        chosen = [s for s in self.subtasks if s in HEADLINE_SUBTASKS] or \
+            [s for s in self.subtasks if all(m.higher_is_better for m in specs[s].values() if m.primary)]
+        keys = [f"val/{s}/{name}" for s in chosen for name, m in specs[s].items() if m.primary]
+        found = [values[k] for k in keys if k in values]
+        return sum(found) / len(found) if found else None
 
     def _mmlu_groups(self) -> list[str]:
         if self.cfg.mmlu_breakdown == "category":

@@ -72,3 +72,14 @@ def test_one_eval_loader_per_subtask_and_metrics_compute(built: tuple) -> None:
     assert ("val/avg" in module.final_metrics) == same_way
     summary = [module.final_metrics[k] for k in ("val/avg", "val/delta_m") if k in module.final_metrics]
     assert all(math.isfinite(v) for v in summary)
+
+
+def test_every_task_declares_a_headline_quality(built: tuple) -> None:
+    """A task's runs must be rankable: a higher-is-better headline (``val/avg``) from its metrics, or Δm against
+    single-task baselines where the headline metrics point different ways."""
+    module, _ = built
+    task = module.task
+    values = {f"val/{sub}/{name}": 0.5 for sub, group in task.metrics().items() for name in group}
+    headline = task.headline(values)
+    assert (headline is not None and math.isfinite(headline)) or task.baselines() is not None, type(task).__name__
+    assert task.headline_version is None or isinstance(task.headline_version, str)

@@ -497,3 +497,32 @@ def test_activation_checkpointing_needs_a_transformers_backbone() -> None:
 
     with pytest.raises(ConfigError, match="activation_checkpointing: backbone .* does not support it"):
         build_module(resolve("lora", "pascal", "smoke", sets=["train.activation_checkpointing=true"]))
+
+
+# -- headline ---------------------------------------------------------------------------------------------------------
+
+
+def test_headline_is_the_papers_mean_accuracy() -> None:
+    """MultiLoRA's / MoSLD's measure: mean accuracy over MMLU, BoolQ, MultiRC, RTE, WiC among the run's subtasks."""
+    values = {"val/alpaca/ppl": 7.0, "val/mmlu/acc_0shot": 0.9, "val/mmlu/acc_5shot": 0.3, "val/boolq/acc": 0.6,
+              "val/multirc/f1a": 0.5, "val/multirc/em": 0.1, "val/rte/acc": 0.7, "val/wic/acc": 0.4,
+              "val/gsm8k/em_strict": 0.0, "val/cb/acc": 1.0}
+    full = make(subtasks=DEFAULT_SUBTASKS)
+    assert full.headline(values) == pytest.approx((0.3 + 0.6 + 0.5 + 0.7 + 0.4) / 5)  # not CB, GSM8K or Alpaca
+    assert make(subtasks=("alpaca", "boolq", "rte")).headline(values) == pytest.approx(0.65)
+    assert make(subtasks=("alpaca", "gsm8k", "cb")).headline(values) == pytest.approx(0.5)  # none of the five
+    assert make(subtasks=("alpaca",)).headline(values) is None  # perplexity alone has no quality to rank
+    assert LLMMixture.headline_version == "mean-acc-1"
+
+
+def test_validation_logs_the_headline_beside_perplexity() -> None:
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    module = build_module(resolve("lora", "llm_mixture", "smoke", sets=["task.subtasks=[alpaca,boolq,rte]"]))
+    module.metrics["alpaca"]["ppl"].update(torch.tensor([2.0]), torch.tensor([1]))
+    module.metrics["boolq"]["acc"].update(torch.tensor([1.0, 0.0]))
+    module.metrics["rte"]["acc"].update(torch.tensor([1.0, 1.0]))
+    module.on_validation_epoch_end()
+    assert module.final_metrics["val/avg"] == pytest.approx(0.75)
+    assert module.final_metrics["val/alpaca/ppl"] == pytest.approx(math.exp(2.0))
