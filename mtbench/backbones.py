@@ -174,7 +174,16 @@ class TextBackbone:
 
 
 def build(spec: str, **kwargs: Any) -> Any:
-    """Build a backbone: a registered builder name, else a hub id or local directory for ``AutoModel``."""
+    """Build a backbone: a registered builder name, else a hub id or local directory for ``AutoModel``.
+
+    Returns:
+        What the builder returns: a :class:`TextBackbone` (``.model``, ``.tokenizer``, ``.hidden_size``) for the text
+        builders (``tiny_bert``, ``minilm_l6``, ``tiny_llama``, ``smollm2_135m``) and for hub ids or folders; the
+        headless timm ``nn.Module`` for the Swin builders.
+
+    Raises:
+        RegistryError: a registered builder whose weights package is missing.
+    """
     if spec in backbones:
         return backbones.get(spec)(**kwargs)
     return hf_text_encoder(spec)
@@ -239,7 +248,13 @@ SMOKE_WORDS = (
 
 @register_backbone("tiny_bert")
 def tiny_bert(hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> TextBackbone:
-    """A randomly initialised 2-layer BERT and a word-level tokenizer built in memory (no download): smoke tests."""
+    """A randomly initialised 2-layer BERT and a word-level tokenizer built in memory (no download), for smoke tests
+    on generated text: its vocabulary is the 58 :data:`SMOKE_WORDS` and the digits 0-9, so real text is almost all
+    ``[UNK]`` (use ``minilm_l6``, a hub id or a local model folder for real data).
+
+    Returns:
+        A :class:`TextBackbone` (``.model`` a ``BertModel`` of ``hidden_size``, ``.tokenizer``, ``.hidden_size``).
+    """
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast

@@ -45,9 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", parents=[common], help="list registered methods, tasks or backbones")
     ls.add_argument("kind", nargs="?", choices=["methods", "tasks", "backbones"], default="methods")
 
-    validate = sub.add_parser("validate", parents=[common],
-                              help="build every method x task x profile without training")
-    validate.add_argument("--profile", action="append", help="only these profiles (default: smoke)")
+    validate_help = "resolve and build every method x task (smoke profile unless --profile) without training"
+    validate = sub.add_parser("validate", parents=[common], help=validate_help, description=validate_help)
+    validate.add_argument("--profile", action="append", metavar="NAME",
+                          help="profile to build (repeatable; default smoke; 'all' = every profile of each task; "
+                          "cpu and paper load real weights)")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                          help="override for every cell, as in run (method.*/task.* keys only where the config "
+                          "has them)")
 
     board = sub.add_parser("leaderboard", parents=[common],
                            help="write the leaderboard (CSV, JSON, Markdown, HTML, Pareto plots) from the runs")
@@ -193,35 +198,67 @@ def _text(value: Any) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """Print name, origin, description and config fields of each registered method, task or backbone."""
+    import textwrap
+
     from . import registry
     from .config import config_fields
 
     reg = getattr(registry, args.kind)
     for name in reg.names():
         obj = reg.get(name)
-        doc = (obj.__doc__ or "").strip().splitlines()
-        print(f"{name}  [{reg.origin(name)}]\n    {doc[0] if doc else ''}")
+        print(f"{name}  [{reg.origin(name)}]")
+        summary = _first_paragraph(obj.__doc__)
+        if summary:
+            print(textwrap.fill(summary, width=118, initial_indent="    ", subsequent_indent="    ",
+                                break_on_hyphens=False))
         if args.kind == "tasks":
-            print(f"    version {obj.version}; profiles: {', '.join(obj.profiles)}")
+            print(f"    version {obj.version}; profiles: {', '.join(obj.profiles)}; default subtasks: "
+                  f"{', '.join(obj.default_subtasks) or '(none)'}")
         if hasattr(obj, "config_cls"):
             for field, kind, default, help_text in config_fields(obj.config_cls):
                 print(f"    {field}: {kind} = {default!r}  {help_text}")
+    if args.kind == "methods":
+        print("Equations, defaults and sources of the built-in methods: docs/methods.md (§ numbers as cited above).")
     return 0
+
+
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line (a summary may run over several source lines)."""
+    import inspect
+
+    paragraph = inspect.cleandoc(doc or "").split("\n\n", 1)[0]
+    return " ".join(paragraph.split())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Resolve and build every method x task x profile; print one line each."""
+    import dataclasses
+
     from . import registry
     from .config import resolve
+    from .errors import ConfigError
     from .runner import build_module
 
+    def applies(key: str, method: str, task: str) -> bool:  # method.r only for methods that have an r
+        section, _, name = key.partition("=")[0].partition(".")
+        owner = {"method": registry.methods, "task": registry.tasks}.get(section)
+        if owner is None:
+            return True
+        config_cls = owner.get(method if section == "method" else task).config_cls
+        return name in {f.name for f in dataclasses.fields(config_cls)}
+
+    for key in args.sets:
+        if not any(applies(key, m, t) for m in registry.methods.names() for t in registry.tasks.names()):
+            raise ConfigError(f"--set {key}: no method or task config has the key {key.partition('=')[0]!r}")
     failures = 0
     for task in registry.tasks.names():
-        profiles = args.profile or ["smoke"]
+        wanted = args.profile or ["smoke"]
+        profiles = list(registry.tasks.get(task).profiles) if "all" in wanted else wanted
         for method in registry.methods.names():
+            sets = [s for s in args.sets if applies(s, method, task)]
             for profile in profiles:
                 try:
-                    module = build_module(resolve(method, task, profile))
+                    module = build_module(resolve(method, task, profile, sets=sets))
                     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
                     print(f"ok    {method:12s} {task:14s} {profile:6s} trainable={trainable:,}")
                 except Exception as exc:
@@ -257,6 +294,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = make_spec(load_file(args.file) if args.file else None, args.methods, args.tasks, args.seeds, args.profile,
                      args.sets, args.grid)
     report = run_sweep(spec, args.tracking_uri, parse_shard(args.shard), args.dry_run, args.progress)
+    if args.dry_run:
+        print(f"sweep (dry run, nothing trained): {len(report.would_run)} would run, {len(report.skipped)} skipped "
+              "(already FINISHED)")
+        return 0
     print(f"sweep: {len(report.finished)} finished, {len(report.skipped)} skipped, {len(report.failed)} failed"
           + (", interrupted" if report.interrupted else ""))
     for line in report.failed:

