@@ -92,7 +92,7 @@ def main() -> None:
           f"{platform.python_version()}, torch {version('torch')}, lightning {version('lightning')}, "
           f"mlflow {version('mlflow')}; load average at the end {os.getloadavg()[0]:.2f}")
     print(f"{args.rounds} interleaved rounds after 1 warm-up, median wall seconds; store of {args.runs} runs\n")
-    print(f"| command | median s | min s | max s | vs import torch | target | met |\n|---|---|---|---|---|---|---|")
+    print("| command | median s | min s | max s | vs import torch | target | met |\n|---|---|---|---|---|---|---|")
     failed = False
     for name, values in times.items():
         median = statistics.median(values)

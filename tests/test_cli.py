@@ -263,7 +263,8 @@ def test_sweep_dry_run_counts_the_cells_it_would_run(tmp_path: Path, capsys: pyt
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     assert main(["sweep", "--methods", "lora,full_ft", "--tasks", "glue", "--dry-run", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1] == "sweep (dry run, nothing trained): 2 would run, 0 skipped (already FINISHED)"
+    last = out.strip().splitlines()[-1]
+    assert last == "sweep (dry run, nothing trained): 2 would run, 0 skipped (already FINISHED)", out
 
 
 def test_validate_help_and_set(capsys: pytest.CaptureFixture) -> None:
