@@ -184,11 +184,48 @@ def test_ls_lists_methods_and_tasks(capsys: pytest.CaptureFixture) -> None:
     assert "glue" in capsys.readouterr().out
 
 
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_every_python_block_and_import_in_the_docs_runs_as_shown(tmp_path: Path) -> None:
+    """Each ```python block of README.md and docs/*.md runs as a file, and each inline `from mtbench ...` /
+    `import mtbench...` span imports, in a fresh process: a name the docs use but the package does not export fails."""
+    files, spans = [], set()
+    for doc in DOCS:
+        for i, block in enumerate(_python_blocks(doc)):
+            path = tmp_path / f"{doc.stem.replace('-', '_')}_{i}.py"
+            path.write_text(block)
+            files.append(str(path))
+        spans |= set(re.findall(r"`((?:from mtbench[\w.]* import|import mtbench)[^`]*)`", doc.read_text()))
+    assert len(files) >= 4 and any("ConfigError" in s for s in spans), (files, spans)
+    code = ("import runpy, sys\n"
+            f"for span in {sorted(spans)!r}:\n    exec(span, {{}})\n"
+            f"for file in {files!r}:\n    runpy.run_path(file, run_name='docs_block')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "MTBENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "MTBENCH_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_method_doc_example_passes_check_method(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The (IA)^3 example, mergeable through DeltaMergeable, passes every conformance check as written."""
+    code = next(b for b in _python_blocks(ROOT / "docs" / "adding-a-method.md") if "@register_method" in b)
+    plugin = tmp_path / "my_ia3_check.py"
+    plugin.write_text(code.replace('"my_ia3"', '"my_ia3_check"'))
+    assert main(["check-method", str(plugin)]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pass  my_ia3_check  merge_unmerge" in out and "FAIL" not in out
+
+
 @pytest.mark.parametrize("doc", ["adding-a-method.md", "adding-a-task.md"])
 def test_docs_examples_run_as_plugins(doc: str, tmp_path: Path) -> None:
     """The complete example in each doc runs when copied to a file and passed with --plugin."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / doc).read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    text = (ROOT / "docs" / doc).read_text()
+    code = next(b for b in _python_blocks(ROOT / "docs" / doc) if "@register_" in b)
     plugin = tmp_path / "example.py"
     plugin.write_text(code)
     command = next(line for line in text.splitlines() if line.startswith("mtbench run --plugin"))
