@@ -207,3 +207,50 @@ def test_gaussian_init_std() -> None:
     layer = MoSLDLinear(nn.Linear(512, 512), r=8, alpha=16.0, n_experts=2, top_k=1, a_init="gaussian")
     assert layer.mosld_A.std().item() == pytest.approx(1 / 8, rel=0.05)
     assert torch.count_nonzero(layer.mosld_B) == 0
+
+
+def _reference(layer: MoSLDLinear, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 written out: per token, only its K selected experts, ``W0 x + s Σ_k g_k B_k (Ã x)``."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(flat @ layer.mosld_router.T, dim=-1)
+    top, index = probs.topk(layer.top_k, dim=-1)
+    gates = top / top.sum(-1, keepdim=True)
+    z = flat @ a.T  # (T, r)
+    selected = layer.mosld_B[index]  # (T, K, out, r): each token's own K experts, no other
+    experts = torch.einsum("tkor,tr->tko", selected, z)
+    out = layer.base(flat) + layer.scale * (gates.unsqueeze(-1) * experts).sum(1)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fast_path_equals_the_per_token_reference_with_gradients(dropout: float) -> None:
+    # Random weights everywhere, 8 experts top-3, a scale that is not a power of two, DropConnect on, a 3-D input;
+    # outputs and every gradient must match the reference that touches only each token's selected experts.
+    torch.manual_seed(0)
+    layer = MoSLDLinear(nn.Linear(12, 10), r=4, alpha=3.0, n_experts=8, top_k=3, dropconnect=0.3,
+                        dropout=dropout).train()
+    with torch.no_grad():
+        layer.mosld_B.normal_(0.0, 0.5)
+        layer.mosld_router.normal_(0.0, 1.0)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    torch.manual_seed(7)
+    fast = layer(x)
+    grads = torch.autograd.grad(fast.pow(2).sum(), [x, layer.mosld_A, layer.mosld_B, layer.mosld_router])
+    torch.manual_seed(7)  # the same DropConnect mask (and input dropout) as the fast path drew
+    keep = 1.0 - layer.dropconnect
+    a = layer.mosld_A * (torch.rand_like(layer.mosld_A) < keep).to(x.dtype) / keep
+    inputs = layer.dropout(x)
+    flat = inputs.reshape(-1, 12)
+    probs = torch.softmax(x.reshape(-1, 12) @ layer.mosld_router.T, dim=-1)  # the router sees x without dropout
+    top, index = probs.topk(3, dim=-1)
+    selected = layer.mosld_B[index]
+    experts = torch.einsum("tkor,tr->tko", selected, flat @ a.T)
+    mixture = layer.scale * ((top / top.sum(-1, keepdim=True)).unsqueeze(-1) * experts).sum(1)
+    reference = layer.base(x) + mixture.reshape(3, 5, 10)
+    if dropout == 0.0:
+        torch.testing.assert_close(reference, _reference(layer, x, a))
+    expected = torch.autograd.grad(reference.pow(2).sum(), [x, layer.mosld_A, layer.mosld_B, layer.mosld_router])
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer.balance_losses.clear()
