@@ -60,8 +60,8 @@ CASES = [
     Case("lora_plus_r8", "lora_plus", {"r": 8}, "lora_r8"),
     Case("multilora_n3_r8", "multilora", {"n": 3, "r": 8}, "lora_r24", 1.10),
     Case("mosld_4exp_top2_r8", "mosld", {"r": 8, "experts": (4,), "top_k": 2, "target_modules": tuple(TARGETS)},
-         "lora_r8", 1.5),
-    Case("lorasc_r8", "lorasc", {"r": 8}, "lora_r8"),
+         "lora_r8", 1.3),
+    Case("lorasc_r8", "lorasc", {"r": 8}, "lora_r8", 1.05),
     Case("mtlora_r8_4tasks_mixed", "mtlora", {"r": 8, "task_r": 4}, "lora_r8", 1.3),
 ]
 
