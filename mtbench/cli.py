@@ -147,8 +147,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     method, task, profile, seed and val/avg."""
     import time
 
+    from .errors import ConfigError
     from .tracking import liveness, load_runs, tracking_uri
 
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be a positive number of runs, got {args.limit}")
     runs = load_runs(tracking_uri(args.tracking_uri))
     if runs.empty:
         print("no runs")
@@ -274,13 +277,17 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from .tracking import home_dir, tracking_uri
 
     args.out = args.out or str(home_dir() / "leaderboard")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--out {args.out} is a file; name a folder (it is created if missing)")
     uri = None if getattr(args, "no_store", False) else tracking_uri(args.tracking_uri)
     board = build_leaderboard(uri, getattr(args, "from_results", []), getattr(args, "reference", []))
     for line in board.rejected:
         print(f"mtbench: rejected {line}", file=sys.stderr)
     paths = write_leaderboard(board, args.out)
-    merged = f"; {board.merged} merged from result files, {len(board.rejected)} rejected" \
-        if getattr(args, "from_results", []) else ""
+    merged = f"; {board.merged} merged from result files, {len(board.rejected)} rejected, {board.unverified} " \
+        "without a sha256" if getattr(args, "from_results", []) else ""
     print(f"{len(board.rows)} rows from {board.finished} finished runs "
           f"({board.excluded} excluded: {board.excluded_detail or 'none'}{merged}) -> {args.out}: "
           f"{', '.join(p.name for p in paths)}")

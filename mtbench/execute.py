@@ -303,8 +303,9 @@ def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | 
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     with tempfile.TemporaryDirectory() as tmp:
-        write_result(Path(tmp) / "result.json", result)
+        digest = write_result(Path(tmp) / "result.json", result)
         mlflow.log_artifact(run_id, str(Path(tmp) / "result.json"))
+        mlflow.set_tag(run_id, "mtbench.result_sha256", digest)  # an exported copy is checked against it
         if trace:
             (Path(tmp) / "traceback.txt").write_text(trace)
             mlflow.log_artifact(run_id, str(Path(tmp) / "traceback.txt"))

@@ -25,7 +25,7 @@ import pandas as pd
 
 from . import stats
 from .errors import MtbenchError
-from .results import read_result
+from .results import read_result, verified
 from .tracking import flatten, liveness, load_runs, package_versions, protocol_id, safe_params
 
 
@@ -60,6 +60,8 @@ class Leaderboard:
     """Finished runs read from result files (not in the store)."""
     duplicates: int = 0
     """Result files skipped because their run is already counted (same run id)."""
+    unverified: int = 0
+    """Result files counted without an integrity check (written before result files carried a ``sha256``)."""
     references: dict[str, str] = field(default_factory=dict)
     default_reference: str = stats.DEFAULT_REFERENCE
     generated: str = ""
@@ -71,7 +73,7 @@ class Leaderboard:
                           "pandas": pd.__version__, "platform": sys.platform},
             "runs": {"finished": self.finished, "excluded": self.excluded, "excluded_detail": self.excluded_detail,
                      "merged_from_result_files": self.merged, "duplicate_result_files": self.duplicates,
-                     "rejected_result_files": self.rejected},
+                     "unverified_result_files": self.unverified, "rejected_result_files": self.rejected},
             "statistics": {
                 "replication": "seed: repeated runs of one seed are averaged into that seed's value "
                                f"(repeats={stats.REPEATS}); n counts the seeds with a finite quality, listed in "
@@ -93,8 +95,8 @@ class Leaderboard:
 
 
 def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Valid results under ``folders`` (files named ``result.json`` or ``*result.json``, recursively), and one
-    line per rejected file."""
+    """Valid results under ``folders`` (files named ``result.json`` or ``*result.json``, recursively), each with
+    its path under ``"_path"``, and one line per rejected file (see :func:`~mtbench.results.read_result`)."""
     valid, rejected = [], []
     for folder in folders:
         root = Path(folder)
@@ -102,7 +104,7 @@ def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]]
             raise MtbenchError(f"--from-results: {folder} is not a folder")
         for path in sorted(root.rglob("*result.json")):
             try:
-                valid.append(read_result(path))
+                valid.append(read_result(path) | {"_path": str(path)})
             except MtbenchError as exc:
                 rejected.append(str(exc).splitlines()[0])
     return valid, rejected
@@ -116,8 +118,11 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
     statuses: list[str] = []
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
+    digests: dict[str, str] = {}
     for _, run in runs.iterrows():
         seen.add(run["run_id"])
+        if isinstance(run.get("tags.mtbench.result_sha256"), str):
+            digests[run["run_id"]] = run["tags.mtbench.result_sha256"]
         if run["status"] == "FINISHED" and pd.notna(run.get("tags.mtbench.task")):
             records.append(_store_record(run))
         elif run["status"] == "RUNNING":
@@ -127,8 +132,14 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
         else:
             statuses.append(run["status"] if run["status"] != "FINISHED" else "without mtbench tags")
     results, rejected = collect_results(result_dirs)
-    merged = duplicates = 0
+    merged = duplicates = unverified = 0
     for result in results:
+        recorded = digests.get(result["run_id"])
+        if recorded and result.get("sha256") != recorded:
+            rejected.append(f"{result['_path']}: sha256 differs from the one the store recorded for run "
+                            f"{result['run_id']} (the file was edited after it was written)")
+            continue
+        unverified += not verified(result)
         if result["run_id"] in seen:
             duplicates += 1
             continue
@@ -142,7 +153,7 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
     counts = Counter(statuses)
     detail = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (-counts[s], s)))
     board = Leaderboard(pd.DataFrame(), len(records), len(statuses), detail, rejected=rejected, merged=merged,
-                        duplicates=duplicates, references=per_task, default_reference=default,
+                        duplicates=duplicates, unverified=unverified, references=per_task, default_reference=default,
                         generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if records:
         board.directions = {k: bool(s.get("higher_is_better", True)) for r in records for k, s in r["specs"].items()}
@@ -193,7 +204,7 @@ def _file_record(result: dict[str, Any]) -> dict[str, Any]:
         **_from_params(safe_params(flatten(result["config"]))),
     )
     # Metric keys are namespaced (``val/...``); anything else could overwrite the record's own fields.
-    record.update({k: float(v) for k, v in result["metrics"].items() if "/" in k})
+    record.update({k: math.nan if v is None else float(v) for k, v in result["metrics"].items() if "/" in k})
     for section in ("params", "perf"):
         record.update({f"{section}/{k}": float(v) for k, v in result[section].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)})

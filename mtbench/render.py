@@ -12,6 +12,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pandas as pd
 from . import stats
 from .leaderboard import SCHEMA, Leaderboard
 from .reported import ReportedTable, reported_for
-from .results import atomic_write, atomic_write_bytes
+from .results import atomic_write_bytes
 
 
 # --- Rendering: one set of column definitions for Markdown and HTML ------------------------------------------------
@@ -147,8 +148,13 @@ NOTES = ("Mean ± std over seeds (n = seeds with a finite quality; repeated runs
          "protocol is a hash of every logged setting but the method's and the seed (tag mtbench.protocol_id).")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
 def _md(text: Any) -> str:
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+    """A Markdown table cell or heading that shows ``text`` literally: HTML escaped, Markdown punctuation (links,
+    emphasis, code, pipes) backslash-escaped, one line."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
 
 
 def to_markdown(board: Leaderboard) -> str:
@@ -214,7 +220,7 @@ def _md_reported(tables: list[ReportedTable]) -> list[str]:
 
 
 def _md_table(columns: list[Column], rows: pd.DataFrame) -> list[str]:
-    out = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    out = ["| " + " | ".join(_md(c.header) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in rows.iterrows():
         out.append("| " + " | ".join(_md(c.text(row)) for c in columns) + " |")
     return out
@@ -678,23 +684,93 @@ def _html_reported(tables: list[ReportedTable]) -> list[str]:
 # --- Outputs -------------------------------------------------------------------------------------------------------
 
 
+GENERATED = ("leaderboard.csv", "leaderboard.json", "LEADERBOARD.md", "index.html", "pareto-*.png")
+"""The files :func:`write_leaderboard` owns in its folder; anything else there (a README) is kept."""
+
+
 def write_leaderboard(board: Leaderboard, out: str | Path) -> list[Path]:
     """Write ``leaderboard.csv``, ``leaderboard.json``, ``LEADERBOARD.md``, ``index.html`` and one
-    ``pareto-*.png`` per comparison group, each atomically."""
+    ``pareto-*.png`` per comparison group, as a set: every file is rendered in memory first, written to a staging
+    folder beside ``out``, and the staging folder replaces ``out`` by rename, so a failure at any point leaves the
+    previous board whole (never some new files beside old ones). Other files in ``out`` are carried over.
+
+    Raises:
+        MtbenchError: ``out`` is a file, or its parent folder cannot be written.
+    """
     folder = Path(out)
     plots = pareto_plots(board)
-    paths = [folder / "leaderboard.csv", folder / "leaderboard.json", folder / "LEADERBOARD.md", folder / "index.html"]
-    atomic_write(paths[0], board.rows.to_csv(index=False))
-    atomic_write(paths[1], json.dumps(to_json(board), indent=1, allow_nan=False) + "\n")
-    atomic_write(paths[2], to_markdown(board))
-    atomic_write(paths[3], to_html(board, plots))
-    for stale in folder.glob("pareto-*.png"):
-        if stale.name not in {plot.name for plot in plots}:
-            stale.unlink()
-    for plot in plots:
-        atomic_write_bytes(folder / plot.name, plot.png)
-        paths.append(folder / plot.name)
-    return paths
+    files = {
+        "leaderboard.csv": to_csv(board).encode("utf-8"),
+        "leaderboard.json": (json.dumps(to_json(board), indent=1, allow_nan=False) + "\n").encode("utf-8"),
+        "LEADERBOARD.md": to_markdown(board).encode("utf-8"),
+        "index.html": to_html(board, plots).encode("utf-8"),
+        **{plot.name: plot.png for plot in plots},
+    }
+    _replace_folder(folder, files)
+    return [folder / name for name in files]
+
+
+def _replace_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Make ``folder`` hold ``files`` (plus its other, non-generated files) in one swap.
+
+    Hand-written: no library we use swaps a folder; POSIX gives atomic rename of one path, so the new set is built
+    beside the old one and the two are exchanged with two renames (the old folder is kept until the new one is in
+    place, and restored if the second rename fails).
+    """
+    import shutil
+    import tempfile
+
+    from .errors import MtbenchError
+
+    if folder.exists() and not folder.is_dir():
+        raise MtbenchError(f"--out {folder} is a file; name a folder (it is created if missing)")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-", dir=folder.parent))
+    except OSError as exc:
+        raise MtbenchError(f"--out {folder}: cannot write beside it ({exc.strerror})") from exc
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it 0700; the board is published
+        for name, data in files.items():
+            atomic_write_bytes(stage / name, data)
+        if folder.is_dir():
+            for item in folder.iterdir():
+                if not any(item.match(pattern) for pattern in GENERATED) and not (stage / item.name).exists():
+                    if item.is_dir() and not item.is_symlink():
+                        shutil.copytree(item, stage / item.name, symlinks=True)
+                    else:
+                        shutil.copy2(item, stage / item.name, follow_symlinks=False)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+        try:
+            os.replace(stage, folder)
+        except OSError:
+            if old is not None:
+                os.replace(old / folder.name, folder)
+            raise
+    except OSError as exc:
+        raise MtbenchError(f"--out {folder}: cannot write the leaderboard ({exc.strerror or exc}); the previous "
+                           "board is unchanged") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def to_csv(board: Leaderboard) -> str:
+    """``leaderboard.csv``: the rows; a text cell that a spreadsheet would run as a formula (``=…``, ``+…``,
+    ``-…``, ``@…``) gets a leading ``'`` (OWASP's CSV-injection rule); numbers are written as numbers."""
+    rows = board.rows.copy()
+    for column in rows.columns:
+        if not pd.api.types.is_numeric_dtype(rows[column]):
+            rows[column] = [f"'{v}" if isinstance(v, str) and v.startswith(_CSV_FORMULA) else v for v in rows[column]]
+    return rows.to_csv(index=False)
 
 
 def to_json(board: Leaderboard) -> dict[str, Any]:

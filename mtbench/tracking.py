@@ -97,6 +97,13 @@ def _open_sqlite_store(db: Path, uri: str) -> Any:
     import fcntl
     import sqlite3
 
+    # MLflow writes to the store on open (migrations, WAL); on a read-only file it fails deep in SQLAlchemy, whose
+    # error carries the whole failed SQL script. Say it in one line instead.
+    for path in (db, db.parent):
+        if path.exists() and not os.access(path, os.W_OK):
+            what = "file" if path == db else "folder"
+            raise MtbenchError(f"the store {what} {path} is read-only; mtbench writes to the store even to read it "
+                               "(MLflow migrates and locks it): make it writable, or work on a copy")
     try:
         with open(db.with_name(db.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

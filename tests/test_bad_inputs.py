@@ -253,3 +253,170 @@ def test_unreadable_data_is_named_in_one_line(
     named = locked if what != "subfolder" else root / "rte"
     assert str(named) in err and ("cannot be read" in err), err
     assert _tree_digest(store) == before
+
+
+# --- result files and leaderboard outputs ---------------------------------------------------------------------------
+
+
+def _stored_result(store: Path) -> tuple[Path, dict]:
+    import json
+
+    path = next(store.rglob("result.json"))
+    return path, json.loads(path.read_text())
+
+
+def test_result_files_carry_the_digest_the_store_recorded(store: Path) -> None:
+    from mtbench.results import content_digest
+    from mtbench.tracking import load_runs
+
+    _, result = _stored_result(store)
+    assert result["sha256"] == content_digest(result)
+    runs = load_runs(f"sqlite:///{store / 'm.db'}").set_index("run_id")
+    assert runs.loc[result["run_id"], "tags.mtbench.result_sha256"] == result["sha256"]
+
+
+def _bad_result_files(folder: Path, good: dict) -> dict[str, str]:
+    """name -> the text of a result file that must be refused (and the reason expected in its line)."""
+    import copy
+    import json
+
+    from mtbench.results import content_digest
+
+    def variant(run: str, edit: Callable[[dict], None], rehash: bool = True) -> dict:
+        data = copy.deepcopy(good) | {"run_id": run * 32}
+        edit(data)
+        if rehash:
+            data["sha256"] = content_digest(data)
+        return data
+
+    def metric(value: object) -> Callable[[dict], None]:
+        return lambda d: d["metrics"].__setitem__("val/avg", value)
+
+    text = json.dumps(variant("1", metric(0.5)))
+    edited = variant("2", metric(0.99), rehash=False)  # a metric edited, the file's digest left as written
+    resigned = copy.deepcopy(good)  # the store's own run, edited and re-hashed: the store's digest differs
+    resigned["metrics"]["val/avg"] = 0.99
+    resigned["sha256"] = content_digest(resigned)
+    return {
+        "nan.result.json": (text.replace('"val/avg": 0.5', '"val/avg": NaN'), "NaN is not a JSON number"),
+        "inf.result.json": (text.replace('"val/avg": 0.5', '"val/avg": -Infinity'), "-Infinity is not a JSON number"),
+        "overflow.result.json": (text.replace('"val/avg": 0.5', '"val/avg": 1e999'), "out of range"),
+        "digits.result.json": (text.replace('"val/avg": 0.5', '"val/avg": ' + "9" * 400), "400 digits"),
+        "absurd.result.json": (json.dumps(variant("3", metric(1e300))), "is not a finite number within"),
+        "deep.result.json": (text.replace('"val/avg": 0.5', '"val/avg": ' + "[" * 200_000 + "]" * 200_000),
+                             "nested too deeply"),
+        "deep_config.result.json": (json.dumps(variant("4", lambda d: d["config"].__setitem__(
+            "x", json.loads("[" * 100 + "]" * 100)))), "nested deeper than"),
+        "edited.result.json": (json.dumps(edited), "does not match its sha256"),
+        "resigned.result.json": (json.dumps(resigned), "differs from the one the store recorded"),
+    }
+
+
+def test_bad_result_files_are_refused_by_name_and_the_board_goes_on(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    import copy
+    import json
+
+    from mtbench.results import content_digest
+
+    _, good = _stored_result(store)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    fine = copy.deepcopy(good) | {"run_id": "f" * 32, "seed": 1}
+    fine["sha256"] = content_digest(fine)
+    (folder / "fine.result.json").write_text(json.dumps(fine))
+    bad = _bad_result_files(folder, good)
+    for name, (text, _) in bad.items():
+        (folder / name).write_text(text)
+    capsys.readouterr()
+    code = main(["leaderboard", "--tracking-uri", f"sqlite:///{store / 'm.db'}", "--out", str(tmp_path / "board"),
+                 "--from-results", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == len(bad), err
+    for name, (_, reason) in bad.items():
+        assert any(name in line and reason in line for line in lines), (name, err)
+    board = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
+    assert board["provenance"]["runs"]["merged_from_result_files"] == 1
+
+
+def test_leaderboard_outputs_are_replaced_as_a_set(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mtbench import render
+
+    out = tmp_path / "board"
+    uri = f"sqlite:///{store / 'm.db'}"
+    assert main(["leaderboard", "--tracking-uri", uri, "--out", str(out)]) == 0
+    (out / "README.md").write_text("kept")
+    before = _tree_digest(out)
+
+    def broken(*args: object, **kwargs: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(render, "to_html", broken)  # fails after the CSV, JSON and Markdown are rendered
+    with pytest.raises(OSError, match="No space left"):
+        main(["leaderboard", "--tracking-uri", uri, "--out", str(out)])
+    assert _tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board"]  # no staging folder left behind
+    monkeypatch.undo()
+    assert main(["leaderboard", "--tracking-uri", uri, "--out", str(out)]) == 0
+    assert (out / "README.md").read_text() == "kept"
+
+
+def test_user_strings_are_escaped_in_every_output(store: Path, tmp_path: Path) -> None:
+    import copy
+    import json
+
+    from mtbench.results import content_digest
+
+    _, good = _stored_result(store)
+    data = copy.deepcopy(good) | {"run_id": "e" * 32}
+    name = "val/[x](http://evil)|`y`"
+    data["metrics"][name] = 0.5
+    data["metric_specs"][name] = {"higher_is_better": True, "primary": True, "version": "1"}
+    data["provenance"]["device"] = "=HYPERLINK(\"http://evil\")"
+    data["sha256"] = content_digest(data)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "x.result.json").write_text(json.dumps(data))
+    out = tmp_path / "board"
+    assert main(["leaderboard", "--no-store", "--from-results", str(folder), "--out", str(out)]) == 0
+    markdown = (out / "LEADERBOARD.md").read_text()
+    assert "[x](http" not in markdown and "\\[x\\](http://evil)\\|\\`y\\`" in markdown
+    import csv
+
+    with (out / "leaderboard.csv").open(newline="") as f:
+        devices = [row["device"] for row in csv.DictReader(f)]
+    assert devices == ["'=HYPERLINK(\"http://evil\")"]  # a spreadsheet shows it as text, never runs it
+    assert "<script" not in (out / "index.html").read_text().replace("<script>", "").lower()
+
+
+def _store_argv(store: Path, *argv: str) -> list[str]:
+    return [*argv, "--tracking-uri", f"sqlite:///{store / 'm.db'}"]
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "negative_limit", "read_only_store"])
+def test_leaderboard_and_runs_options_are_one_line_errors(
+    case: str, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = _tree_digest(store)
+    if case == "out_is_a_file":
+        argv = _store_argv(store, "leaderboard", "--out", str(_write(tmp_path / "board.html", "x")))
+        expected = "board.html is a file; name a folder"
+    elif case == "negative_limit":
+        argv, expected = _store_argv(store, "runs", "--limit", "-1"), "--limit must be a positive number of runs"
+    else:
+        # chmod does not stop root (these tests run as root here): answer the access check as the kernel would.
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: not (
+            Path(p) == store / "m.db" and mode & os.W_OK) and real_access(p, mode, **kw))
+        argv, expected = _store_argv(store, "runs"), f"the store file {store / 'm.db'} is read-only"
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("mtbench: error: "), err
+    assert expected in err, err
+    assert _tree_digest(store) == before
