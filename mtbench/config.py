@@ -270,7 +270,11 @@ def resolve(
     if profile not in task_cls.profiles:
         raise ConfigError(did_you_mean(profile, task_cls.profiles, f"profile of task '{task}'"))
     merged: dict[str, dict[str, Any]] = {"method": {}, "task": {}, "train": {}, "trainer": dict(DEFAULT_TRAINER)}
-    for layer in (task_cls.profiles[profile], file, overrides):
+    shared = task_cls.profiles[profile]
+    # A profile's ``methods`` entry gives per-method settings on top of its shared ones: each method at the budget
+    # (rank, scale, dropout, ...) its paper compared it at. Then the file, then ``--set``.
+    per_method = (shared.get("methods") or {}).get(method) or {}
+    for layer in (shared, per_method, file, overrides):
         for section in SECTIONS:
             merged[section].update({k: v for k, v in (layer.get(section) or {}).items() if k != "name"})
     if "subtasks" in merged["task"] and not merged["task"]["subtasks"]:

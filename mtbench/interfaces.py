@@ -434,8 +434,9 @@ class Task(ABC):
     """A task family (GLUE, PASCAL-Context, an LLM mixture): data, heads, losses and metrics of its subtasks.
 
     Subclasses set ``config_cls``, ``version`` (bump it whenever preprocessing, splits or metrics change) and
-    ``profiles`` (``smoke``, ``cpu``, ``paper``), each a dict of experiment overrides (``task``, ``train``,
-    ``trainer`` sections).
+    ``profiles`` (``smoke``, ``cpu``, ``paper``), each a dict of experiment overrides (``method``, ``task``,
+    ``train``, ``trainer`` sections) plus optionally ``methods``: method name -> sections applied on top for that
+    method only (the budget each method's paper compared it at; a config file and ``--set`` still override).
     """
 
     config_cls: ClassVar[type[TaskConfig]] = TaskConfig

@@ -194,6 +194,10 @@ class GlueConfig(TaskConfig):
             raise ConfigError("task.backbone must name a backbone (tiny_bert, minilm_l6, a hub id or a folder)")
 
 
+_LORA_PLUS_GLUE = {"r": 8, "alpha": 8.0, "dropout": 0.1}
+"""LoRA's settings in the LoRA+ paper's GLUE runs (roberta-base): rank 8, alpha 8 (scale 1), dropout 0.1."""
+
+
 @register_task("glue")
 class Glue(Task):
     """GLUE + SuperGLUE on one text encoder: pooled sentence vector, one dropout + linear head per subtask.
@@ -231,12 +235,25 @@ class Glue(Task):
                       "batch_mode": "homogeneous", "length_grouping": 32, "task_weights": ["rte=3"]},
             "trainer": {"max_steps": 1000, "num_sanity_val_steps": 0},
         },
+        # The LoRA+ GLUE setup (loraplus glue/scripts/run_roberta_lora.sh and glue/src/arguments.py, methods.md §3):
+        # LoRA on query and value, r 8, alpha 8, dropout 0.1 (the arguments' default, not set by the script), AdamW
+        # betas (0.9, 0.99); LoRA+ the same with lambda = 80. The other LoRA-family methods run at LoRA's budget.
         "paper": {
+            "method": {"target_modules": ["q", "v"]},
             "task": {"backbone": "roberta-base", "source": "auto", "subtasks": list(GLUE_PEFT), "pooling": "cls",
                      "max_length": 128, "head_dropout": 0.1},
             "train": {"lr": 5e-5, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "linear", "batch_size": 32,
-                      "eval_batch_size": 128, "sampler": "proportional", "temperature": 1.0, "batch_mode": "mixed"},
+                      "eval_batch_size": 128, "sampler": "proportional", "temperature": 1.0, "batch_mode": "mixed",
+                      "betas": [0.9, 0.99]},
             "trainer": {"max_epochs": 3, "max_steps": -1, "precision": "16-mixed", "val_check_interval": 500},
+            "methods": {
+                "lora": {"method": _LORA_PLUS_GLUE},
+                "lora_plus": {"method": {**_LORA_PLUS_GLUE, "lr_ratio": 80.0}},
+                "lorasc": {"method": _LORA_PLUS_GLUE},
+                "multilora": {"method": {**_LORA_PLUS_GLUE, "n": 2, "equal_budget": True}},
+                "mosld": {"method": {"r": 8, "alpha": 8.0, "dropout": 0.1}},
+                "mtlora": {"method": {"r": 8, "scale": 1.0, "dropout": 0.1}},
+            },
         },
     }
 

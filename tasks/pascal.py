@@ -77,6 +77,8 @@ OUTPUTS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0}
 DECODER_CHANNELS = (18, 36, 72, 144)
 TARGETS = ("qkv", "proj", "fc1", "fc2")
+_BUDGET = {"r": 64, "alpha": 256.0, "dropout": 0.05}
+"""The LoRA-family budget of the paper profile: MTLoRA's shared rank 64 and scale 4 (alpha = 4 r), dropout 0.05."""
 RELEASE_URL = "https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"
 UNFROZEN = (r"^patch_embed\.|(?:^|\.)norm\d?\.(?:weight|bias)$|\.relative_position_bias_table$"
             r"|\.downsample\.reduction\.weight$")
@@ -190,6 +192,18 @@ class Pascal(Task):
             # validation every 5 epochs (780 steps) and at the end.
             "trainer": {"max_epochs": 300, "max_steps": -1, "precision": "16-mixed", "gradient_clip_val": 1.25,
                         "val_check_interval": 780, "num_sanity_val_steps": 0},
+            # methods.md §10: every method at MTLoRA's budget (shared rank 64, scale 4, dropout 0.05; MTLoRA's own
+            # defaults), so the trainable-parameter column compares like with like.
+            "methods": {
+                "lora": {"method": _BUDGET},
+                "lora_plus": {"method": _BUDGET},
+                # 10 stages of 30 epochs (156 steps each): §10's 3-10 stages for a 300-epoch run.
+                "lorasc": {"method": {**_BUDGET, "stage_steps": 30 * 156}},
+                # r_i = r / n, the same factor budget as one LoRA of rank 64 (n = 4: 64 is not divisible by 3).
+                "multilora": {"method": {**_BUDGET, "n": 4, "equal_budget": True}},
+                # Shared A of rank 64 and experts (2, 4, 6, 8) by stage; DropConnect 0.1 is its own regulariser.
+                "mosld": {"method": {"r": 64, "alpha": 256.0}},
+            },
         },
     }
 

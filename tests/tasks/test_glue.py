@@ -54,7 +54,7 @@ def test_registered_with_version_and_profiles() -> None:
     assert Glue.version == "1" and Glue.config_cls is GlueConfig
     assert set(Glue.profiles) == {"smoke", "cpu", "paper"}
     for name, profile in Glue.profiles.items():
-        assert set(profile) == {"task", "train", "trainer"}, name
+        assert set(profile) - {"method", "methods"} == {"task", "train", "trainer"}, name
         cfg = GlueConfig(**profile["task"])  # every profile's task section is a valid config
         assert cfg.subtasks, name
         LoaderConfig(**{k: profile["train"][k] for k in ("batch_size", "eval_batch_size", "sampler", "temperature",
@@ -277,6 +277,25 @@ def test_trainable_counts_only_what_receives_a_gradient(tmp_path: Path) -> None:
     assert sorted(module.unused_params) == ["backbone.pooler.dense.bias", "backbone.pooler.dense.weight"]
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(id(p) not in optimized for n, p in module.model.named_parameters() if n.startswith("backbone.pooler."))
+
+
+def test_paper_profile_runs_each_method_at_the_lora_plus_papers_settings() -> None:
+    """LoRA+ GLUE (roberta-base): query/value, r 8, alpha 8, dropout 0.1, betas (0.9, 0.99); LoRA+ lambda 80; the
+    other LoRA-family methods at LoRA's rank; a config file or --set still overrides."""
+    from mtbench.config import resolve
+    from mtbench.registry import methods
+
+    lora, plus = resolve("lora", "glue", "paper"), resolve("lora_plus", "glue", "paper")
+    for exp in (lora, plus):
+        assert (exp.method.r, exp.method.alpha, exp.method.dropout) == (8, 8.0, 0.1)
+        assert tuple(exp.method.target_modules) == ("q", "v") and exp.train.betas == (0.9, 0.99)
+    assert plus.method.lr_ratio == 80.0 and lora.protocol_id() == plus.protocol_id()
+    for name in ("lorasc", "multilora", "mosld", "mtlora"):
+        exp = resolve(name, "glue", "paper")
+        budget = exp.method.r // exp.method.n if getattr(exp.method, "equal_budget", False) else exp.method.r
+        assert budget * getattr(exp.method, "n", 1) == 8 and exp.method.dropout == 0.1, name
+    assert resolve("lora", "glue", "paper", sets=["method.r=16"]).method.r == 16
+    assert set(Glue.profiles["paper"]["methods"]) <= set(methods.names())
 
 
 def test_eval_limit_keeps_whole_multirc_questions() -> None:

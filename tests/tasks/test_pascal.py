@@ -3,6 +3,8 @@ checkpoint key mapping, MTLoRA's per-task streams on Swin, the paper's parameter
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 import math
@@ -541,3 +543,26 @@ def test_cli_mtlora_smoke_run_records_delta_m(tmp_path: Path) -> None:
     specs = json.loads(run["tags.mtbench.metric_specs"])
     assert specs["val/delta_m"]["higher_is_better"] and not specs["val/normals/mean"]["higher_is_better"]
     assert specs["val/sal/miou"]["version"] == "astmt-15thr-b1"
+
+
+def test_paper_profile_compares_methods_at_one_budget() -> None:
+    """methods.md §10: LoRA, LoRA+, LoRASC and MultiLoRA at MTLoRA's shared rank 64, scale 4, dropout 0.05, so their
+    adapters have as many parameters; MTLoRA keeps its own defaults."""
+    from mtbench.backbones import build
+    from mtbench.config import resolve
+    from mtbench.interfaces import adapter_roles
+
+    swin = build("swin_t", img_size=224, pretrained=False)  # Swin-T's layer widths; r = 64 fits no smaller one
+    counts = {}
+    for name in ("lora", "lora_plus", "lorasc", "multilora", "mtlora"):
+        exp = resolve(name, "pascal", "paper")
+        cfg = exp.method
+        scale = cfg.scale if name == "mtlora" else cfg.alpha / cfg.r
+        assert (cfg.r, scale, cfg.dropout) == (64, 4.0, 0.05), name
+        model = exp.method_cls(cfg, exp.task_cls.default_subtasks).apply(copy.deepcopy(swin))
+        params = dict(model.named_parameters())
+        # Low-rank factors (MultiLoRA's per-channel branch scales are on top of them, as in its paper).
+        counts[name] = sum(params[n].numel() for n, role in adapter_roles(model).items() if role.kind in ("A", "B"))
+    assert resolve("lorasc", "pascal", "paper").method.stage_steps == 30 * 156  # 10 stages in 300 epochs
+    assert counts["lora"] == counts["lora_plus"] == counts["lorasc"] == counts["multilora"] < counts["mtlora"]
+
