@@ -202,8 +202,10 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
             logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_id=run_id,
                                   artifact_location=artifact_root(uri))
             with tempfile.TemporaryDirectory() as scratch:
+                # tqdm's bar: Lightning's default rich bar prints "Epoch 0/-2" for step-limited runs (max_epochs -1).
+                bar = [pl.callbacks.TQDMProgressBar()] if progress else []
                 trainer = pl.Trainer(**_trainer_kwargs(exp), logger=logger, default_root_dir=scratch,
-                                     callbacks=[measurements, stop, heartbeat, *module.method.callbacks()],
+                                     callbacks=[measurements, stop, heartbeat, *module.method.callbacks(), *bar],
                                      enable_checkpointing=False, enable_progress_bar=progress)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
                 if stop.received is not None:

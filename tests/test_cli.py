@@ -311,3 +311,12 @@ def test_validate_help_and_set(capsys: pytest.CaptureFixture) -> None:
     assert "smoke profile unless --profile" in help_text and "--set KEY=VALUE" in help_text
     assert main(["validate", "--set", "method.no_such_key=1"]) == 2
     assert "no method or task config has the key 'method.no_such_key'" in capsys.readouterr().err
+
+
+def test_progress_bar_of_a_step_limited_run_shows_no_negative_epoch(tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", "--method", "lora", "--task", "glue", "--tracking-uri", uri, "--set", "trainer.max_steps=3",
+                 "--set", "task.synthetic_size=8"]) == 0
+    out, err = capfd.readouterr()
+    assert "Epoch 0" in out + err and "/-" not in out + err, (out + err)[-2000:]
