@@ -229,7 +229,7 @@ def test_tied_output_embedding_exits_2_from_the_cli(tmp_path: Path, capsys: pyte
 def test_bf16_merge_rounds_once_and_unmerge_restores_every_bit() -> None:
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(64, 64).to(torch.bfloat16), r=4, alpha=4.0)
-    layer.lora_B.normal_(0.0, 3e-5)  # updates of ~1e-4, below the weights' bf16 rounding step for many of them
+    layer.lora_B.normal_(0.0, 3e-3)  # updates of ~3e-4, about the weights' bf16 rounding step
     w0 = layer.base.weight.clone()
     delta = layer.delta_weight()
     assert delta.dtype == torch.float32

@@ -176,7 +176,7 @@ def test_branch_rank_exceeds_width() -> None:
 def test_bf16_merge_rounds_once_and_unmerge_restores_every_bit() -> None:
     torch.manual_seed(0)
     layer = MultiLoRALinear(nn.Linear(64, 64).to(torch.bfloat16), MultiLoRAConfig(n=3, r=4))
-    layer.multilora_s.normal_(0.0, 1e-4)
+    layer.multilora_s.normal_(0.0, 3e-3)  # updates of ~7e-4, a few times the weights' bf16 rounding step
     w0 = layer.base.weight.clone()
     delta = layer.delta_weight()
     assert delta.dtype == torch.float32
