@@ -195,6 +195,22 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
     return nested
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in the file ``path`` (empty: ``{}``), read with the strict loader (:class:`_Loader`).
+
+    Raises:
+        ConfigError: naming ``what`` and the file: unreadable, not UTF-8, not YAML, a repeated key, an anchor/alias.
+    """
+    try:
+        return _yaml(Path(path).read_bytes().decode("utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {_yaml_error(exc)}") from exc
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read an experiment YAML file (sections method/task/train/trainer, optional profile and seed).
 
@@ -202,15 +218,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         ConfigError: unreadable, not UTF-8, not YAML, a repeated key, an anchor/alias, an unknown section, a section
             that is not a mapping.
     """
-    file = Path(path)
-    try:
-        data = _yaml(file.read_bytes().decode("utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error(exc)}") from exc
+    data = read_yaml(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping with sections {', '.join(SECTIONS)}")
     unknown = set(map(str, data)) - {*SECTIONS, "profile", "seed"}

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
 
 
@@ -120,14 +118,10 @@ def _names(value: Any) -> tuple[str, ...]:
 
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a sweep YAML file (keys: methods, tasks, seeds, profile, set, grid)."""
+    from .config import read_yaml
     from .registry import did_you_mean
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read sweep file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = read_yaml(path, "sweep file")  # the config files' strict reader: no repeated keys, no aliases
     if not isinstance(data, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping with keys {', '.join(FILE_KEYS)}")
     for key in data:
@@ -158,9 +152,13 @@ def make_spec(file: dict[str, Any] | None = None, methods: str | None = None, ta
         registry.methods.get(name)
     for name in task_names:
         registry.tasks.get(name)
+    from .config import check_seed
+
     try:
-        seed_list = tuple(int(s) for s in _names(seeds if seeds is not None else data.get("seeds", [0])))
-    except ValueError as exc:
+        seed_list = tuple(check_seed(int(s)) for s in _names(seeds if seeds is not None else data.get("seeds", [0])))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"seeds must be integers ({exc})") from exc
     file_sets = data.get("set") or {}
     file_sets = [f"{k}={_yaml_value(v)}" for k, v in file_sets.items()] if isinstance(file_sets, dict) \

@@ -132,6 +132,12 @@ CASES: list[Case] = [
      "section 'train' must be a mapping"),
     ("config_trainer_list", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "trainer: [max_steps, 2]\n"))],
      "section 'trainer' must be a mapping"),
+    ("sweep_file_duplicate_key", lambda t: ["sweep", "--file", str(_write(t / "s.yaml", (
+        "methods: [lora]\ntasks: [glue]\nmethods: [full_ft]\n")))], "key 'methods' is given twice (line 3"),
+    ("sweep_file_alias", lambda t: ["sweep", "--file", str(_write(t / "s.yaml", (
+        "methods: &m [lora]\ntasks: *m\n")))], "anchors and aliases (&name, *name) are not supported"),
+    ("sweep_negative_seed", lambda t: ["sweep", "--methods", "lora", "--tasks", "glue", "--seeds", "0,-1"],
+     "seed=-1 must be an integer in [0, 4294967295]"),
     # Data: a root that is a file, for every task's reader.
     ("glue_data_root_is_a_file", lambda t: _local(_write(t / "root.txt", "x")), "root.txt (task.data_root / "
      "$MTBENCH_DATA) is a file, not a folder"),
