@@ -5,8 +5,11 @@
 trained with the same backbone and schedule. Positive means better on average. One headline metric per task (the
 task's primary metric), averaged flat over tasks; with one metric per task this equals LibMTL's two-level Δp.
 
-A baseline file is JSON holding at least ``{"metrics": {subtask: {metric: value}}}`` in the units the task's metrics
-produce, plus provenance (``id``, ``version``, ``units``, ``source``); shipped files live in ``mtbench/baselines/``.
+A baseline file is JSON holding ``{"metrics": {subtask: {metric: value}}}`` in the units the task's metrics produce,
+the ``protocol`` the values were measured under (``{"task": name, "task_version": v, "config": {key: value}}``: the
+task, its version and the task settings that define data, model and augmentation) and provenance (``id``,
+``version``, ``units``, ``source``); shipped files live in ``mtbench/baselines/``. Δm is only computed against a file
+whose protocol matches the run's (:func:`protocol_mismatch`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 from .interfaces import MetricSpec
@@ -100,3 +104,40 @@ def load_baselines(path: str | Path) -> dict[str, dict[str, float]]:
             raise DataError(f"{path}: metrics.{sub} must map metric names to numbers")
         out[sub] = {name: float(v) for name, v in group.items()}
     return out
+
+
+def baseline_protocol(path: str | Path) -> dict[str, Any]:
+    """The ``protocol`` of a baseline file: ``{"task": str, "task_version": str, "config": {key: value}}``.
+
+    Raises:
+        DataError: the file is unreadable or has no such ``protocol`` (the message shows the expected shape).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable baseline file ({exc.__class__.__name__})") from exc
+    protocol = data.get("protocol") if isinstance(data, dict) else None
+    if (not isinstance(protocol, dict) or not isinstance(protocol.get("task"), str)
+            or not isinstance(protocol.get("task_version"), str) or not isinstance(protocol.get("config"), dict)):
+        raise DataError(f"{path}: a baseline file needs \"protocol\": {{\"task\": name, \"task_version\": version, "
+                        f"\"config\": {{task setting: value}}}} naming what its values were measured under")
+    return protocol
+
+
+def protocol_mismatch(protocol: Mapping[str, Any], task: str, version: str, config: Mapping[str, Any]) -> str | None:
+    """What differs between a baseline's protocol and a run's task, task version and task config (``None``: all
+    match). Every key of ``protocol["config"]`` must equal the run's value; lists and tuples compare as lists."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    if protocol["task"] != task:
+        return f"task: baseline {protocol['task']!r}, run {task!r}"
+    if str(protocol["task_version"]) != str(version):
+        return f"task version: baseline {protocol['task_version']!r}, run {version!r}"
+    for key, value in protocol["config"].items():
+        if key not in config:
+            return f"task.{key}: baseline {value!r}, not a setting of the run's task"
+        if plain(config[key]) != plain(value):
+            return f"task.{key}: baseline {value!r}, run {plain(config[key])!r}"
+    return None

@@ -23,11 +23,11 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -175,83 +175,156 @@ def read_normals(root: Path, pid: str, shape: tuple[int, int]) -> tuple[np.ndarr
 
 # Transforms (methods.md §7.13) -------------------------------------------------------------------------------------
 
+# OpenCV runs single-threaded here: the loader parallelises over samples with DataLoader workers, and OpenCV's own
+# thread pool inside each worker would oversubscribe the cores (and is not fork-safe across worker restarts).
+cv2.setNumThreads(1)
 
-def transform(image: np.ndarray, labels: dict[str, Any], size: int, augment: bool) -> dict[str, Tensor]:
+Border = Literal["background", "ignore"]
+"""Label of pixels an augmentation brings in from outside the image: ``background`` (0: background, not salient, no
+person part; the reference's ``cv2.warpAffine`` constant border) or ``ignore`` (255, left out of losses)."""
+
+
+def transform(image: np.ndarray, labels: dict[str, Any], size: int, augment: bool,
+              border: Border = "background") -> dict[str, Tensor]:
     """Training: draw a horizontal flip (p 0.5), a rotation U(−20°, 20°) and a scale U(0.75, 1.25) about the centre
     from torch's global generator, then :func:`warp`; evaluation: :func:`warp` with no augmentation (resize only)."""
     if not augment:
-        return warp(image, labels, size)
+        return warp(image, labels, size, border=border)
     flip = bool(torch.rand(()) < 0.5)
     angle, scale = float(torch.empty(()).uniform_(-20, 20)), float(torch.empty(()).uniform_(0.75, 1.25))
-    return warp(image, labels, size, flip, angle, scale)
+    return warp(image, labels, size, flip, angle, scale, border)
 
 
 def warp(image: np.ndarray, labels: dict[str, Any], size: int, flip: bool = False, angle: float = 0.0,
-         scale: float = 1.0) -> dict[str, Tensor]:
-    """Flip, rotate and scale about the centre, resize to ``size × size`` ignoring the aspect ratio, and normalise.
+         scale: float = 1.0, border: Border = "background") -> dict[str, Tensor]:
+    """Flip, rotate and scale about the centre, and resize to ``size × size`` ignoring the aspect ratio.
 
-    The warp and the resize are composed into one resampling from the original image (bicubic for the image and
-    normals, nearest for labels and the normals mask). Pixels the warp brings in from outside the image are ignored
-    (255 / invalid). Normals follow the geometry: the flip negates x and the rotation turns the in-plane (x, y)
-    components, taken in image axes (x right, y down); they are then re-normalised.
+    The steps and interpolations of the MTLoRA / ASTMT reference (``data/custom_transforms.py``:
+    ``RandomHorizontalFlip``, ``ScaleNRotate``, ``FixedResize``, ``AddIgnoreRegions``), each an OpenCV call on the
+    source-size array:
+
+    1. a horizontal flip (normals: x negated);
+    2. ``cv2.warpAffine`` with ``cv2.getRotationMatrix2D((W/2, H/2), angle, scale)`` at the source size, constant
+       border (skipped without augmentation; the flip is folded into it); normals are turned in-plane by ``angle``:
+       ``(x, y) -> (cos·x + sin·y, −sin·x + cos·y)`` in image axes (x right, y down);
+    3. ``cv2.resize`` to ``size × size``: bicubic for the image (edge pixels replicated) and normals, nearest
+       neighbour (``INTER_NEAREST``) for labels, which therefore are resampled twice when augmented;
+    4. normals are divided by their length; a normal is valid where its vector is non-zero (the zero vectors that
+       mark pixels without normals stay exactly zero under both interpolations; the cubic kernel lets valid values
+       reach up to two source pixels into such regions, where its negative lobe can even turn them around, as in
+       the reference). This step runs on the device, after collation (:func:`normals_target`);
+    5. human parts that end up all background are all ignored (the reference's mark of an image without parts);
+       an image decoded without parts (all 255) stays all 255.
+
+    The border fills with 0 (image black; labels background / not salient; normals invalid), or with 255 for the
+    labels when ``border="ignore"``. The image is resampled in uint8 (rounded and saturated; the reference casts its
+    float64 result to uint8, which truncates and wraps the cubic overshoot) and normalised later, on the device
+    (:func:`normalise`).
 
     Args:
-        image: ``(H, W, 3)`` uint8.
-        labels: subtask -> ``(H, W)`` uint8 label, and for ``normals`` the pair (normals, mask).
+        image: ``(H, W, 3)`` uint8 RGB.
+        labels: subtask -> ``(H, W)`` uint8 label, and for ``normals`` the pair (normals ``(H, W, 3)`` float32 with
+            zeros where invalid, mask); the decoded mask is not needed (it equals "non-zero").
         size: output side.
         flip: mirror left-right first.
         angle: rotation in degrees, counter-clockwise as displayed.
         scale: zoom factor (> 1 enlarges).
+        border: label of pixels brought in from outside the image (:data:`Border`).
+
+    Returns:
+        ``image`` ``(3, S, S)`` uint8 RGB; ``semseg`` / ``human_parts`` / ``sal`` ``(S, S)`` uint8 (255 ignore);
+        ``normals`` ``(3, S, S)`` float32 resampled vectors, not yet of unit length (0 where invalid: step 4 is
+        :func:`normals_target`). Channel-first views of channel-last arrays (not contiguous); labels stay uint8 (8×
+        less to copy and move to the device; the losses cast them).
     """
     h, w = image.shape[:2]
-    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    # Output pixel centres -> the warped image (source size) -> inverse rotation/scale about the centre -> unflip.
-    ys = (torch.arange(size, dtype=torch.float64) + 0.5) * (h / size) - h / 2
-    xs = (torch.arange(size, dtype=torch.float64) + 0.5) * (w / size) - w / 2
-    dy, dx = torch.meshgrid(ys, xs, indexing="ij")
-    sx = (cos * dx - sin * dy) / scale + w / 2
-    sy = (sin * dx + cos * dy) / scale + h / 2
-    sx = w - sx if flip else sx
-    grid = torch.stack([2 * sx / w - 1, 2 * sy / h - 1], -1).float()[None]
+    matrix = None
+    if flip or angle or scale != 1.0:
+        # One cv2.warpAffine per array does the flip and the reference's warp: the mirror x -> W − 1 − x is folded
+        # into the matrix (flip first, then rotate/scale about (W/2, H/2)), which moves no pixel differently.
+        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+        if flip:
+            matrix[:, 2] += matrix[:, 0] * (w - 1)
+            matrix[:, 0] *= -1
 
-    def sample(array: np.ndarray, mode: str) -> Tensor:
-        t = torch.from_numpy(np.array(array, dtype=np.float32))
-        t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
-        return F.grid_sample(t, grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    def geometry(array: np.ndarray, interpolation: int, fill: Any) -> np.ndarray:
+        if matrix is not None:
+            array = cv2.warpAffine(array, matrix, (w, h), flags=interpolation, borderMode=cv2.BORDER_CONSTANT,
+                                   borderValue=fill)
+        return cv2.resize(array, (size, size), interpolation=interpolation)
 
-    img = sample(image, "bicubic").clamp_(0, 255) / 255.0
-    out = {"image": (img - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]}
-    for name, label in labels.items():
-        if name == "normals":
-            normals, mask = label
-            vec = sample(normals, "bicubic")
-            valid = sample(mask.astype(np.float32), "nearest")[0] > 0.5
-            nx = -vec[0] if flip else vec[0]
-            # The forward warp maps a displacement (x, y) to (cos·x + sin·y, −sin·x + cos·y) (y down).
-            vec = torch.stack([cos * nx + sin * vec[1], -sin * nx + cos * vec[1], vec[2]])
-            norm = vec.norm(dim=0)
-            valid &= norm > 1e-6
-            out["normals"] = torch.where(valid, vec / norm.clamp_min(1e-6), torch.zeros(()))
-            out["normals_valid"] = valid
-        else:
-            # Shifted by one so that zero padding (outside the image) becomes 255 = ignore.
-            shifted = sample(label.astype(np.float32) + 1, "nearest")[0].round().long() - 1
-            out[name] = torch.where(shifted < 0, IGNORE, shifted)
+    # Image: resampled in uint8 and normalised on the device (:func:`normalise`). Every output below is an (S, S, C)
+    # array returned as a channel-first view: the batch's collate copies it once anyway.
+    out = {"image": torch.from_numpy(geometry(np.ascontiguousarray(image), cv2.INTER_CUBIC, 0)).permute(2, 0, 1)}
+    # Class labels: stacked as channels of one uint8 array, so that one warp and one resize serve them all.
+    names = [n for n in ("semseg", "human_parts", "sal") if n in labels]
+    if names:
+        stack = np.dstack([labels[n] for n in names]).astype(np.uint8, copy=False)
+        fill = 0 if border == "background" else IGNORE
+        warped = geometry(stack, cv2.INTER_NEAREST, (fill,) * 4).reshape(size, size, len(names))
+        for k, name in enumerate(names):
+            plane = warped[..., k]
+            if name == "human_parts" and (bool((labels[name] == IGNORE).all()) or not plane.any()):
+                plane = np.full((size, size), IGNORE, np.uint8)
+            out[name] = torch.from_numpy(plane)
+    if "normals" in labels:
+        out["normals"] = _warp_normals(labels["normals"][0], flip, angle, geometry)
     return out
+
+
+def normalise(images: Tensor) -> Tensor:
+    """uint8 RGB images ``(..., 3, H, W)`` -> float32 ``(v / 255 − mean) / std`` with ImageNet's mean and std, on the
+    images' device (the loader hands over uint8: a quarter of the bytes to copy between processes and to the
+    device, and no float pass on the loader's CPUs).
+
+    Raises:
+        TypeError: the images are not uint8.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"pascal images are uint8 RGB as the loader yields them, got {images.dtype}")
+    mean = torch.tensor(MEAN, device=images.device)[:, None, None] * 255
+    inv_std = 1 / (torch.tensor(STD, device=images.device)[:, None, None] * 255)
+    return (images.float() - mean) * inv_std
+
+
+def _warp_normals(normals: np.ndarray, flip: bool, angle: float, geometry: Any) -> Tensor:
+    """Steps 1-3 of :func:`warp` for normals: the resampled ``(3, S, S)`` vectors (step 4: :func:`normals_target`).
+
+    The flip's sign and the in-plane turn are linear in the vector, so they commute with the (linear) resampling and
+    are applied after it, as one 3×3 matrix per pixel (``cv2.transform``).
+    """
+    vec = geometry(np.ascontiguousarray(normals, dtype=np.float32), cv2.INTER_CUBIC, 0)
+    if flip or angle:
+        cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        sign = -1.0 if flip else 1.0  # (x, y) -> (cos·x + sin·y, −sin·x + cos·y) of the flipped vector (−x, y)
+        vec = cv2.transform(vec, np.array([[sign * cos, sin, 0], [-sign * sin, cos, 0], [0, 0, 1]], np.float32))
+    return torch.from_numpy(vec).permute(2, 0, 1)
+
+
+def normals_target(normals: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 4 of :func:`warp`, run on the batch's device: resampled normals ``(B, 3, H, W)`` -> unit vectors
+    ``(B, 3, H, W)`` (0 where invalid) and the validity ``(B, H, W)`` bool, true where the vector is non-zero.
+
+    Rotations and flips keep lengths, so normalising after them (and after collation) equals the reference's
+    normalisation at the end of its ``FixedResize``; a zero vector stays exactly zero through both resamplings.
+    """
+    norm = torch.linalg.vector_norm(normals, dim=1, keepdim=True)
+    return normals / norm.clamp_min(torch.finfo(normals.dtype).tiny), norm[:, 0] > 0
 
 
 class PascalMT(Dataset):
     """One split of a PASCAL_MT folder: ``{"image", <subtask>: target, ...}`` per image, transformed.
 
-    Targets: ``semseg`` / ``human_parts`` / ``sal`` ``(S, S)`` long with 255 ignore; ``normals`` ``(3, S, S)`` unit
-    vectors with ``normals_valid`` ``(S, S)`` bool.
+    Targets: ``semseg`` / ``human_parts`` / ``sal`` ``(S, S)`` uint8 with 255 ignore; ``normals`` ``(3, S, S)``
+    resampled vectors, zero where invalid (:func:`normals_target` makes unit vectors and the validity mask on the
+    device). ``border``: see :data:`Border`.
     """
 
     readers = {"semseg": read_semseg, "human_parts": read_human_parts, "sal": read_sal, "normals": read_normals}
 
     def __init__(self, root: Path, split: str, subtasks: Sequence[str], size: int, augment: bool,
-                 ids: Sequence[str] | None = None) -> None:
-        self.root, self.subtasks, self.size, self.augment = root, tuple(subtasks), size, augment
+                 ids: Sequence[str] | None = None, border: Border = "background") -> None:
+        self.root, self.subtasks, self.size, self.augment, self.border = root, tuple(subtasks), size, augment, border
         self.ids = list(ids) if ids is not None else split_ids(root, split)
 
     def __len__(self) -> int:
@@ -261,14 +334,21 @@ class PascalMT(Dataset):
         pid = self.ids[i]
         image = read_image(self.root, pid)
         labels = {t: self.readers[t](self.root, pid, image.shape[:2]) for t in self.subtasks}
-        return transform(image, labels, self.size, self.augment)
+        return transform(image, labels, self.size, self.augment, self.border)
 
 
 # Scene generator (smoke and cpu profiles) ---------------------------------------------------------------------------
 
-_OBJECTS = ((8, 65, (200, 150, 60)), (12, 113, (120, 80, 40)), (7, 59, (40, 60, 200)), (9, 72, (150, 40, 150)),
-            (20, 427, (30, 30, 30)), (3, 25, (220, 220, 40)), (4, 31, (240, 240, 240)))
-"""(VOC class, Context id, colour) of generated objects; bird and boat have no normals (no NYUv2 class)."""
+_OBJECTS = ((1, 2, (170, 170, 190)), (2, 23, (20, 120, 20)), (3, 25, (220, 220, 40)), (4, 31, (240, 240, 240)),
+            (5, 34, (20, 160, 140)), (6, 45, (250, 160, 0)), (7, 59, (40, 60, 200)), (8, 65, (200, 150, 60)),
+            (9, 72, (150, 40, 150)), (10, 98, (90, 60, 30)), (11, 397, (160, 110, 60)), (12, 113, (120, 80, 40)),
+            (13, 207, (70, 30, 10)), (14, 258, (180, 20, 90)), (16, 308, (30, 180, 60)), (17, 347, (235, 235, 215)),
+            (18, 368, (110, 20, 40)), (19, 416, (60, 60, 90)), (20, 427, (30, 30, 30)))
+"""(VOC class, PASCAL-Context id, colour) of the 19 object classes besides person; those whose Context class has no
+NYUv2 counterpart (e.g. aeroplane, bird, boat) carry no normals, as in the release."""
+OBJECTS_PER_SCENE = 3
+"""Objects per scene: scene ``i`` draws classes ``3i .. 3i + 2`` (mod 19), so any 7 consecutive scenes hold every
+class the semseg mIoU averages over (with background and person)."""
 _BODY = (("head", (0.00, 0.00, 0.13, 0.13), (230, 180, 150)), ("hair", (-0.09, 0.00, 0.06, 0.11), (60, 40, 20)),
          ("neck", (0.12, 0.00, 0.04, 0.04), (220, 170, 140)), ("torso", (0.28, 0.00, 0.16, 0.11), (200, 40, 40)),
          ("luarm", (0.24, -0.16, 0.10, 0.04), (190, 50, 50)), ("ruarm", (0.24, 0.16, 0.10, 0.04), (190, 50, 50)),
@@ -289,8 +369,12 @@ def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> tupl
     return inside, normal / np.linalg.norm(normal, axis=-1, keepdims=True)
 
 
-def _scene(rng: np.random.Generator, h: int, w: int) -> dict[str, Any]:
-    """One scene: image and every label, drawn from the same objects so that the tasks correlate."""
+def _scene(rng: np.random.Generator, h: int, w: int, index: int = 0) -> dict[str, Any]:
+    """Scene number ``index``: image and every label, drawn from the same objects so that the tasks correlate.
+
+    Three objects (:data:`OBJECTS_PER_SCENE`), one per third of the width, then most often a person with all six
+    part groups on top; the first object and the person are salient.
+    """
     horizon = int(h * rng.uniform(0.4, 0.7))
     sky = rng.random() < 0.3
     context = np.full((h, w), 360 if sky else 440, np.int32)  # sky (no normals) or wall
@@ -301,10 +385,10 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> dict[str, Any]:
     image[:horizon], image[horizon:] = (135, 180, 230) if sky else (200, 190, 170), (110, 90, 70)
     semseg, parts, sal = np.zeros((h, w), np.uint8), np.full((h, w), IGNORE, np.uint8), np.zeros((h, w), np.uint8)
     objects = []
-    for _ in range(rng.integers(1, 3)):
-        voc, ctx, colour = _OBJECTS[rng.integers(len(_OBJECTS))]
-        mask, nrm = _ellipse(h, w, rng.uniform(0.3, 0.8) * h, rng.uniform(0.15, 0.85) * w, rng.uniform(0.1, 0.25) * h,
-                             rng.uniform(0.1, 0.25) * w)
+    for k in range(OBJECTS_PER_SCENE):
+        voc, ctx, colour = _OBJECTS[(OBJECTS_PER_SCENE * index + k) % len(_OBJECTS)]
+        mask, nrm = _ellipse(h, w, rng.uniform(0.35, 0.8) * h, (k + rng.uniform(0.3, 0.7)) * w / OBJECTS_PER_SCENE,
+                             rng.uniform(0.1, 0.2) * h, rng.uniform(0.08, 0.15) * w)
         semseg[mask], context[mask], normals[mask], image[mask] = voc, ctx, nrm[mask], colour
         objects.append({"class": "object", "class_ind": voc, "mask": mask, "parts": []})
         sal[mask] = 255 if len(objects) == 1 else 0
@@ -336,7 +420,11 @@ def _struct(records: list[dict[str, Any]], fields: Sequence[str]) -> np.ndarray:
 
 
 def write_scene(root: Path, pid: str, scene: dict[str, Any], voc: bool, with_parts: bool) -> None:
-    """Write one scene in the release layout and encodings (``voc``: semseg under VOC12, else pascal-context)."""
+    """Write one scene in the release layout and encodings (``voc``: semseg under VOC12, else pascal-context).
+
+    Sizes as in the release: zlib-compressed MATLAB files (``scipy.io.savemat(do_compression=True)``), PNGs at
+    PIL's default compression, JPEG quality 90.
+    """
     import scipy.io
 
     def png(sub: str, array: np.ndarray) -> None:
@@ -344,12 +432,13 @@ def write_scene(root: Path, pid: str, scene: dict[str, Any], voc: bool, with_par
         Image.fromarray(array).save(root / sub / f"{pid}.png")
 
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(scene["image"]).save(root / "JPEGImages" / f"{pid}.jpg", quality=92)
+    Image.fromarray(scene["image"]).save(root / "JPEGImages" / f"{pid}.jpg", quality=90)
     png("semseg/VOC12" if voc else "semseg/pascal-context", scene["semseg"])
     png("sal_distill", scene["sal"])
     png("normals_distill", np.round((scene["normals"] + 1) * 127.5).clip(0, 255).astype(np.uint8))
     (root / "pascal-context" / "trainval").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(root / "pascal-context" / "trainval" / f"{pid}.mat", {"LabelMap": scene["context"]})
+    labels = {"LabelMap": scene["context"].astype(np.uint16)}
+    scipy.io.savemat(root / "pascal-context" / "trainval" / f"{pid}.mat", labels, do_compression=True)
     if with_parts:
         objects = [{**o, "class": np.array([o["class"]]), "class_ind": np.array([[o["class_ind"]]]),
                     "mask": o["mask"].astype(np.uint8),
@@ -357,7 +446,7 @@ def write_scene(root: Path, pid: str, scene: dict[str, Any], voc: bool, with_par
                                       for p in o["parts"]], ("part_name", "mask"))} for o in scene["objects"]]
         (root / "human_parts").mkdir(parents=True, exist_ok=True)
         anno = {"imname": np.array([pid]), "objects": _struct(objects, ("class", "class_ind", "mask", "parts"))}
-        scipy.io.savemat(root / "human_parts" / f"{pid}.mat", {"anno": anno})
+        scipy.io.savemat(root / "human_parts" / f"{pid}.mat", {"anno": anno}, do_compression=True)
 
 
 def cache_dir() -> Path:
@@ -368,10 +457,11 @@ def cache_dir() -> Path:
 def synthetic_release(n_train: int, n_val: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> Path:
     """A generated PASCAL_MT folder of ``n_train`` + ``n_val`` scenes of ``size`` (W, H) in the cache (made once).
 
-    Scenes vary in size around ``size``; most images carry a person with parts, a few have no ``human_parts`` file,
-    semseg alternates between ``VOC12`` and ``pascal-context``.
+    Scenes vary in size around ``size``; every 7 consecutive scenes hold all 21 semseg classes, most images carry a
+    person with all 6 part groups, a few have no ``human_parts`` file, semseg alternates between ``VOC12`` and
+    ``pascal-context``.
     """
-    root = cache_dir() / "pascal_synthetic" / f"v1-{n_train}-{n_val}-{seed}-{size[0]}x{size[1]}" / "PASCAL_MT"
+    root = cache_dir() / "pascal_synthetic" / f"v2-{n_train}-{n_val}-{seed}-{size[0]}x{size[1]}" / "PASCAL_MT"
     if (root / ".complete").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -381,7 +471,7 @@ def synthetic_release(n_train: int, n_val: int, seed: int = 0, size: tuple[int, 
         ids = [f"{split}_{i:05d}" for i in range(n)]
         for i, pid in enumerate(ids):
             w, h = (int(s * rng.uniform(0.8, 1.2)) for s in size)
-            write_scene(tmp, pid, _scene(rng, h, w), voc=i % 2 == 0, with_parts=i % 5 != 4)
+            write_scene(tmp, pid, _scene(rng, h, w, i), voc=i % 2 == 0, with_parts=i % 5 != 4)
         (tmp / "ImageSets" / "Context").mkdir(parents=True, exist_ok=True)
         (tmp / "ImageSets" / "Context" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (tmp / ".complete").write_text("ok\n")

@@ -7,7 +7,8 @@ like the reference online evaluation), and their states sum across processes:
   classes including background (absent classes count as 0), pixels labelled 255 ignored;
 - :class:`SaliencyScores`: ASTMT protocol, 15 thresholds ``linspace(0.2, 0.9)`` on the sigmoid probability,
   per-image Jaccard / precision / recall; ``miou`` = max over thresholds of the mean per-image IoU, ``maxf`` = max
-  over thresholds of ``F_β(mean P, mean R)`` with β² = 1;
+  over thresholds of ``F_β(mean P, mean R)`` with β² = 1; an empty prediction has precision 0 and an empty ground
+  truth recall 0, as in the reference (``evaluation/jaccard.py``), or 1 in both cases (``empty_score=1``);
 - :class:`NormalsAngularError`: angle in degrees between the L2-normalised prediction and label, pooled over every
   valid pixel of the split: mean (the headline, lower is better), median (from a 0.01° histogram), RMSE, and the
   percentage of pixels under 11.25°, 22.5° and 30°.
@@ -71,8 +72,12 @@ class SaliencyScores(torchmetrics.Metric):
     """Saliency mIoU or maxF over a grid of thresholds, from per-image scores averaged over the split.
 
     Per image and threshold τ, with ``P = prob > τ`` and ``G`` the binary label over its valid pixels: Jaccard
-    ``|P∧G| / |P∨G|`` (1 when both are empty), precision ``|P∧G| / |P|`` (1 when ``P`` is empty, as no pixel is
-    wrongly marked) and recall ``|P∧G| / |G|`` (1 when ``G`` is empty). Images without a valid pixel are skipped.
+    ``|P∧G| / |P∨G|`` (1 when both are empty), precision ``|P∧G| / |P|`` and recall ``|P∧G| / |G|``. An empty ``P``
+    has precision ``empty_score`` and an empty ``G`` recall ``empty_score``: 0 in the MTLoRA / ASTMT reference
+    (``evaluation/jaccard.py`` divides by ``count + 1e-12``), 1 in mtbench's pascal v1 ("no pixel wrongly marked").
+    The choice changes maxF only (an image with an empty ``G`` scores recall 0 at every threshold under the
+    reference), so it is part of maxF's metric version (:data:`MAXF_VERSIONS`). Images without a valid pixel are
+    skipped.
 
     Args:
         kind: ``"miou"`` (max over τ of the mean IoU) or ``"maxf"`` (max over τ of ``F_β(mean P, mean R)``).
@@ -80,6 +85,10 @@ class SaliencyScores(torchmetrics.Metric):
         low: smallest threshold.
         high: largest threshold.
         beta_sq: β² of the F-measure.
+        empty_score: precision of an empty prediction and recall of an empty ground truth, 0 or 1.
+
+    Raises:
+        ValueError: an unknown ``kind`` or an ``empty_score`` other than 0 or 1.
     """
 
     full_state_update = False
@@ -91,11 +100,13 @@ class SaliencyScores(torchmetrics.Metric):
     images: Tensor
 
     def __init__(self, kind: Literal["miou", "maxf"] = "miou", thresholds: int = 15, low: float = 0.2,
-                 high: float = 0.9, beta_sq: float = 1.0) -> None:
+                 high: float = 0.9, beta_sq: float = 1.0, empty_score: float = 0.0) -> None:
         super().__init__()
         if kind not in ("miou", "maxf"):
             raise ValueError(f"kind must be 'miou' or 'maxf', got {kind!r}")
-        self.kind, self.beta_sq = kind, beta_sq
+        if empty_score not in (0.0, 1.0):
+            raise ValueError(f"empty_score must be 0 (reference) or 1, got {empty_score!r}")
+        self.kind, self.beta_sq, self.empty_score = kind, beta_sq, float(empty_score)
         self.register_buffer("taus", torch.linspace(low, high, thresholds, dtype=torch.float64), persistent=False)
         for name in ("iou", "precision", "recall"):
             self.add_state(name, torch.zeros(thresholds, dtype=torch.float64), dist_reduce_fx="sum")
@@ -119,10 +130,10 @@ class SaliencyScores(torchmetrics.Metric):
         inter = (pred & gt).sum(-1).double()
         n_pred, n_gt = pred.sum(-1).double(), gt.sum(-1).double()
         union = n_pred + n_gt - inter
-        one = torch.ones_like(inter)
+        one, empty = torch.ones_like(inter), torch.full_like(inter, self.empty_score)
         self.iou += torch.where(union > 0, inter / union.clamp_min(1), one).sum(0)
-        self.precision += torch.where(n_pred > 0, inter / n_pred.clamp_min(1), one).sum(0)
-        self.recall += torch.where(n_gt > 0, inter / n_gt.clamp_min(1), one).sum(0)
+        self.precision += torch.where(n_pred > 0, inter / n_pred.clamp_min(1), empty).sum(0)
+        self.recall += torch.where(n_gt > 0, inter / n_gt.clamp_min(1), empty).sum(0)
         self.images += len(probs)
 
     def compute(self) -> Tensor:
@@ -133,6 +144,10 @@ class SaliencyScores(torchmetrics.Metric):
         p, r = self.precision / n, self.recall / n
         f = (1 + self.beta_sq) * p * r / (self.beta_sq * p + r).clamp_min(1e-12)
         return f.max().float()
+
+
+MAXF_VERSIONS = {0.0: "astmt-15thr-b1-empty0", 1.0: "astmt-15thr-b1"}
+"""Saliency maxF's metric version per ``empty_score``: the reference's convention (0) and mtbench pascal v1's (1)."""
 
 
 NormalsStat = Literal["mean", "median", "rmse", "pct_11_25", "pct_22_5", "pct_30"]

@@ -10,10 +10,12 @@ written in the same layout and encodings (into ``$MTBENCH_CACHE`` or ``~/.cache/
 Subtasks: ``semseg`` (21 classes), ``human_parts`` (7), ``sal`` (binary saliency), ``normals`` (unit vectors). Every
 image carries every subtask. Training batches hold whole images with all labels, and ``task_ids`` lists their
 (image, subtask) pairs, image-major (``B·T`` ids); an evaluation batch comes from one subtask's loader and holds that
-subtask's label only (``B`` ids). The runner weights each subtask's mean loss by its share of the pairs, so the
-training loss is ``(1/T)·Σ_t w_t L_t`` with ``w`` = semseg 1, human_parts 2, sal 5, normals 10: the paper's sum over
-``T``. AdamW is invariant to that constant factor, and the ``paper`` profile clips gradients at ``5 / T = 1.25``,
-which is exactly the paper's clipping at 5 of the undivided sum.
+subtask's label only (``B`` ids). The training loss is the paper's ``Σ_t w_t L_t`` with ``w`` = semseg 1,
+human_parts 2, sal 5, normals 10 (methods.md §7.8) for any number ``T`` of subtasks: the runner multiplies each
+subtask's mean loss by its share of the pairs (``1/T``), so :meth:`Pascal.loss_weights` gives it ``T·w_t``. Settings
+defined on that loss therefore mean what the paper means whatever ``T`` is: every profile clips the gradient norm at
+the paper's 5, and a single-task run (to build Δm baselines) clips and steps exactly as the paper's single-task
+models did.
 
 Model (§7.4, §7.6). Swin features after patch merging at 4 scales (core ``backbones.swin_stage_features``): with
 MTLoRA each subtask gets its own multi-scale features from the task-specific LoRA streams, otherwise the shared
@@ -24,19 +26,28 @@ the L2-normalised prediction and the label over valid pixels (normals). Besides 
 the patch embedding, all LayerNorms, the relative-position tables and the PatchMerging reductions (§7.7, §10).
 
 Metrics (``_pascal_metrics``): dataset-level mIoU (semseg, human_parts), saliency max-over-thresholds mIoU (primary)
-and maxF, normals mean angular error (primary, lower is better) with median, RMSE and % under 11.25/22.5/30°. mIoUs
-are fractions in [0, 1], angles in degrees. ``val/delta_m`` is Δm (%) of the primary metrics against single-task
-baselines: by default the paper's single-task Swin-T numbers shipped in ``mtbench/baselines/pascal_swin_t_stl.json``
-(meaningful for the ``paper`` profile only); ``task.baseline_file=PATH`` names a JSON file of the same shape
-(``{"metrics": {"semseg": {"miou": 0.67}, ..., "normals": {"mean": 18.0}}}``), ``task.baseline_file=none`` turns Δm
-off. To use your own references, run each subtask alone with the same profile and method
-(``--set task.subtasks=[semseg] --set task.baseline_file=none``, ...) and copy each run's primary metric
-(``val/semseg/miou``, ..., ``val/normals/mean``) into such a file; Δm is reported against whatever the file holds, and
-its metric version carries a digest of those values, so runs against different baselines are never merged.
+and maxF (empty prediction / ground truth scored as the reference does, ``task.sal_empty``), normals mean angular
+error (primary, lower is better) with median, RMSE and % under 11.25/22.5/30°. mIoUs are fractions in [0, 1], angles
+in degrees.
+
+Δm. ``val/delta_m`` is Δm (%) of the primary metrics against single-task baselines measured under the run's own
+protocol: a baseline file (``mtbench/baselines/``) records the task version and the task settings its values were
+measured under (data source and size, backbone, pretraining, input size, augmentation), and Δm is computed only when
+they all equal the run's. By default the shipped file that matches is used: the paper's single-task Swin-T numbers
+(``pascal_swin_t_stl.json``: the release, Swin-T pretrained, 448 px) or the single-task ``full_ft`` runs of the
+``smoke`` profile on its generated scenes (``pascal_smoke_stl.json``); with no match (the ``cpu`` profile, or
+``source=synthetic`` at 448 px) no Δm is logged. ``task.baseline_file=PATH`` names your own file (its
+protocol must match the run's, else the run is refused before it starts), ``task.baseline_file=none`` turns Δm off.
+To make one, run each subtask alone with the same profile (``--set task.subtasks=[semseg] --set
+task.baseline_file=none``, ...), copy each run's primary metric (``val/semseg/miou``, ..., ``val/normals/mean``) into
+``{"metrics": {"semseg": {"miou": ...}, ...}, "protocol": {"task": "pascal", "task_version": ..., "config": {...}}}``
+(copy the ``protocol`` of a shipped file and edit the settings that differ). Δm's metric version carries a digest of
+the baseline values, so runs against different baselines are never merged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tarfile
@@ -57,11 +68,21 @@ from torch import Tensor, nn
 from mtbench.backbones import build, swin_feature_channels, swin_stage_features
 from mtbench.errors import ConfigError, DataError
 from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
-from mtbench.metrics import BASELINES_DIR, load_baselines
+from mtbench.metrics import BASELINES_DIR, baseline_protocol, load_baselines, protocol_mismatch
 from mtbench.registry import backbones, did_you_mean, register_task
 
 from ._files import data_folder, is_folder
-from ._pascal_data import IGNORE, SPLIT_SIZES, PascalMT, cache_dir, split_ids, synthetic_release
+from ._pascal_data import (
+    IGNORE,
+    SPLIT_SIZES,
+    Border,
+    PascalMT,
+    cache_dir,
+    normalise,
+    normals_target,
+    split_ids,
+    synthetic_release,
+)
 
 
 if TYPE_CHECKING:
@@ -72,6 +93,9 @@ if TYPE_CHECKING:
     from ._pascal_metrics import NormalsStat
 
 
+VERSION = "2"
+"""Task version. 2: the reference's OpenCV augmentation and resizing, saliency maxF's empty-case convention, scenes
+with every class; 1: one composed pixel-centred resampling with ignored borders."""
 SUBTASKS = ("semseg", "human_parts", "sal", "normals")
 OUTPUTS = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
 LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0}
@@ -111,8 +135,15 @@ class PascalConfig(TaskConfig):
     """Evaluate on the first N validation images (0 = all)."""
     augment: bool = True
     """Training augmentation: flip, rotation ±20°, scale 0.75-1.25 (methods.md §7.13)."""
+    augment_border: Border = "background"
+    """Labels of pixels the augmentation brings in from outside the image: background (0: background, not salient,
+    no person part; the reference's) or ignore (255, left out of the losses)."""
+    sal_empty: Literal["zero", "one"] = "zero"
+    """Saliency maxF: precision of an empty prediction and recall of an empty ground truth, zero (the reference's) or
+    one (mtbench pascal v1); maxF's metric version records the choice."""
     baseline_file: str = ""
-    """Δm baselines: empty = shipped Swin-T single-task file, a JSON path of the same shape, or none."""
+    """Δm baselines: empty = the shipped file whose protocol matches the run (none matching: no Δm), a JSON path of
+    the same shape and protocol, or none."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,8 +152,21 @@ class PascalConfig(TaskConfig):
                 raise ConfigError(f"task.subtasks: {did_you_mean(name, SUBTASKS, 'pascal subtask')}")
         if len(set(self.subtasks)) != len(self.subtasks):
             raise ConfigError(f"task.subtasks must not repeat a subtask, got {list(self.subtasks)}")
-        if self.baseline_file and self.baseline_file.lower() != "none" and not Path(self.baseline_file).is_file():
+        if self.baseline_file and self.baseline_file.lower() != "none":
+            self._check_baseline_file()
+
+    def _check_baseline_file(self) -> None:
+        """The named baseline file exists and was measured under this config's protocol (else ConfigError)."""
+        if not Path(self.baseline_file).is_file():
             raise ConfigError(f"task.baseline_file={self.baseline_file!r} is not a file (or use 'none')")
+        try:
+            mismatch = protocol_mismatch(baseline_protocol(self.baseline_file), "pascal", VERSION,
+                                         dataclasses.asdict(self))
+        except DataError as exc:
+            raise ConfigError(f"task.baseline_file: {exc}") from exc
+        if mismatch:
+            raise ConfigError(f"task.baseline_file={self.baseline_file!r} was measured under another protocol "
+                              f"({mismatch}); Δm compares only runs of the same protocol (or use 'none')")
 
 
 class PascalHead(nn.Module):
@@ -153,13 +197,15 @@ class PascalHead(nn.Module):
 class Pascal(Task):
     """PASCAL-Context 4-task dense prediction (semseg, human parts, saliency, normals) on Swin with HRNet heads.
 
-    Batches hold ``image`` ``(B, 3, S, S)``, the labels of the subtasks they carry (``semseg``, ``human_parts``,
-    ``sal``: ``(B, S, S)`` long, 255 = ignore; ``normals`` ``(B, 3, S, S)`` with ``normals_valid`` ``(B, S, S)``) and
+    Batches hold ``image`` ``(B, 3, S, S)`` (uint8 RGB, normalised in :meth:`forward`), the labels of the subtasks
+    they carry (``semseg``, ``human_parts``, ``sal``: ``(B, S, S)`` uint8, 255 = ignore; ``normals``
+    ``(B, 3, S, S)``, zero where there is none, made unit vectors with their validity mask on the device by
+    ``normals_target``) and
     ``task_ids``: one id per (image, subtask) pair (see the module docstring).
     """
 
     config_cls = PascalConfig
-    version = "1"
+    version = VERSION
     default_subtasks = SUBTASKS
     unfrozen_with_peft = UNFROZEN
     # Every method adapts qkv, proj, fc1 and fc2 of every block (methods.md §10); methods whose own default names
@@ -171,7 +217,7 @@ class Pascal(Task):
                      "synthetic_train": 16, "synthetic_val": 8},
             "train": {"lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule": "constant", "batch_size": 4,
                       "eval_batch_size": 8},
-            "trainer": {"max_steps": 6, "num_sanity_val_steps": 0},
+            "trainer": {"max_steps": 6, "gradient_clip_val": 5.0, "num_sanity_val_steps": 0},
         },
         "cpu": {
             "method": {"target_modules": list(TARGETS)},
@@ -179,7 +225,8 @@ class Pascal(Task):
                      "synthetic_train": 192, "synthetic_val": 48},
             "train": {"lr": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.05, "schedule": "cosine", "batch_size": 8,
                       "eval_batch_size": 16},
-            "trainer": {"max_steps": 150, "val_check_interval": 75, "num_sanity_val_steps": 0},
+            "trainer": {"max_steps": 150, "val_check_interval": 75, "gradient_clip_val": 5.0,
+                        "num_sanity_val_steps": 0},
         },
         "paper": {
             "method": {"target_modules": list(TARGETS)},
@@ -188,9 +235,9 @@ class Pascal(Task):
             # methods.md §7.8 / §10: lr 5e-4·32/512, 20 warm-up epochs of 156 steps then cosine to 1 %, wd 0.05.
             "train": {"lr": 3.125e-5, "weight_decay": 0.05, "warmup_steps": 3120, "schedule": "cosine",
                       "min_lr_ratio": 0.01, "batch_size": 32, "eval_batch_size": 32, "num_workers": 8},
-            # Clipping at 5 / T of the runner's (1/T)-scaled loss is the paper's clipping at 5 (module docstring);
+            # The paper's clipping at 5 of Σ_t w_t L_t, the loss the runner sees for any T (module docstring);
             # validation every 5 epochs (780 steps) and at the end.
-            "trainer": {"max_epochs": 300, "max_steps": -1, "precision": "16-mixed", "gradient_clip_val": 1.25,
+            "trainer": {"max_epochs": 300, "max_steps": -1, "precision": "16-mixed", "gradient_clip_val": 5.0,
                         "val_check_interval": 780, "num_sanity_val_steps": 0},
             # methods.md §10: every method at MTLoRA's budget (shared rank 64, scale 4, dropout 0.05; MTLoRA's own
             # defaults), so the trainable-parameter column compares like with like.
@@ -230,8 +277,11 @@ class Pascal(Task):
         return nn.ModuleDict({t: PascalHead(channels, OUTPUTS[t]) for t in self.subtasks})
 
     def loss_weights(self) -> dict[str, float]:
-        """semseg 1, human_parts 2, sal 5, normals 10 (methods.md §7.8)."""
-        return {t: LOSS_WEIGHTS[t] for t in self.subtasks}
+        """``T·w_t`` with the paper's ``w`` = semseg 1, human_parts 2, sal 5, normals 10 (methods.md §7.8): the runner
+        multiplies each by the subtask's share of the (image, subtask) pairs, ``1/T``, so its total is the paper's
+        ``Σ_t w_t L_t`` for any number ``T`` of subtasks, and the gradient clipping (and AdamW's ε) apply to the
+        quantity the paper applies them to."""
+        return {t: LOSS_WEIGHTS[t] * len(self.subtasks) for t in self.subtasks}
 
     def _present(self, batch: Mapping[str, Any]) -> list[str]:
         return [self.subtasks[i] for i in sorted(batch["task_ids"].unique().tolist())]
@@ -239,7 +289,7 @@ class Pascal(Task):
     def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per present subtask, outputs at input resolution: logits ``(B, C, S, S)``, raw normals ``(B, 3, S, S)``."""
         present = self._present(batch)
-        images = batch["image"]
+        images = normalise(batch["image"])
         features = swin_stage_features(model.backbone, images, tasks=present)
         assert isinstance(features, dict)
         return {t: F.interpolate(model.heads[t](features[t]), size=images.shape[-2:], mode="bilinear",
@@ -253,26 +303,30 @@ class Pascal(Task):
             if name == "sal":
                 losses[name] = balanced_bce(out[:, 0], batch["sal"])
             elif name == "normals":
-                losses[name] = normals_l1(out, batch["normals"], batch["normals_valid"])
+                losses[name] = normals_l1(out, *normals_target(batch["normals"]))
             else:
                 target = batch[name]
                 has_label = bool((target != IGNORE).any())
-                losses[name] = F.cross_entropy(out, target, ignore_index=IGNORE) if has_label else out.sum() * 0.0
+                losses[name] = (F.cross_entropy(out, target.long(), ignore_index=IGNORE) if has_label
+                                else out.sum() * 0.0)
         return losses
 
     # metrics ------------------------------------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, dict[str, MetricSpec]]:
         """See the module docstring; versions name the accumulation, thresholds and units."""
-        from ._pascal_metrics import DatasetMIoU, NormalsAngularError, SaliencyScores  # torchmetrics: not at the top
+        # torchmetrics: not at the top
+        from ._pascal_metrics import MAXF_VERSIONS, DatasetMIoU, NormalsAngularError, SaliencyScores
 
+        empty = 1.0 if self.cfg.sal_empty == "one" else 0.0
         normals: dict[NormalsStat, bool] = {"mean": True, "median": False, "rmse": False, "pct_11_25": False,
                                             "pct_22_5": False, "pct_30": False}
         table: dict[str, dict[str, MetricSpec]] = {
             "semseg": {"miou": MetricSpec(partial(DatasetMIoU, 21), True, True, "dataset-confmat-21")},
             "human_parts": {"miou": MetricSpec(partial(DatasetMIoU, 7), True, True, "dataset-confmat-7")},
             "sal": {"miou": MetricSpec(partial(SaliencyScores, "miou"), True, True, "astmt-15thr-b1"),
-                    "maxf": MetricSpec(partial(SaliencyScores, "maxf"), True, False, "astmt-15thr-b1")},
+                    "maxf": MetricSpec(partial(SaliencyScores, "maxf", empty_score=empty), True, False,
+                                       MAXF_VERSIONS[empty])},
             "normals": {stat: MetricSpec(partial(NormalsAngularError, stat), stat.startswith("pct"), primary,
                                          "pooled-deg-v1") for stat, primary in normals.items()},
         }
@@ -290,23 +344,25 @@ class Pascal(Task):
             if name not in metrics:
                 continue
             out = out.detach().float()
+            args: tuple[Tensor, ...]
+            if name == "sal":
+                args = (out[:, 0].sigmoid(), batch["sal"])
+            elif name == "normals":
+                args = (out, *normals_target(batch["normals"]))
+            else:
+                args = (out.argmax(1), batch[name])
             for metric in metrics[name].values():
-                if name == "sal":
-                    metric.update(out[:, 0].sigmoid(), batch["sal"])
-                elif name == "normals":
-                    metric.update(out, batch["normals"], batch["normals_valid"])
-                else:
-                    metric.update(out.argmax(1), batch[name])
+                metric.update(*args)
 
     def baselines(self) -> dict[str, dict[str, float]] | None:
-        """Single-task baselines from ``task.baseline_file`` (default: the shipped Swin-T file), or ``None``."""
+        """Single-task baselines of the run's protocol: ``task.baseline_file`` (checked by the config), else the
+        shipped file whose protocol matches (:func:`shipped_baseline`); ``None`` with none or with
+        ``baseline_file=none``."""
         if self._baselines is False:
             spec = self.cfg.baseline_file
-            if spec.lower() == "none":
-                self._baselines = None
-            else:
-                data = load_baselines(Path(spec) if spec else BASELINES_DIR / "pascal_swin_t_stl.json")
-                self._baselines = {t: data[t] for t in self.subtasks if t in data} or None
+            path = None if spec.lower() == "none" else Path(spec) if spec else shipped_baseline(self.cfg)
+            data = load_baselines(path) if path is not None else {}
+            self._baselines = {t: data[t] for t in self.subtasks if t in data} or None
         return self._baselines  # type: ignore[return-value]
 
     def batch_size(self, batch: Mapping[str, Any]) -> tuple[int, int]:
@@ -323,7 +379,8 @@ class Pascal(Task):
             train_ids = train_ids[: self.cfg.train_limit]
         if self.cfg.eval_limit:
             val_ids = val_ids[: self.cfg.eval_limit]
-        train = PascalMT(root, "train", self.subtasks, size, self.cfg.augment, ids=train_ids)
+        train = PascalMT(root, "train", self.subtasks, size, self.cfg.augment, ids=train_ids,
+                         border=self.cfg.augment_border)
         val = {t: PascalMT(root, "val", (t,), size, False, ids=val_ids) for t in self.subtasks}
         from ._pascal_loader import AllTasksDataModule  # Lightning: imported by a run, not by listing
 
@@ -347,8 +404,7 @@ class Pascal(Task):
         """
         cfg = self.cfg
         if cfg.source == "synthetic":
-            scene = (cfg.image_size * 3 // 2, cfg.image_size * 9 // 8)
-            return synthetic_release(cfg.synthetic_train, cfg.synthetic_val, seed=0, size=scene)
+            return synthetic_release(cfg.synthetic_train, cfg.synthetic_val, seed=0, size=scene_size(cfg.image_size))
         bases = [Path(b).expanduser() for b in (cfg.data_root, os.environ.get("MTBENCH_DATA", "")) if b]
         for base in [*bases, default_data_dir()]:
             if os.path.lexists(base):  # a file, or a folder that cannot be read, is named as such
@@ -366,6 +422,21 @@ class Pascal(Task):
         if root is None:
             root = Path(self.cfg.data_root or os.environ.get("MTBENCH_DATA", "") or default_data_dir()).expanduser()
         return prefetch_release(root)
+
+
+def scene_size(image_size: int) -> tuple[int, int]:
+    """(W, H) of generated scenes for an input side: 1.5 × 1.125 times it, at most the release's typical 500 × 375."""
+    return min(image_size * 3 // 2, 500), min(image_size * 9 // 8, 375)
+
+
+def shipped_baseline(cfg: PascalConfig) -> Path | None:
+    """The shipped pascal baseline file whose protocol matches ``cfg`` (first by name), else ``None``."""
+    config = dataclasses.asdict(cfg)
+    for path in sorted(BASELINES_DIR.glob("*.json")):
+        protocol = baseline_protocol(path)
+        if protocol["task"] == "pascal" and protocol_mismatch(protocol, "pascal", VERSION, config) is None:
+            return path
+    return None
 
 
 def balanced_bce(logits: Tensor, target: Tensor) -> Tensor:

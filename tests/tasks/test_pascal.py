@@ -104,6 +104,12 @@ def release(tmp_path: Path) -> Path:
     return root
 
 
+def _unit(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample's normals as the task sees them on the device: unit vectors ``(3, S, S)`` and validity ``(S, S)``."""
+    normals, valid = pdata.normals_target(out["normals"][None])
+    return normals[0], valid[0]
+
+
 def test_loader_decodes_every_label(release: Path) -> None:
     ds = pdata.PascalMT(release, "train", ALL, N, augment=False)
     assert ds.ids == ["a", "b", "c"] and len(ds) == 3
@@ -121,14 +127,18 @@ def test_loader_decodes_every_label(release: Path) -> None:
     raw, keep = pdata.read_normals(release, "a", (N, N))
     assert np.allclose(raw[3, 3], (1.0, 2 * 128 / 255 - 1, -1.0), atol=1e-6) and (raw[:2] == 0).all()
     assert (keep[:2] == 0).all() and keep[2:].all()
-    valid = a["normals_valid"].numpy()
-    assert (valid == keep).all()
+    unit, valid = _unit(a)
+    assert (valid.numpy() == keep).all()
     expected = torch.tensor([1.0, 1 / 255, -1.0])
-    assert torch.allclose(a["normals"][:, 4, 4], expected / expected.norm(), atol=1e-5)
-    assert (a["normals"][:, :2] == 0).all()
-    image = np.asarray(Image.open(release / "JPEGImages" / "a.jpg"), dtype=np.float32) / 255
+    assert torch.allclose(unit[:, 4, 4], expected / expected.norm(), atol=1e-5)
+    assert (unit[:, :2] == 0).all()
+    image = np.asarray(Image.open(release / "JPEGImages" / "a.jpg"))
+    assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], torch.from_numpy(image).permute(2, 0, 1))
     mean, std = torch.tensor(pdata.MEAN)[:, None, None], torch.tensor(pdata.STD)[:, None, None]
-    assert torch.allclose(a["image"] * std + mean, torch.from_numpy(image).permute(2, 0, 1), atol=1e-4)
+    scaled = torch.from_numpy(image / np.float32(255)).permute(2, 0, 1)
+    assert torch.allclose(pdata.normalise(a["image"][None])[0] * std + mean, scaled, atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        pdata.normalise(a["image"].float())
 
 
 def test_flip_negates_normals_x_and_rotation_turns_them(release: Path) -> None:
@@ -138,22 +148,105 @@ def test_flip_negates_normals_x_and_rotation_turns_them(release: Path) -> None:
     plain = pdata.warp(image, {"semseg": sem, "normals": (normals, keep)}, N)
     flipped = pdata.warp(image, {"semseg": sem, "normals": (normals, keep)}, N, flip=True)
     assert torch.equal(flipped["semseg"], plain["semseg"].flip(-1))
-    assert torch.allclose(flipped["image"], plain["image"].flip(-1), atol=1e-5)
-    assert torch.allclose(flipped["normals"][0], -plain["normals"][0].flip(-1), atol=1e-6)
-    assert torch.allclose(flipped["normals"][1:], plain["normals"][1:].flip(-1), atol=1e-6)
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))
+    assert torch.allclose(_unit(flipped)[0][0], -_unit(plain)[0][0].flip(-1), atol=1e-6)
+    assert torch.allclose(_unit(flipped)[0][1:], _unit(plain)[0][1:].flip(-1), atol=1e-6)
     # A normal pointing right, rotated 90° counter-clockwise with the image, points up (y down): (0, -1, 0).
     right = np.zeros((N, N, 3), np.float32)
     right[..., 0] = 1.0
     mark = np.zeros((N, N), np.uint8)
-    mark[3, 6] = 1  # right of the centre (3.5, 3.5)...
+    mark[3, 6] = 1  # right of and above the reference's centre (x, y) = (W/2, H/2) = (4, 4)...
     out = pdata.warp(image, {"semseg": mark, "normals": (right, np.ones((N, N), bool))}, N, angle=90.0)
-    assert out["semseg"][1, 3] == 1  # ...lands above it
-    assert torch.allclose(out["normals"][:, 4, 4], torch.tensor([0.0, -1.0, 0.0]), atol=1e-5)
+    assert out["semseg"][2, 3] == 1 and out["semseg"].sum() == 1  # ...lands above and left of it
+    assert torch.allclose(_unit(out)[0][:, 4, 4], torch.tensor([0.0, -1.0, 0.0]), atol=1e-5)
     # A random training draw keeps every output finite and every label in its range.
     torch.manual_seed(0)
     ex = pdata.PascalMT(release, "train", ALL, 16, augment=True)[0]
     assert ex["image"].shape == (3, 16, 16) and torch.isfinite(ex["image"]).all()
     assert set(ex["semseg"].unique().tolist()) <= {0, 12, 15, 255}
+
+
+def test_release_files_decode_exactly(release: Path) -> None:
+    """The readers' output on hand-written files in the release's encodings, pinned value by value."""
+    image = pdata.read_image(release, "a")
+    jpeg = np.asarray(Image.open(release / "JPEGImages" / "a.jpg").convert("RGB"))
+    assert image.dtype == np.uint8 and np.array_equal(image, jpeg)
+    sem = np.zeros((N, N), np.uint8)
+    sem[0, :], sem[2:6, 1:4], sem[5:8, 5:8] = 255, 15, 12
+    for pid in "ab":  # VOC12 and pascal-context folders
+        got = pdata.read_semseg(release, pid, (N, N))
+        assert got.dtype == np.uint8 and np.array_equal(got, sem)
+    parts = np.zeros((N, N), np.uint8)
+    parts[2, 1:4], parts[3:5, 1:4], parts[3, 0], parts[4, 0], parts[5, 1:4], parts[7, 1:4] = 1, 2, 3, 4, 5, 6
+    assert np.array_equal(pdata.read_human_parts(release, "a", (N, N)), parts)
+    assert (pdata.read_human_parts(release, "b", (N, N)) == 255).all()  # no file
+    assert (pdata.read_human_parts(release, "c", (N, N)) == 255).all()  # a person without parts
+    sal = np.zeros((N, N), np.uint8)
+    sal[:, 5:7] = 1  # 127 -> 0, 128 and 255 -> 1
+    assert np.array_equal(pdata.read_sal(release, "a", (N, N)), sal)
+    normals, keep = pdata.read_normals(release, "a", (N, N))
+    expected = np.zeros((N, N, 3), np.float32)
+    expected[2:] = (255 * (2 / 255) - 1, 128 * np.float32(2 / 255) - 1, -1.0)
+    assert normals.dtype == np.float32 and np.array_equal(normals, expected)
+    assert np.array_equal(keep, np.arange(N)[:, None].repeat(N, 1) >= 2)
+
+
+def test_augmentation_borders_are_background_as_in_the_reference() -> None:
+    """Pixels a rotation/zoom-out brings in from outside are background (0) for every label, not ignored."""
+    image = np.full((N, N, 3), 200, np.uint8)
+    labels = {"semseg": np.full((N, N), 12, np.uint8), "human_parts": np.full((N, N), 2, np.uint8),
+              "sal": np.ones((N, N), np.uint8), "normals": (np.tile(np.float32([0, 0, 1]), (N, N, 1)), None)}
+    out = pdata.warp(image, labels, N, angle=45.0, scale=0.5)
+    inside = out["semseg"] == 12
+    assert inside[4, 4] and not inside[0, 0] and 0 < int(inside.sum()) < N * N
+    for name, value in (("semseg", 12), ("human_parts", 2), ("sal", 1)):
+        assert set(out[name][~inside].unique().tolist()) == {0}, name  # background / not salient, never 255
+        assert (out[name][inside] == value).all(), name
+    unit, valid = _unit(out)
+    assert not valid[0, 0] and valid[4, 4] and (unit[:, 0, 0] == 0).all()
+    ignored = pdata.warp(image, labels, N, angle=45.0, scale=0.5, border="ignore")  # the named option
+    for name in ("semseg", "human_parts", "sal"):
+        assert set(ignored[name][~inside].unique().tolist()) == {255}, name
+    # An image without person parts (all 255) stays all ignored; one whose parts all leave the frame becomes so.
+    none = pdata.warp(image, {"human_parts": np.full((N, N), 255, np.uint8)}, N, angle=30.0, scale=0.8)
+    assert (none["human_parts"] == 255).all()
+    corner = np.zeros((N, N), np.uint8)
+    corner[0, 0] = 3
+    assert (pdata.warp(image, {"human_parts": corner}, N, angle=10.0, scale=1.25)["human_parts"] == 255).all()
+    assert (pdata.warp(image, {"human_parts": corner}, N)["human_parts"] == corner).all()
+
+
+def test_labels_resize_by_opencv_nearest_neighbour() -> None:
+    """``INTER_NEAREST`` takes source column ``floor(x · W_in / W_out)``: 6 -> 4 keeps columns 0, 1, 3, 4 (a
+    pixel-centred resampling would keep 0, 2, 3, 5)."""
+    label = np.tile(np.arange(1, 7, dtype=np.uint8), (6, 1))
+    out = pdata.warp(np.zeros((6, 6, 3), np.uint8), {"semseg": label, "sal": (label > 3).astype(np.uint8)}, 4)
+    assert out["semseg"].tolist() == [[1, 2, 4, 5]] * 4
+    assert out["sal"].tolist() == [[0, 0, 1, 1]] * 4
+    up = pdata.warp(np.zeros((2, 2, 3), np.uint8), {"semseg": np.array([[1, 2], [3, 4]], np.uint8)}, 4)
+    assert up["semseg"].tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+    # Augmented labels are resampled twice: warped at the source size (90° about (3, 3)), then resized (6 -> 4).
+    mark = np.zeros((6, 6), np.uint8)
+    mark[1, 5] = 7  # (x 5, y 1) -> (1, 1) -> output (1, 1)
+    twice = pdata.warp(np.zeros((6, 6, 3), np.uint8), {"semseg": mark}, 4, angle=90.0)["semseg"]
+    assert twice.tolist() == [[0, 0, 0, 0], [0, 7, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    mark = np.zeros((6, 6), np.uint8)
+    mark[1, 4] = 7  # (x 4, y 1) -> (1, 2): source row 2 is not among the rows 0, 1, 3, 4 the resize keeps
+    assert not pdata.warp(np.zeros((6, 6, 3), np.uint8), {"semseg": mark}, 4, angle=90.0)["semseg"].any()
+
+
+def test_image_resize_replicates_edges_and_normals_keep_non_zero_vectors() -> None:
+    flat = pdata.warp(np.full((N, N, 3), 200, np.uint8), {}, 2 * N)["image"]
+    assert (flat == 200).all()  # no dark border
+    normals = np.zeros((N, N, 3), np.float32)
+    normals[:, : N // 2] = (0.0, 0.0, 1.0)
+    out = pdata.warp(np.zeros((N, N, 3), np.uint8), {"normals": (normals, normals[..., 2] > 0)}, 2 * N)
+    # Bicubic ×2: output column x reads source columns around (x + 0.5) / 2 − 0.5 with 4 taps; columns up to 10
+    # still reach a valid source column (< 4) and stay valid, as in the reference; the vectors are unit length.
+    unit, valid = _unit(out)
+    assert valid.all(0).tolist() == [True] * 11 + [False] * 5
+    assert torch.allclose(unit[:, :, :11].norm(dim=0), torch.ones(2 * N, 11), atol=1e-6)
+    assert (unit[:, :, 11:] == 0).all()
 
 
 @pytest.mark.parametrize(("path", "garbage"), [("JPEGImages/a.jpg", b"\xff\xd8\xff\xe0not a jpeg"),
@@ -188,7 +281,7 @@ def test_generated_scenes_use_the_release_layout(tmp_path: Path, monkeypatch: py
     ex = pdata.PascalMT(root, "train", ALL, 32, augment=False)[1]
     mat = scipy.io.loadmat(root / "human_parts" / "train_00001.mat")
     assert mat["anno"][0, 0]["objects"].shape[0] == 1  # a 1×N struct array, as in PASCAL-Part
-    assert ex["normals"].shape == (3, 32, 32) and ex["normals_valid"].any()
+    assert ex["normals"].shape == (3, 32, 32) and _unit(ex)[1].any()
     # The labels come from one scene: person pixels are salient and carry part labels.
     person = ex["semseg"] == 15
     if person.any():
@@ -224,8 +317,30 @@ def test_saliency_miou_and_maxf() -> None:
     assert math.isclose(float(miou.compute()), 0.75, abs_tol=1e-6)
     assert math.isclose(float(maxf.compute()), 2 * 1 * 0.75 / 1.75, abs_tol=1e-6)  # F(1, 0.75) beats F(2/3, 1) = 0.8
     default = SaliencyScores()
-    assert len(default.taus) == 15 and math.isclose(float(default.taus[0]), 0.2) and math.isclose(
-        float(default.taus[-1]), 0.9)
+    assert default.empty_score == 0.0 and len(default.taus) == 15
+    assert math.isclose(float(default.taus[0]), 0.2) and math.isclose(float(default.taus[-1]), 0.9)
+
+
+def test_saliency_maxf_scores_empty_masks_as_the_reference() -> None:
+    """An empty prediction has precision 0 and an empty ground truth recall 0 (reference); 1 and 1 as an option."""
+    probs = torch.tensor([[[0.9, 0.1, 0.1, 0.1]], [[0.1, 0.1, 0.1, 0.1]], [[0.1, 0.1, 0.1, 0.1]]])
+    target = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[1, 0, 0, 0]]])
+    scores = {}
+    for empty in (0.0, 1.0):
+        for kind in ("maxf", "miou"):
+            metric = SaliencyScores(kind, thresholds=1, low=0.5, high=0.5, empty_score=empty)
+            metric.update(probs, target)
+            scores[kind, empty] = float(metric.compute())
+    # Reference: P (1, 0, 0), R (1/2, 0, 0) -> F(1/3, 1/6) = 2/9. Option: P (1, 1, 1), R (1/2, 1, 0) -> F(1, 1/2).
+    assert scores["maxf", 0.0] == pytest.approx(2 / 9) and scores["maxf", 1.0] == pytest.approx(2 / 3)
+    assert scores["miou", 0.0] == scores["miou", 1.0] == pytest.approx(0.5)  # IoU: 1/2, 1 (both empty), 0
+    with pytest.raises(ValueError, match="empty_score"):
+        SaliencyScores("maxf", empty_score=0.5)
+    specs = Pascal(PascalConfig()).metrics()["sal"]
+    assert specs["maxf"].version == "astmt-15thr-b1-empty0" and specs["miou"].version == "astmt-15thr-b1"
+    assert specs["maxf"].factory().empty_score == 0.0
+    option = Pascal(PascalConfig(sal_empty="one")).metrics()["sal"]["maxf"]
+    assert option.version == "astmt-15thr-b1" and option.factory().empty_score == 1.0
 
 
 def test_normals_statistics() -> None:
@@ -296,7 +411,7 @@ def test_baseline_file_and_runner_keys(tmp_path: Path) -> None:
     keys = delta_m_metrics(values, task.metrics(), base)
     assert keys["val/delta_m"] == pytest.approx(2.54, abs=0.01) and keys["val/normals/delta"] > 0
     own = tmp_path / "mine.json"
-    own.write_text(json.dumps({"id": "mine", "metrics": {"semseg": {"miou": 0.5}}}))
+    own.write_text(json.dumps({"id": "mine", "metrics": {"semseg": {"miou": 0.5}}, "protocol": data["protocol"]}))
     assert Pascal(PascalConfig(baseline_file=str(own))).baselines() == {"semseg": {"miou": 0.5}}
     assert Pascal(PascalConfig(baseline_file="none")).baselines() is None
     assert delta_m_metrics({"val/sal/miou": 0.5}, {"sal": {"miou": MetricSpec(dict, True, True)}}, {}) == {}
@@ -305,6 +420,83 @@ def test_baseline_file_and_runner_keys(tmp_path: Path) -> None:
     own.write_text("{}")
     with pytest.raises(DataError, match="mine.json"):
         load_baselines(own)
+
+
+def test_delta_m_only_against_baselines_of_the_same_protocol(tmp_path: Path) -> None:
+    from mtbench.config import resolve
+    from mtbench.tasks.pascal import VERSION, shipped_baseline
+
+    def chosen(profile: str, *sets: str) -> str | None:
+        path = shipped_baseline(resolve("mtlora", "pascal", profile, sets=list(sets)).task)
+        return path.name if path else None
+
+    assert chosen("paper") == "pascal_swin_t_stl.json"
+    assert chosen("paper", "task.subtasks=[normals]") == "pascal_swin_t_stl.json"  # single-task runs: same protocol
+    assert chosen("smoke") == "pascal_smoke_stl.json"
+    assert chosen("cpu") is None  # no shipped single-task runs of the cpu profile: no Δm rather than a wrong one
+    # Generated scenes at 448 px, random init, another backbone, the ignore border, a cut evaluation set: no Δm.
+    for sets in (["task.source=synthetic", "task.pretrained=false"], ["task.pretrained=false"],
+                 ["task.augment_border=ignore"], ["task.eval_limit=100"]):
+        assert chosen("paper", *sets) is None, sets
+    assert chosen("smoke", "task.backbone=swin_mini") is None and chosen("smoke", "task.synthetic_val=9") is None
+    smoke = Pascal(resolve("mtlora", "pascal", "smoke").task).baselines()
+    assert smoke == load_baselines(BASELINES_DIR / "pascal_smoke_stl.json")
+    assert smoke != load_baselines(BASELINES_DIR / "pascal_swin_t_stl.json")
+    assert Pascal(resolve("mtlora", "pascal", "paper", sets=["task.source=synthetic"]).task).baselines() is None
+    for path in BASELINES_DIR.glob("pascal_*.json"):  # every shipped file states the current protocol
+        protocol = json.loads(path.read_text())["protocol"]
+        assert protocol["task"] == "pascal" and protocol["task_version"] == VERSION, path.name
+    # A file of your own must carry the protocol it was measured under, and it must be the run's.
+    paper = json.loads((BASELINES_DIR / "pascal_swin_t_stl.json").read_text())
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"metrics": paper["metrics"]}))
+    with pytest.raises(ConfigError, match="own.json.*needs \"protocol\""):
+        PascalConfig(baseline_file=str(own))
+    own.write_text(json.dumps({"metrics": paper["metrics"], "protocol": paper["protocol"]}))
+    with pytest.raises(ConfigError, match="another protocol \\(task.source: baseline 'local', run 'synthetic'\\)"):
+        resolve("mtlora", "pascal", "smoke", sets=[f"task.baseline_file={own}"])
+    old = {**paper["protocol"], "task_version": "1"}
+    own.write_text(json.dumps({"metrics": paper["metrics"], "protocol": old}))
+    with pytest.raises(ConfigError, match="task version: baseline '1'"):
+        PascalConfig(baseline_file=str(own))
+
+
+def test_generated_scenes_hold_every_class_the_metrics_average_over(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The smoke profile's 8 validation scenes hold all 21 semseg and 7 part classes: a perfect prediction scores
+    mIoU 1 (it scored 0.38 when the scenes held 8 classes)."""
+    from mtbench.config import resolve
+
+    monkeypatch.setenv("MTBENCH_CACHE", str(tmp_path))
+    task = Pascal(resolve("mtlora", "pascal", "smoke").task)
+    val = task.datamodule(resolve("mtlora", "pascal", "smoke").train).val_dataloader()
+    metrics = {"semseg": DatasetMIoU(21), "human_parts": DatasetMIoU(7)}
+    for loader, name in zip(val, task.subtasks):
+        for batch in loader:
+            if name in metrics:
+                metrics[name].update(batch[name].clamp(max=20), batch[name])
+    assert float(metrics["semseg"].compute()) == pytest.approx(1.0)
+    assert float(metrics["human_parts"].compute()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("subtasks", [ALL, ("semseg",), ("sal", "normals")])
+def test_runner_loss_is_the_papers_weighted_sum_for_any_number_of_subtasks(subtasks: tuple[str, ...]) -> None:
+    """The runner's total is Σ_t w_t L_t (w = 1, 2, 5, 10), so the gradient clipping at 5 is the paper's whatever T."""
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    exp = resolve("full_ft", "pascal", "smoke", sets=[f"task.subtasks=[{','.join(subtasks)}]"])
+    module = build_module(exp)
+    batch = next(iter(module.task.datamodule(module.train_cfg, seed=0).train_dataloader()))
+    module.log = lambda *args, **kwargs: None  # outside a Trainer
+    module.eval()  # BatchNorm in eval mode: both passes below see the same outputs
+    total = module.training_step(batch, 0)
+    losses = module.task.loss(module(batch), batch)
+    paper = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0}
+    assert set(losses) == set(subtasks)
+    assert torch.allclose(total, sum(paper[t] * loss for t, loss in losses.items()), rtol=1e-5)
+    for profile in ("smoke", "cpu", "paper"):
+        assert resolve("full_ft", "pascal", profile).trainer["gradient_clip_val"] == 5.0  # methods.md §7.8
 
 
 # Swin: checkpoints, features, MTLoRA streams, parameter counts ------------------------------------------------------
@@ -522,10 +714,11 @@ def test_smoke_batches_carry_every_subtask() -> None:
     batch = next(iter(dm.train_dataloader()))
     b = batch["image"].shape[0]
     assert batch["task_ids"].tolist() == list(range(4)) * b and task.batch_size(batch) == (b, 0)
-    assert {"semseg", "human_parts", "sal", "normals", "normals_valid"} <= set(batch)
+    assert {"semseg", "human_parts", "sal", "normals"} <= set(batch)
+    assert batch["image"].dtype == batch["semseg"].dtype == torch.uint8
     val = next(iter(dm.val_dataloader()[3]))
-    assert set(val) == {"image", "normals", "normals_valid", "task_ids"} and set(val["task_ids"].tolist()) == {3}
-    assert task.loss_weights() == {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0}
+    assert set(val) == {"image", "normals", "task_ids"} and set(val["task_ids"].tolist()) == {3}
+    assert task.loss_weights() == {"semseg": 4.0, "human_parts": 8.0, "sal": 20.0, "normals": 40.0}  # T·w_t
     assert dataclasses.asdict(exp.method)["target_modules"] == ("qkv", "proj", "fc1", "fc2")
 
 
