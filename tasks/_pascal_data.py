@@ -17,15 +17,16 @@ Nothing is ever written into the data folder. A missing or corrupt file raises :
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -175,9 +176,14 @@ def read_normals(root: Path, pid: str, shape: tuple[int, int]) -> tuple[np.ndarr
 
 # Transforms (methods.md §7.13) -------------------------------------------------------------------------------------
 
-# OpenCV runs single-threaded here: the loader parallelises over samples with DataLoader workers, and OpenCV's own
-# thread pool inside each worker would oversubscribe the cores (and is not fork-safe across worker restarts).
-cv2.setNumThreads(1)
+@functools.cache
+def _cv2() -> ModuleType:
+    """OpenCV, imported on first use (listing commands never pay for it) and single-threaded: the loader parallelises
+    over samples with DataLoader workers, and OpenCV's own thread pool in each worker would oversubscribe the cores."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
 
 Border = Literal["background", "ignore"]
 """Label of pixels an augmentation brings in from outside the image: ``background`` (0: background, not salient, no
@@ -237,6 +243,7 @@ def warp(image: np.ndarray, labels: dict[str, Any], size: int, flip: bool = Fals
         :func:`normals_target`). Channel-first views of channel-last arrays (not contiguous); labels stay uint8 (8×
         less to copy and move to the device; the losses cast them).
     """
+    cv2 = _cv2()
     h, w = image.shape[:2]
     matrix = None
     if flip or angle or scale != 1.0:
@@ -293,6 +300,7 @@ def _warp_normals(normals: np.ndarray, flip: bool, angle: float, geometry: Any) 
     The flip's sign and the in-plane turn are linear in the vector, so they commute with the (linear) resampling and
     are applied after it, as one 3×3 matrix per pixel (``cv2.transform``).
     """
+    cv2 = _cv2()
     vec = geometry(np.ascontiguousarray(normals, dtype=np.float32), cv2.INTER_CUBIC, 0)
     if flip or angle:
         cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
