@@ -351,13 +351,20 @@ def check_trainer_kwargs(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_fields(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, attribute docstring) of a config dataclass, for ``mtbench ls`` and the docs."""
+    """(name, type with its declared bounds, default, attribute docstring) of a config dataclass, for ``mtbench ls``
+    and the docs: ``("r", "int (> 0)", 8, "Rank of ...")``."""
+    from .schema import allowed
+
     docs = _attribute_docstrings(cls)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     out = []
     for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-        out.append((f.name, type_name(hints[f.name]), default, docs.get(f.name, "")))
+        bounds = allowed(hints[f.name], [])
+        kind = type_name(hints[f.name]) + (f" ({bounds})" if bounds else "")
+        out.append((f.name, kind, default, docs.get(f.name, "")))
     return out
 
 

@@ -119,7 +119,7 @@ def describe(error: Mapping[str, Any], section: str, hints: Mapping[str, Any],
     if kind == "finite_number":
         return f"{key} must be a finite number, got {given}"
     if kind in _BOUNDS or kind == "multiple_of":
-        return f"{key} must be {_allowed(hint, loc[1:]) or _bound(kind, ctx)}, got {given}"
+        return f"{key} must be {allowed(hint, loc[1:]) or _bound(kind, ctx)}, got {given}"
     if kind == "literal_error":
         return f"{key}={given} is not allowed; choose one of {_choices(hint, loc[1:])}"
     if kind in ("too_short", "too_long", "missing"):
@@ -158,7 +158,7 @@ def _at(hint: Any, path: list[Any]) -> Any:
     return hint
 
 
-def _allowed(hint: Any, path: list[Any]) -> str:
+def allowed(hint: Any, path: list[Any]) -> str:
     """Every declared bound of the value at ``path`` in words: ``>= 0 and < 1``."""
     hint = _at(hint, path)
     base, meta = _strip(hint)

@@ -179,7 +179,7 @@ def test_failing_plugin_marks_run_failed_with_traceback(tmp_path: Path) -> None:
 def test_ls_lists_methods_and_tasks(capsys: pytest.CaptureFixture) -> None:
     assert main(["ls", "methods"]) == 0
     out = capsys.readouterr().out
-    assert "full_ft" in out and "lora" in out and "r: int = 8" in out
+    assert "full_ft" in out and "lora" in out and "r: int (> 0) = 8" in out
     assert main(["ls", "tasks"]) == 0
     assert "glue" in capsys.readouterr().out
 
