@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -168,3 +169,21 @@ def test_import_graph_of_the_package_has_no_circle() -> None:
             visit(module, [module])
     assert "mtbench.backbones" not in graph["mtbench.registry"]
     assert "mtbench.render" not in graph["mtbench.leaderboard"]
+
+
+def test_each_registry_imports_only_its_own_builtins() -> None:
+    """Reading the method registry imports the method modules and not the tasks; importing the registry imports no
+    backbone module (the registry names its built-ins, it does not import them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mtbench import registry\n"
+            "assert 'mtbench.backbones' not in sys.modules and 'torch' not in sys.modules\n"
+            "names = registry.methods.names()\n"
+            "assert 'lora' in names and 'mtbench.methods.lora' in sys.modules\n"
+            "tasks = [m for m in sys.modules if m.startswith('mtbench.tasks.')]\n"
+            "assert not tasks, tasks\n"
+            "assert 'glue' in registry.tasks.names() and 'mtbench.tasks.glue' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MTBENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "MTBENCH_PLUGINS": ""})
+    assert done.returncode == 0, done.stderr[-1500:]
