@@ -103,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             registry.discover(args.plugin)
         return int(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # Ctrl-C or SIGTERM outside a run's training (which records the run KILLED itself), e.g. while the model is
+        # built: nothing was recorded, so one line is all there is to say.
+        print("mtbench: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         from .errors import MtbenchError
 

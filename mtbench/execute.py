@@ -1,11 +1,17 @@
 """One tracked run: create the MLflow run with its provenance, train and evaluate, record the outcome.
 
 Whatever happens, the run ends recorded with a status: FINISHED, FAILED (error tag and traceback artifact) or
-KILLED (Ctrl-C, SIGTERM). The ``result.json`` artifact is written atomically in every case.
+KILLED (Ctrl-C, SIGTERM). The status is mtbench's own: the run stays RUNNING until mtbench has evaluated and
+recorded it (Lightning's MLflow logger would mark it FINISHED when ``fit`` returns), so a process that dies before
+then leaves a RUNNING run that ``mtbench runs`` shows as DEAD, never a FINISHED run without a result. The
+``result.json`` artifact is written atomically in every case; if recording fails (a full disk), the run is FAILED
+with that reason.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -51,6 +57,8 @@ class Outcome:
     metrics: dict[str, float]
     result: dict[str, Any]
     error: str | None = None
+    interrupted: bool = False
+    """A stop signal arrived (the run may still be FINISHED if it came after the evaluation); a sweep stops."""
 
 
 @contextmanager
@@ -103,23 +111,31 @@ def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = Tru
     }
     run = mlflow.create_run(exp_id, tags=tags)
     run_id = run.info.run_id
-    params = [Param(k, v) for k, v in safe_params(flatten(config)).items()]
-    for i in range(0, len(params), 100):
-        mlflow.log_batch(run_id, params=params[i : i + 100])
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        mlflow.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
-        if long := long_params(flatten(config)):
-            # Longer than an MLflow param allows: logged cut (with a digest of the whole), kept in full here.
-            (Path(tmp) / "long_params.json").write_text(json.dumps(long, indent=1, sort_keys=True))
-            mlflow.log_artifact(run_id, str(Path(tmp) / "long_params.json"))
-            mlflow.set_tag(run_id, "mtbench.long_params", ",".join(sorted(long)) + " (in full in long_params.json)")
-    return _train(exp, mlflow, run_id, uri, config, progress, built)
+    with _run_lock(uri, run_id):
+        params = [Param(k, v) for k, v in safe_params(flatten(config)).items()]
+        for i in range(0, len(params), 100):
+            mlflow.log_batch(run_id, params=params[i : i + 100])
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            mlflow.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+            if long := long_params(flatten(config)):
+                # Longer than an MLflow param allows: logged cut (with a digest of the whole), kept in full here.
+                (Path(tmp) / "long_params.json").write_text(json.dumps(long, indent=1, sort_keys=True))
+                mlflow.log_artifact(run_id, str(Path(tmp) / "long_params.json"))
+                mlflow.set_tag(run_id, "mtbench.long_params",
+                               ",".join(sorted(long)) + " (in full in long_params.json)")
+        return _train(exp, mlflow, run_id, uri, config, progress, built)
 
 
 def resume_run(run_id: str, uri: str | None = None, progress: bool = True) -> Outcome:
-    """Continue a KILLED run from its checkpoint, in the same MLflow run, to FINISHED."""
+    """Continue a KILLED (or FAILED, or dead) run from its checkpoint, in the same MLflow run, to FINISHED.
+
+    Refused, with the record left as it is: a FINISHED run, a run another process is training or resuming now
+    (each run holds an exclusive lock on ``checkpoints/<run_id>.lock`` while it trains), a missing or unreadable
+    checkpoint.
+    """
     from .config import resolve
+    from .tracking import liveness
 
     uri = tracking_uri(uri)
     mlflow = client(uri)
@@ -127,24 +143,76 @@ def resume_run(run_id: str, uri: str | None = None, progress: bool = True) -> Ou
         run = mlflow.get_run(run_id)
     except Exception as exc:
         raise MtbenchError(f"run {run_id} not found in {uri}") from exc
-    checkpoint = checkpoint_path(uri, run_id)
-    if run.info.status == "FINISHED":
-        raise MtbenchError(f"run {run_id} is already FINISHED; nothing to resume")
-    if not checkpoint.is_file():
-        raise MtbenchError(f"run {run_id} has no checkpoint at {checkpoint} (only runs stopped by Ctrl-C or SIGTERM "
-                           "during training can be resumed)")
-    with tempfile.TemporaryDirectory() as tmp:
-        config = yaml.safe_load(Path(mlflow.download_artifacts(run_id, "config.yaml", tmp)).read_text())
-    config["task"].pop("version", None)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-        yaml.safe_dump(config, file)
-        file.flush()
-        exp = resolve(None, None, config["profile"], config["seed"], file.name)
-    _quiet_libraries()
-    built = _build(exp)
-    mlflow.update_run(run_id, status="RUNNING")
-    mlflow.log_batch(run_id, tags=[_tag(k, v) for k, v in _process_tags().items()])
-    return _train(exp, mlflow, run_id, uri, exp.as_dict(), progress, built, resume_from=checkpoint)
+    with _run_lock(uri, run_id):
+        run = mlflow.get_run(run_id)
+        status = run.info.status
+        if status == "FINISHED":
+            raise MtbenchError(f"run {run_id} is already FINISHED; nothing to resume")
+        tags = run.data.tags
+        if liveness(status, tags.get("mtbench.host"), tags.get("mtbench.pid"), tags.get("mtbench.heartbeat"),
+                    time.time()) == "RUNNING" and tags.get("mtbench.host") != socket.gethostname():
+            raise MtbenchError(f"run {run_id} is still RUNNING on {tags.get('mtbench.host')} (heartbeat less than "
+                               "15 min old); stop it first")
+        checkpoint = checkpoint_path(uri, run_id)
+        if not checkpoint.is_file():
+            raise MtbenchError(f"run {run_id} has no checkpoint at {checkpoint} (only runs stopped by Ctrl-C or "
+                               "SIGTERM can be resumed)")
+        _check_checkpoint(checkpoint, run_id)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for one small file is noise
+        with tempfile.TemporaryDirectory() as tmp:
+            config = yaml.safe_load(Path(mlflow.download_artifacts(run_id, "config.yaml", tmp)).read_text())
+        config["task"].pop("version", None)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+            yaml.safe_dump(config, file)
+            file.flush()
+            exp = resolve(None, None, config["profile"], config["seed"], file.name)
+        _quiet_libraries()
+        built = _build(exp)
+        mlflow.update_run(run_id, status="RUNNING")
+        mlflow.log_batch(run_id, tags=[_tag(k, v) for k, v in _process_tags().items()])
+        if "mtbench.error" in tags:
+            mlflow.delete_tag(run_id, "mtbench.error")  # the reason it stopped last time no longer holds
+        return _train(exp, mlflow, run_id, uri, exp.as_dict(), progress, built, resume_from=checkpoint)
+
+
+def _check_checkpoint(path: Path, run_id: str) -> None:
+    """Refuse a checkpoint torch cannot read (truncated, corrupt) before the run's record is touched."""
+    import torch
+
+    try:
+        # mmap: only the archive's index is read, not the tensors.
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        raise MtbenchError(f"checkpoint {path} of run {run_id} is unreadable ({reason}); the run keeps its "
+                           "recorded status") from exc
+
+
+@contextmanager
+def _run_lock(uri: str, run_id: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``checkpoints/<run_id>.lock`` while a process trains or resumes the run.
+
+    The kernel releases it when the process ends, however it ends, so a second ``--resume`` of a run that is being
+    trained or resumed is refused at once, while one of a dead run proceeds. (A lock file, because the store has no
+    atomic "claim this run" operation; it covers processes that share the checkpoint folder.)
+    """
+    path = checkpoint_path(uri, run_id).parent.with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise MtbenchError(f"cannot create the run lock {path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise MtbenchError(f"run {run_id} is being trained or resumed by another process now; wait for it "
+                               "or stop it first") from exc
+        yield
+    finally:
+        handle.close()
 
 
 def checkpoint_path(uri: str, run_id: str) -> Path:
@@ -185,9 +253,9 @@ def _build(exp: Experiment) -> tuple[Any, Any]:
 def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str, Any], progress: bool,
            built: tuple[Any, Any], resume_from: Path | None = None) -> Outcome:
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import MLFlowLogger
 
-    from .callbacks import GracefulStop, Heartbeat, Measurements
+    from .callbacks import GracefulStop, Heartbeat, Measurements, RunInterrupted, save_checkpoint_atomic
+    from .runner import MAX_SKIPPED_SHARE
 
     status, error, trace = "FAILED", None, None
     module, datamodule = built
@@ -196,23 +264,41 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
     stop = GracefulStop(checkpoint_path(uri, run_id))
     heartbeat = Heartbeat(lambda: mlflow.set_tag(run_id, "mtbench.heartbeat", f"{time.time():.0f}"))
     started = time.time()
+    fitted = False
     os.environ["MTBENCH_RUN_ID"] = run_id  # inherited by the processes Lightning launches for extra DDP ranks
     try:
-        with _sigterm_as_interrupt():
-            logger = MLFlowLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_id=run_id,
-                                  artifact_location=artifact_root(uri))
-            with tempfile.TemporaryDirectory() as scratch:
-                # tqdm's bar: Lightning's default rich bar prints "Epoch 0/-2" for step-limited runs (max_epochs -1).
-                bar = [pl.callbacks.TQDMProgressBar()] if progress else []
-                trainer = pl.Trainer(**_trainer_kwargs(exp), logger=logger, default_root_dir=scratch,
-                                     callbacks=[measurements, stop, heartbeat, *module.method.callbacks(), *bar],
-                                     enable_checkpointing=False, enable_progress_bar=progress)
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-                if stop.received is not None:
-                    raise KeyboardInterrupt(f"signal {stop.received}; checkpoint saved at step {trainer.global_step}")
-                if module.metrics_step != trainer.global_step:
-                    trainer.validate(module, datamodule=datamodule, verbose=False)
-            status = "FINISHED"
+        with stop.installed():
+            try:
+                with tempfile.TemporaryDirectory() as scratch:
+                    # tqdm's bar: Lightning's default rich bar prints "Epoch 0/-2" for step-limited runs
+                    # (max_epochs -1).
+                    bar = [pl.callbacks.TQDMProgressBar()] if progress else []
+                    trainer = pl.Trainer(**_trainer_kwargs(exp), logger=_logger(uri, run_id),
+                                         default_root_dir=scratch,
+                                         callbacks=[measurements, stop, heartbeat, *module.method.callbacks(), *bar],
+                                         enable_checkpointing=False, enable_progress_bar=progress)
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+                    fitted = True
+                    skipped, batches = module.skipped_batches, module.train_batches
+                    if skipped > MAX_SKIPPED_SHARE * max(1, batches):
+                        raise DivergedError(f"diverged: {skipped} of {batches} training batches skipped for a "
+                                            f"non-finite loss (more than {MAX_SKIPPED_SHARE:.0%})")
+                    if stop.received is None and module.metrics_step != trainer.global_step:
+                        trainer.validate(module, datamodule=datamodule, verbose=False)
+                    if stop.received is not None and module.metrics_step != trainer.global_step:
+                        raise RunInterrupted(stop.describe(trainer.global_step))
+            except RunInterrupted as exc:
+                if fitted and stop.saved_step is None and stop.save_error is None:
+                    # Stopped during the final evaluation: the checkpoint holds the trained model, so --resume only
+                    # evaluates.
+                    try:
+                        save_checkpoint_atomic(trainer, stop.checkpoint)
+                        stop.saved_step = trainer.global_step
+                    except OSError as save_exc:
+                        stop.save_error = f"{save_exc.__class__.__name__}: {save_exc.strerror or save_exc}"
+                    exc = RunInterrupted(stop.describe(trainer.global_step))
+                raise KeyboardInterrupt(str(exc)) from None
+        status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as exc:
         status, error = "KILLED", f"interrupted ({exc.__class__.__name__}{': ' + str(exc) if str(exc) else ''})"
     except Exception as exc:
@@ -220,10 +306,32 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
     finally:
         os.environ.pop("MTBENCH_RUN_ID", None)
     if trainer is not None and not trainer.is_global_zero:
-        return Outcome(run_id, status, dict(module.final_metrics), {}, error)
+        return Outcome(run_id, status, dict(module.final_metrics), {}, error, stop.received is not None)
     if status == "FINISHED":
         checkpoint_path(uri, run_id).unlink(missing_ok=True)
-    return _record(exp, mlflow, run_id, config, status, error, trace, module, trainer, measurements, started)
+    outcome = _record(exp, mlflow, run_id, config, status, error, trace, module, trainer, measurements, started)
+    outcome.interrupted = stop.received is not None
+    return outcome
+
+
+class DivergedError(RuntimeError):
+    """Too many training batches were skipped for a non-finite loss (``train.on_nonfinite_loss=skip``)."""
+
+
+def _logger(uri: str, run_id: str) -> Any:
+    """Lightning's MLflow logger for the run, minus its say over the run's status.
+
+    ``MLFlowLogger.finalize`` marks the MLflow run FINISHED when ``fit`` returns (FAILED on an exception), before
+    mtbench has evaluated and recorded the outcome; the status is mtbench's to set (in :func:`_log_outcome`).
+    Metrics are sent as they are logged, so there is nothing left to flush.
+    """
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class RunLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            pass
+
+    return RunLogger(experiment_name=EXPERIMENT, tracking_uri=uri, run_id=run_id, artifact_location=artifact_root(uri))
 
 
 def _quiet_libraries() -> None:
@@ -240,10 +348,16 @@ def _quiet_libraries() -> None:
 
 def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:
     kwargs = dict(exp.trainer)
-    # Validation always runs once at the end; during training only every `trainer.val_check_interval` steps when
-    # set. Lightning's epoch-based default would validate at points that depend on the sampler's epoch length.
+    # Validation always runs once at the end; during training only every `trainer.val_check_interval` optimizer
+    # steps when set. Lightning's epoch-based default would validate at points that depend on the sampler's epoch
+    # length.
     kwargs.setdefault("check_val_every_n_epoch", None)
     kwargs.setdefault("val_check_interval", 10**12)
+    accumulate = kwargs.get("accumulate_grad_batches", 1)
+    if isinstance(kwargs["val_check_interval"], int) and isinstance(accumulate, int) and accumulate > 1:
+        # Every step-valued option means optimizer steps (as max_steps, log_every_n_steps and the schedule's
+        # warm-up do in Lightning); Lightning counts an integer val_check_interval in batches.
+        kwargs["val_check_interval"] *= accumulate
     kwargs.setdefault("use_distributed_sampler", False)
     if kwargs.get("strategy") == "ddp":
         # A rank whose batch holds no example of some subtask leaves that head (and routed experts or task
@@ -254,14 +368,17 @@ def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:
 
 def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], status: str, error: str | None,
             trace: str | None, module: Any, trainer: Any, measurements: Any, started: float) -> Outcome:
-    import torch
-
     from .callbacks import count_parameters
 
     metrics = dict(module.final_metrics) if module is not None and status == "FINISHED" else {}
-    device = module.device if module is not None else torch.device("cpu")
-    perf = measurements.summary(trainer, device) if trainer is not None else {"wall_s": time.time() - started}
-    params = measurements.values.get("params") or (count_parameters(module) if module is not None else {})
+    # Everything about the device comes from what Measurements captured while training: after fit, Lightning's
+    # teardown has moved the module back to the CPU.
+    seen = measurements.values
+    perf = measurements.summary() if seen else {"wall_s": time.time() - started}
+    if module is not None:
+        perf["skipped_batches"] = module.skipped_batches
+        perf["train_batches"] = module.train_batches
+    params = seen.get("params") or (count_parameters(module) if module is not None else {})
     specs = module.specs if module is not None else {}
     result = {
         "schema": SCHEMA, "run_id": run_id, "status": status, "error": error,
@@ -272,9 +389,10 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
                                                "version": s.version}
                          for sub, group in specs.items() for name, s in group.items()},
         "params": params, "perf": perf,
-        "provenance": {"device": measurements.values.get("device", str(device)), **host_info(),
-                       "git_commit": git_state()[0], "git_dirty": git_state()[1], "versions": package_versions(),
-                       "started": started, "finished": time.time()},
+        "provenance": {"device": seen.get("device", "not started"),
+                       **{k: seen[k] for k in ("precision", "param_dtype", "world_size") if k in seen},
+                       **host_info(), "git_commit": git_state()[0], "git_dirty": git_state()[1],
+                       "versions": package_versions(), "started": started, "finished": time.time()},
     }
     result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False,
                                          "version": exp.task_cls.headline_version or exp.task_cls.version}
@@ -285,8 +403,26 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
     for key in [k for k in metrics if k == "val/delta_m" or k.endswith("/delta")]:
         result["metric_specs"][key] = {"higher_is_better": True, "primary": False,
                                        "version": f"{exp.task_cls.version}+baseline-{digest}"}
-    _log_outcome(mlflow, run_id, result, trace)
+    try:
+        _log_outcome(mlflow, run_id, result, trace)
+    except Exception as exc:
+        reason = f"recording the outcome failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})" \
+            if str(exc) else f"recording the outcome failed ({exc.__class__.__name__})"
+        if status != "FAILED":
+            reason += f"; the run had ended {status}"
+        _mark_failed(mlflow, run_id, reason)
+        return Outcome(run_id, "FAILED", {}, result, reason)
     return Outcome(run_id, status, metrics, result, error)
+
+
+def _mark_failed(mlflow: Any, run_id: str, reason: str) -> None:
+    """Best effort: FAILED with the reason. If even this cannot be written, the run stays RUNNING and is shown DEAD
+    once this process has exited."""
+    try:
+        mlflow.set_tag(run_id, "mtbench.error", reason[:5000])
+        mlflow.set_terminated(run_id, "FAILED")
+    except Exception:
+        pass
 
 
 def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | None) -> None:

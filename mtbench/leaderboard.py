@@ -33,7 +33,8 @@ SCHEMA = "mtbench.leaderboard/1"
 KEYS = ["task", "task_version", "metric_versions", "method", "method_config_id", "profile", "protocol_id",
         "device"]
 PERF = ["params/adapter", "params/trainable", "params/total", "perf/train_samples_per_s", "perf/train_tokens_per_s",
-        "perf/eval_samples_per_s", "perf/peak_mem_mb", "perf/wall_s"]
+        "perf/eval_samples_per_s", "perf/peak_mem_mb", "perf/wall_s", "perf/train_compute_samples_per_s",
+        "perf/train_data_wait_share", "perf/skipped_batches"]
 QUALITY = "val/avg"
 DELTA_M = "val/delta_m"
 HEAD = ["row_id", "rank", "task", "device", "profile", "protocol_id", "task_version", "metric_versions", "method",

@@ -95,6 +95,11 @@ def _columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
 
     pareto = [Column(f"pareto_{n}", n[0].upper(), lambda r, n=n: "●" if r[f"pareto_{n}"] else "",
                      lambda r, n=n: int(bool(r[f"pareto_{n}"]))) for n, _, _ in stats.PARETO_AXES]
+    # Batches skipped for a non-finite loss (train.on_nonfinite_loss=skip): shown wherever a row has any.
+    skipped = [Column("perf/skipped_batches", "skipped batches",
+                      lambda r: f"{_num(r.get('perf/skipped_batches_mean')):.1f}",
+                      lambda r: r.get("perf/skipped_batches_mean"))] \
+        if "perf/skipped_batches_mean" in rows and (rows["perf/skipped_batches_mean"].fillna(0) > 0).any() else []
     return [
         Column("rank", "rank", lambda r: "–" if pd.isna(r["rank"]) else str(r["rank"]), lambda r: r["rank"]),
         Column("method", "method", lambda r: r["method"], lambda r: r["method"], False),
@@ -113,6 +118,7 @@ def _columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
                lambda r: r.get("perf/train_samples_per_s_mean")),
         Column("perf/peak_mem_mb", "peak mem (MB)", lambda r: f"{_num(r.get('perf/peak_mem_mb_mean')):.0f}",
                lambda r: r.get("perf/peak_mem_mb_mean")),
+        *skipped,
         *pareto,
     ]
 

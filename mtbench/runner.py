@@ -26,6 +26,11 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
 
 
+MAX_SKIPPED_SHARE = 0.1
+"""With ``train.on_nonfinite_loss=skip``, a run that skipped more than this share of its training batches has
+diverged: it ends FAILED with the count instead of being scored with a barely trained model."""
+
+
 class BenchModule(pl.LightningModule):
     """Trains ``model`` (adapted backbone + heads) on ``task`` with ``method``'s parameter groups."""
 
@@ -40,10 +45,14 @@ class BenchModule(pl.LightningModule):
         self.weights = task.loss_weights()
         self.final_metrics: dict[str, float] = {}
         self.metrics_step = -1
-        self.skipped_steps = 0
+        self.skipped_batches = 0
+        self.train_batches = 0
+        self._first_bad: Tensor | None = None  # step of the first non-finite loss (-1: none), kept on the device
+        self._bad_loss: Tensor | None = None
+        self._checked_step = -1
         self.unused_params: list[str] = []
         """Parameters frozen because a real training step gives them no gradient (see :func:`freeze_unused`)."""
-        self._resume_rng: Tensor | None = None
+        self._resume_rng: dict[str, Any] | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.method.set_task(self.model, batch.get("task_ids"))
@@ -63,25 +72,78 @@ class BenchModule(pl.LightningModule):
         if aux is not None:
             total = total + aux
             self.log("train/aux_loss", aux.detach(), on_step=True, batch_size=1)
-        if not torch.isfinite(total):
-            if self.train_cfg.on_nonfinite_loss == "skip":
-                self.skipped_steps += 1
+        self.train_batches += 1
+        if self.train_cfg.on_nonfinite_loss == "skip":
+            # Skipping means the host decides now whether to step: one host-device synchronisation per step, the
+            # price of this option (the default, "fail", has none).
+            skip = not torch.isfinite(total)
+            self.skipped_batches += skip
+            # The running count, every step, so each step Lightning sends to the logger carries it.
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, batch_size=1)
+            if skip:
                 return None
-            raise NonFiniteLossError(f"non-finite loss {total.item()} at step {self.global_step}")
+        else:
+            self._note_nonfinite(total.detach())
         self.log("train/loss", total.detach(), on_step=True, prog_bar=True, batch_size=1)
         return total
 
+    def _note_nonfinite(self, total: Tensor) -> None:
+        """Remember the first step whose loss is NaN/Inf, on the device: no synchronisation per step."""
+        if self._first_bad is None or self._first_bad.device != total.device:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=total.device)
+            self._bad_loss = torch.zeros((), dtype=torch.float32, device=total.device)
+        first = (~torch.isfinite(total)) & (self._first_bad < 0)
+        self._first_bad = torch.where(first, self.global_step, self._first_bad)
+        self._bad_loss = torch.where(first, total.float(), self._bad_loss)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first step whose loss was NaN/Inf (synchronises once).
+
+        Called every ``trainer.log_every_n_steps`` optimizer steps (when Lightning reads the logged values anyway),
+        before validation, before a checkpoint and at the end of training; the error names the first bad step, not
+        the step at which it was noticed.
+        """
+        if self._first_bad is not None and int(self._first_bad) >= 0:
+            raise NonFiniteLossError(f"non-finite loss {float(self._bad_loss)} at step {int(self._first_bad)}")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 1) or 1))
+        if self.global_step != self._checked_step and self.global_step % every == 0:
+            self._checked_step = self.global_step
+            self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
+
+    def on_validation_start(self) -> None:
+        self.check_finite()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Dropout and DropConnect draw from the global generator; resuming with its state reproduces the run.
+        self.check_finite()
+        # Dropout and DropConnect draw from the global generators; resuming with their state reproduces the run.
         checkpoint["mtbench_rng"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["mtbench_cuda_rng"] = torch.cuda.get_rng_state_all()
+        # After an epoch's last batch the next thing to draw from the generator is the next epoch's data iterator.
+        checkpoint["mtbench_rng_at_epoch_end"] = bool(self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        checkpoint["mtbench_batches"] = {"train": self.train_batches, "skipped": self.skipped_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resume_rng = checkpoint.get("mtbench_rng")
+        rng = {k: checkpoint[k] for k in ("mtbench_rng", "mtbench_cuda_rng") if k in checkpoint}
+        counts = checkpoint.get("mtbench_batches", {})
+        self.train_batches, self.skipped_batches = counts.get("train", 0), counts.get("skipped", 0)
+        if checkpoint.get("mtbench_rng_at_epoch_end"):
+            # The uninterrupted run drew the next epoch's iterator seed from this state: restore it now, before
+            # Lightning creates that iterator.
+            _set_rng(rng)
+        else:
+            # Mid-epoch the iterator had drawn its seed long before; the resumed run's new iterator draws one too, so
+            # the state is restored after it, at the first batch.
+            self._resume_rng = rng
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Restored here, after the epoch's data iterator (which draws a seed) was created, not at load time.
         if self._resume_rng is not None:
-            torch.set_rng_state(self._resume_rng)
+            _set_rng(self._resume_rng)
             self._resume_rng = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -131,6 +193,13 @@ class BenchModule(pl.LightningModule):
         schedule = lr_lambda(cfg.schedule, warmup, total, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    if "mtbench_rng" in state:
+        torch.set_rng_state(state["mtbench_rng"])
+    if "mtbench_cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["mtbench_cuda_rng"])
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Any:

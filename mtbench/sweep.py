@@ -1,7 +1,8 @@
 """Sweeps: methods × tasks × method-config grid × seeds, each cell one tracked run, resumable and shardable.
 
-A cell is skipped when the store already holds a FINISHED run with the same resolved config (``mtbench.config_id``
-tag, which hashes everything but the seed) and seed. ``--shard i/n`` keeps the cells whose position in the grid is
+A cell is skipped when the store already holds a FINISHED run with its result (``result.json``) with the same
+resolved config (``mtbench.config_id`` tag, which hashes everything but the seed) and seed; a cell whose run has no
+result (it died, failed, or was recorded FINISHED without one by an older version) runs again. ``--shard i/n`` keeps the cells whose position in the grid is
 ``i`` modulo ``n``, so ``n`` machines sharing one tracking server split the grid without overlap. A failed cell does
 not stop the sweep; an interrupted one (Ctrl-C, SIGTERM) does.
 """
@@ -213,15 +214,18 @@ def shard(cells: Sequence[Cell], index: int, count: int) -> list[Cell]:
 
 
 def finished_run(mlflow: Any, experiment_id: str | None, config_id: str, seed: int) -> str | None:
-    """Id of a FINISHED run with this resolved config and seed, if the store has one."""
+    """Id of a FINISHED run with this resolved config and seed that holds its ``result.json``, if the store has one."""
     if experiment_id is None:
         return None
     runs = mlflow.search_runs(
-        [experiment_id], max_results=1,
+        [experiment_id], max_results=20,
         filter_string=(f"tags.`mtbench.config_id` = '{config_id}' and tags.`mtbench.seed` = '{seed}' "
                        "and attributes.status = 'FINISHED'"),
     )
-    return runs[0].info.run_id if runs else None
+    for run in runs:
+        if any(item.path == "result.json" for item in mlflow.list_artifacts(run.info.run_id)):
+            return run.info.run_id
+    return None
 
 
 def run_sweep(spec: SweepSpec, uri: str | None = None, shard_of: tuple[int, int] = (0, 1), dry_run: bool = False,
@@ -269,6 +273,10 @@ def run_sweep(spec: SweepSpec, uri: str | None = None, shard_of: tuple[int, int]
             + (f" val/avg={avg:.4f}" if avg is not None else f" ({outcome.error})"))
         if outcome.status == "FINISHED":
             report.finished.append(cell.label)
+            if outcome.interrupted:  # the signal came after this cell's evaluation: stop before the next one
+                report.interrupted = True
+                say(f"sweep interrupted; {total - number} cells not started")
+                break
         elif outcome.status == "KILLED":
             report.failed.append(f"{cell.label}: KILLED ({outcome.error})")
             report.interrupted = True

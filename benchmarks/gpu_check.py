@@ -1,0 +1,188 @@
+"""The GPU check: everything a developer with a CUDA machine runs in one go (a few minutes), then one table.
+
+Run from the repository root::
+
+    python benchmarks/gpu_check.py                 # the full check (needs a GPU)
+    python benchmarks/gpu_check.py --dry-run       # print what would run
+    python benchmarks/gpu_check.py --tiny          # the same steps at toy sizes on the CPU (tests the script)
+
+Steps, each in its own process so one failure does not hide the others:
+
+1. ``mtbench run`` of the pascal ``paper`` profile (Swin-T, 448 px, batch 32, 16-mixed) on generated scenes
+   (``task.source=synthetic task.pretrained=false``) for ``--steps`` optimizer steps, for each of ``--methods``
+   (default lora, mtlora, full_ft), in a throw-away store; the table shows what each run recorded: status, the
+   end-to-end and compute-only training throughput, the share of step time spent waiting for data, peak device
+   memory (``memory_kind`` must be ``cuda_max_allocated``) and what the allocator reserved.
+2. ``benchmarks/pascal_loader.py --size 448 --batch 32 --workers 14``: samples/s of the training loader alone.
+3. ``benchmarks/adapters.py --device cuda``: step time of every adapter against ``peft``'s LoRA.
+4. ``pytest -m gpu``: the tests that need CUDA.
+
+The table gives the device, torch and CUDA versions and the git commit it ran at; paste it into
+docs/performance.md with the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("runs", "loader", "adapters", "pytest")
+
+
+@dataclass
+class Row:
+    check: str
+    status: str
+    figures: str
+    seconds: float
+
+
+def run_command(command: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """(exit status, combined output, seconds) of ``command`` run from the repository root."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return 124, out + f"\ntimed out after {timeout:.0f} s", time.perf_counter() - start
+
+
+def run_sets(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides of the pascal runs."""
+    if args.tiny:  # the smoke profile's toy Swin on the CPU
+        sets = ["trainer.accelerator=cpu", f"trainer.max_steps={args.steps}", "task.synthetic_train=16"]
+    else:
+        sets = ["task.source=synthetic", "task.pretrained=false", f"trainer.max_steps={args.steps}",
+                f"task.synthetic_train={args.scenes}", "task.synthetic_val=32", "trainer.accelerator=gpu",
+                "trainer.val_check_interval=100000"]
+    return [part for s in sets for part in ("--set", s)]
+
+
+def run_commands(args: argparse.Namespace, store: Path) -> dict[str, list[str]]:
+    profile = "smoke" if args.tiny else "paper"
+    return {method: [sys.executable, "-m", "mtbench.cli", "run", "--method", method, "--task", "pascal",
+                     "--profile", profile, "--tracking-uri", f"sqlite:///{store / 'm.db'}", "--no-progress",
+                     *run_sets(args)]
+            for method in args.methods}
+
+
+def other_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    if args.tiny:
+        loader = ["--size", "64", "--batch", "4", "--workers", "0"]
+        adapters = ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--only", "lora_r8"]
+    else:
+        loader = ["--size", "448", "--batch", "32", "--workers", "14"]
+        adapters = ["--device", "cuda", "--repeats", "30"]
+    return {
+        "loader": [sys.executable, "benchmarks/pascal_loader.py", *loader],
+        "adapters": [sys.executable, "benchmarks/adapters.py", *adapters],
+        "pytest": [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+    }
+
+
+def describe_run(store: Path, run_id: str | None) -> tuple[str, str]:
+    """(status, figures) of the run a ``mtbench run`` printed, read back from the store."""
+    from mtbench.leaderboard import load_runs
+
+    runs = load_runs(f"sqlite:///{store / 'm.db'}")
+    runs = runs[runs["run_id"] == run_id] if run_id else runs.iloc[0:0]
+    if runs.empty:
+        return "no run", ""
+    run = runs.iloc[0]
+
+    def metric(name: str, scale: float = 1.0, digits: int = 1) -> str:
+        value = run.get(f"metrics.perf/{name}")
+        return "–" if value is None or value != value else f"{value * scale:.{digits}f}"
+
+    figures = (f"train {metric('train_samples_per_s')} samples/s end to end, {metric('train_compute_samples_per_s')} "
+               f"compute only, data wait {metric('train_data_wait_share', 100, 0)} %; peak "
+               f"{metric('peak_mem_mb', 1, 0)} MB ({run.get('tags.mtbench.memory_kind')}), reserved "
+               f"{metric('peak_reserved_mb', 1, 0)} MB; {metric('timed_steps', 1, 0)} timed steps")
+    if run["status"] != "FINISHED":
+        figures += f"; {run.get('tags.mtbench.error')}"
+    return str(run["status"]), figures
+
+
+def last_lines(text: str, count: int = 3) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Downloading")]
+    return " / ".join(lines[-count:])
+
+
+def environment() -> str:
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+        versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    except ImportError:
+        device, versions = "unknown", "torch missing"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (f"{device}; {os.cpu_count()} CPU cores; {versions}; python {platform.python_version()}; commit "
+            f"{commit.stdout.strip() or 'unknown'}{'+dirty' if dirty else ''}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| check | status | figures | s |", "|---|---|---|---|"]
+    lines += [f"| {r.check} | {r.status} | {r.figures.replace('|', '/')} | {r.seconds:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["lora", "mtlora", "full_ft"])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of each pascal run (default 40)")
+    parser.add_argument("--scenes", type=int, default=512, help="generated training scenes (default 512)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to each command")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks the script, not the GPU")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.steps = min(args.steps, 3)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        store = Path(tmp)
+        commands = {f"pascal paper run: {m}" if not args.tiny else f"pascal smoke run: {m}": c
+                    for m, c in run_commands(args, store).items()} if "runs" not in args.skip else {}
+        commands.update({k: c for k, c in other_commands(args).items() if k not in args.skip})
+        if args.dry_run:
+            for name, command in commands.items():
+                print(f"{name}: {shlex.join(command)}")
+            return 0
+        print(f"gpu check on {environment()}", flush=True)
+        rows = []
+        env = {"MTBENCH_HOME": str(store), "HF_HUB_OFFLINE": "1"}
+        for name, command in commands.items():
+            print(f"running {name} ...", flush=True)
+            code, out, seconds = run_command(command, args.timeout, env)
+            if name.startswith("pascal"):
+                match = re.search(r"^run ([0-9a-f]{32}) ", out, re.MULTILINE)
+                status, figures = describe_run(store, match.group(1) if match else None)
+                if status == "no run":
+                    figures = last_lines(out)
+            else:
+                status = "ok" if code == 0 else f"exit {code}"
+                figures = last_lines(out, 6 if name == "adapters" else 3)
+            rows.append(Row(name, status, figures, seconds))
+        print()
+        print(table(rows))
+        failed = [r for r in rows if r.status not in ("ok", "FINISHED")]
+        return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
