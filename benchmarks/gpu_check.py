@@ -132,8 +132,9 @@ def environment() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f"{device}; {os.cpu_count()} CPU cores; {versions}; python {platform.python_version()}; commit "
-            f"{commit.stdout.strip() or 'unknown'}{'+dirty' if dirty else ''}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+            f"{commit.stdout.strip() or 'unknown'}{'+dirty' if dirty else ''}; {when}")
 
 
 def table(rows: list[Row]) -> str:

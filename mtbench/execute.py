@@ -199,10 +199,10 @@ def _run_lock(uri: str, run_id: str) -> Iterator[None]:
     path = checkpoint_path(uri, run_id).parent.with_suffix(".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
+        path.touch()
     except OSError as exc:
         raise MtbenchError(f"cannot create the run lock {path}: {exc.strerror}") from exc
-    try:
+    with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -211,8 +211,6 @@ def _run_lock(uri: str, run_id: str) -> Iterator[None]:
             raise MtbenchError(f"run {run_id} is being trained or resumed by another process now; wait for it "
                                "or stop it first") from exc
         yield
-    finally:
-        handle.close()
 
 
 def checkpoint_path(uri: str, run_id: str) -> Path:
@@ -288,6 +286,7 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
                     if stop.received is not None and module.metrics_step != trainer.global_step:
                         raise RunInterrupted(stop.describe(trainer.global_step))
             except RunInterrupted as exc:
+                message = str(exc)
                 if fitted and stop.saved_step is None and stop.save_error is None:
                     # Stopped during the final evaluation: the checkpoint holds the trained model, so --resume only
                     # evaluates.
@@ -296,8 +295,8 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
                         stop.saved_step = trainer.global_step
                     except OSError as save_exc:
                         stop.save_error = f"{save_exc.__class__.__name__}: {save_exc.strerror or save_exc}"
-                    exc = RunInterrupted(stop.describe(trainer.global_step))
-                raise KeyboardInterrupt(str(exc)) from None
+                    message = stop.describe(trainer.global_step)
+                raise KeyboardInterrupt(message) from None
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as exc:
         status, error = "KILLED", f"interrupted ({exc.__class__.__name__}{': ' + str(exc) if str(exc) else ''})"

@@ -2,8 +2,9 @@
 
 A cell is skipped when the store already holds a FINISHED run with its result (``result.json``) with the same
 resolved config (``mtbench.config_id`` tag, which hashes everything but the seed) and seed; a cell whose run has no
-result (it died, failed, or was recorded FINISHED without one by an older version) runs again. ``--shard i/n`` keeps the cells whose position in the grid is
-``i`` modulo ``n``, so ``n`` machines sharing one tracking server split the grid without overlap. A failed cell does
+result (it died, failed, or was recorded FINISHED without one by an older version) runs again. ``--shard i/n``
+keeps the cells whose position in the grid is ``i`` modulo ``n``, so ``n`` machines sharing one tracking server
+split the grid without overlap. A failed cell does
 not stop the sweep; an interrupted one (Ctrl-C, SIGTERM) does.
 """
 
