@@ -25,10 +25,11 @@ from mtbench.methods.lora import LoRA
 
 
 # Two subtasks of 32 generated examples in batches of 16: an epoch is 4 batches.
-BASE = ["--method", "lora", "--task", "glue", "--no-progress", "--set", "task.subtasks=[rte,sst2]",
-        "--set", "trainer.max_steps=12", "--set", "trainer.log_every_n_steps=1"]
+COMMON = ["--method", "lora", "--task", "glue", "--no-progress", "--set", "task.subtasks=[rte,sst2]",
+          "--set", "trainer.log_every_n_steps=1"]
+BASE = [*COMMON, "--set", "trainer.max_steps=12"]
 PERIODIC = [*BASE, "--set", "trainer.val_check_interval=5"]
-ACCUMULATE = [*BASE, "--set", "trainer.accumulate_grad_batches=2", "--set", "trainer.max_steps=6",
+ACCUMULATE = [*COMMON, "--set", "trainer.accumulate_grad_batches=2", "--set", "trainer.max_steps=6",
               "--set", "trainer.val_check_interval=3"]
 
 
