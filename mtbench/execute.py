@@ -402,8 +402,11 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
     for key in [k for k in metrics if k == "val/delta_m" or k.endswith("/delta")]:
         result["metric_specs"][key] = {"higher_is_better": True, "primary": False,
                                        "version": f"{exp.task_cls.version}+baseline-{digest}"}
+    predictions = module.predictions if module is not None and status == "FINISHED" else []
+    if predictions:
+        result["predictions"] = {"file": "predictions.parquet", "schema": "mtbench.predictions/1"}
     try:
-        _log_outcome(mlflow, run_id, result, trace)
+        _log_outcome(mlflow, run_id, result, trace, predictions)
     except Exception as exc:
         reason = f"recording the outcome failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})" \
             if str(exc) else f"recording the outcome failed ({exc.__class__.__name__})"
@@ -424,7 +427,8 @@ def _mark_failed(mlflow: Any, run_id: str, reason: str) -> None:
         pass
 
 
-def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | None) -> None:
+def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | None,
+                 predictions: list[dict[str, Any]] | None = None) -> None:
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
@@ -440,6 +444,11 @@ def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | 
     mlflow.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     with tempfile.TemporaryDirectory() as tmp:
+        if predictions:  # before result.json, so a result that names its predictions file always has one
+            from .predictions import FILE, write_predictions
+
+            write_predictions(Path(tmp) / FILE, predictions)
+            mlflow.log_artifact(run_id, str(Path(tmp) / FILE))
         digest = write_result(Path(tmp) / "result.json", result)
         mlflow.log_artifact(run_id, str(Path(tmp) / "result.json"))
         mlflow.set_tag(run_id, "mtbench.result_sha256", digest)  # an exported copy is checked against it

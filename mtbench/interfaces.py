@@ -509,6 +509,15 @@ class Task(ABC):
         found = [values[k] for k in keys if k in values]
         return sum(found) / len(found) if found and directions == {True} else None
 
+    def example_records(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One record per evaluated example of an evaluation batch, for the run's ``predictions.parquet``
+        (schema :data:`mtbench.predictions.SCHEMA`; columns described there): ``subtask``, a stable ``example_id``,
+        ``prediction``, ``target``, ``correct`` (1/0, NaN where not an accuracy), ``score`` (the example's value of
+        the statistic the subtask's headline metric aggregates), ``loss`` and ``aggregate`` (how ``score`` or
+        ``prediction``/``target`` combine into the headline metric: ``mean``, ``mcc``, ``f1`` or ``none``).
+        Default: no records (the leaderboard then falls back to seed-level tests for the task)."""
+        return []
+
     def loss_weights(self) -> dict[str, float]:
         """Per-subtask loss weights (default 1)."""
         return dict.fromkeys(self.subtasks, 1.0)

@@ -44,6 +44,9 @@ class BenchModule(pl.LightningModule):
         })
         self.weights = task.loss_weights()
         self.final_metrics: dict[str, float] = {}
+        self.predictions: list[dict[str, Any]] = []
+        """Per-example records of the last complete evaluation (:meth:`Task.example_records`), every rank's."""
+        self._examples: list[dict[str, Any]] = []
         self.metrics_step = -1
         self.skipped_batches = 0
         self.train_batches = 0
@@ -149,6 +152,10 @@ class BenchModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         outputs = self(batch)
         self.task.update_metrics(self.metrics, self.model, batch, outputs)  # type: ignore[arg-type]
+        self._examples += self.task.example_records(batch, outputs)
+
+    def on_validation_epoch_start(self) -> None:
+        self._examples = []
 
     def on_validation_epoch_end(self) -> None:
         values: dict[str, float] = {}
@@ -167,6 +174,7 @@ class BenchModule(pl.LightningModule):
         for key, value in values.items():
             self.log(key, value, sync_dist=False, batch_size=1)
         self.final_metrics = values
+        self.predictions, self._examples = gather_records(self._examples), []
         self.metrics_step = self.global_step
 
     def primary_keys(self) -> list[str]:
@@ -200,6 +208,15 @@ def _set_rng(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["mtbench_rng"])
     if "mtbench_cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["mtbench_cuda_rng"])
+
+
+def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's per-example records (one process: ``records`` itself)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return records
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, records)
+    return [record for part in gathered for record in part]
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Any:

@@ -2,7 +2,8 @@
 
 Every source yields the same *raw records* (``(line, {column: value})``); one converter, :func:`to_examples`, turns
 them into examples, so a local TSV, a hub split and the synthetic smoke data go through the same validation.
-An example is ``{"inputs": [(text, pair | None), ...], "label": float, "group": int, "split": int}``: one input per
+An example is ``{"inputs": [(text, pair | None), ...], "label": float, "group": int, "split": int, "index": int}``
+(``index``: position in its split file(s), the stable example id of per-example predictions): one input per
 choice for multiple choice (COPA), ``group`` is the MultiRC question (else the example index), ``split`` is 1 for
 MNLI-mismatched evaluation rows and 0 otherwise.
 """
@@ -269,7 +270,8 @@ def to_examples(spec: Subtask, parts: Sequence[tuple[str, list[Record]]], split_
                 inputs = [(text, choice.format(*slots)) for choice in spec.choices]
             else:
                 inputs = [(text, spec.pair.format(*slots) if spec.pair else None)]
-            examples.append({"inputs": inputs, "label": label, "group": group, "split": split_id})
+            examples.append({"inputs": inputs, "label": label, "group": group, "split": split_id,
+                             "index": len(examples)})
     if not examples:
         raise DataError(f"no examples for subtask '{spec.name}' in {', '.join(w for w, _ in parts)}")
     return examples

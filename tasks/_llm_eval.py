@@ -255,13 +255,15 @@ def collate(prompter: Prompter, examples: list[dict[str, Any]]) -> dict[str, Any
     kind, p = kinds.pop(), prompter
     pad_id = p.tok.pad_token_id if p.tok.pad_token_id is not None else 0
     task_ids = torch.tensor([ex["task_id"] for ex in examples], dtype=torch.long)
+    example_ids = [str(ex.get("id", "")) for ex in examples]  # per-example predictions (evaluation examples)
     if kind == "lm":
         pairs = [p.train_ids(ex["shots"], ex["user"], ex["response"]) for ex in examples]
-        return {"mode": "lm", **pad([i for i, _ in pairs], [lab for _, lab in pairs], pad_id), "task_ids": task_ids}
+        return {"mode": "lm", **pad([i for i, _ in pairs], [lab for _, lab in pairs], pad_id), "task_ids": task_ids,
+                "example_ids": example_ids}
     if kind == "generate":
         prompts = [p.fit(p.encode(p.context(ex["shots"], ex["user"]), "")[0]) for ex in examples]
         return {"mode": "generate", **pad(prompts, None, pad_id, left=True), "gold": [ex["gold"] for ex in examples],
-                "task_ids": task_ids}
+                "task_ids": task_ids, "example_ids": example_ids}
     shapes = {(len(ex["contexts"]), len(ex["choices"])) for ex in examples}
     if len(shapes) != 1:
         raise ValueError(f"a choice batch mixes (settings, choices) shapes {sorted(shapes)}")
@@ -290,6 +292,7 @@ def collate(prompter: Prompter, examples: list[dict[str, Any]]) -> dict[str, Any
         "group_ids": torch.tensor([ex["group"] for ex in examples], dtype=torch.long),
         "subject_ids": torch.tensor([ex.get("subject", -1) for ex in examples], dtype=torch.long),
         "task_ids": task_ids,
+        "example_ids": example_ids,
     })
     return batch
 

@@ -342,7 +342,9 @@ class PascalMT(Dataset):
         pid = self.ids[i]
         image = read_image(self.root, pid)
         labels = {t: self.readers[t](self.root, pid, image.shape[:2]) for t in self.subtasks}
-        return transform(image, labels, self.size, self.augment, self.border)
+        # ``index`` (position in ``ids``) names the image in per-example predictions.
+        return {**transform(image, labels, self.size, self.augment, self.border),
+                "index": torch.tensor(i, dtype=torch.long)}
 
 
 # Scene generator (smoke and cpu profiles) ---------------------------------------------------------------------------

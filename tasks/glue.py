@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 import random
 from collections.abc import Mapping
@@ -198,6 +199,11 @@ _LORA_PLUS_GLUE = {"r": 8, "alpha": 8.0, "dropout": 0.1}
 """LoRA's settings in the LoRA+ paper's GLUE runs (roberta-base): rank 8, alpha 8 (scale 1), dropout 0.1."""
 
 
+def _label_text(value: float | int) -> str:
+    """A class index as ``"1"``, a regression value with 6 significant digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
 @register_task("glue")
 class Glue(Task):
     """GLUE + SuperGLUE on one text encoder: pooled sentence vector, one dropout + linear head per subtask.
@@ -212,7 +218,7 @@ class Glue(Task):
     version = "1"
     default_subtasks = GLUE_PEFT
     batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "task_ids", "labels", "group_ids",
-                                             "split_ids")
+                                             "split_ids", "example_ids")
     profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "smoke": {
             "task": {"backbone": "tiny_bert", "source": "synthetic", "subtasks": list(SUBTASKS), "synthetic_size": 32,
@@ -364,6 +370,34 @@ class Glue(Task):
                 args = (preds[keep], target[keep]) + ((groups[keep],) if metric_name == "em" else ())
                 metric.update(*args)
 
+    def example_records(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Per evaluated example: predicted and gold class (or STS-B score), correct, the example's loss
+        (cross-entropy; squared error for STS-B). ``example_id`` is ``<split>:<index in the split file>`` (split 1 =
+        MNLI mismatched). ``aggregate`` says how the rows give the headline metric: accuracy is the mean of
+        ``correct``, MCC and F1 come from the (prediction, target) pairs; grouped, correlation and macro metrics are
+        ``none``, as are MNLI-mismatched rows (they feed ``acc_mm``, not the headline)."""
+        records: list[dict[str, Any]] = []
+        for name, logits in outputs.items():
+            spec = SUBTASKS[name]
+            target, _, splits = self._targets(name, batch)
+            ids = batch["example_ids"][batch["task_ids"] == self.subtasks.index(name)]
+            ids = ids[:: len(spec.choices)] if spec.choices else ids
+            logits = logits.detach().float()
+            if spec.regression:
+                preds, losses = logits, (logits - target) ** 2
+                correct = torch.full_like(preds, math.nan)
+            else:
+                preds = logits.argmax(-1)
+                losses = F.cross_entropy(logits, target, reduction="none")
+                correct = (preds == target).float()
+            kind = {"acc": "mean", "mcc": "mcc", "f1": "f1"}.get(spec.primary, "none")
+            for i, p, t, c, loss, split in zip(ids.tolist(), preds.tolist(), target.tolist(), correct.tolist(),
+                                               losses.tolist(), splits.tolist()):
+                records.append({"subtask": name, "example_id": f"{split}:{i}", "prediction": _label_text(p),
+                                "target": _label_text(t), "correct": c, "score": c, "loss": loss,
+                                "aggregate": kind if split == 0 else "none"})
+        return records
+
     def datamodule(self, loader: LoaderConfig, seed: int = 0) -> MultiTaskDataModule:
         """Train and evaluation examples of every subtask, batched by :class:`~mtbench.data.MultiTaskDataModule`."""
         if self._source() == "local":  # fail on a missing file before spending time reading the others
@@ -429,7 +463,7 @@ class Glue(Task):
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Tokenize to the longest row (capped at ``task.max_length``); choices become consecutive rows."""
         texts: list[Any] = []
-        task_ids, labels, groups, splits = [], [], [], []
+        task_ids, labels, groups, splits, ids = [], [], [], [], []
         for ex in examples:
             for text, pair in ex["inputs"]:
                 texts.append(text if pair is None else (text, pair))
@@ -437,6 +471,7 @@ class Glue(Task):
                 labels.append(ex["label"])
                 groups.append(ex["group"])
                 splits.append(ex["split"])
+                ids.append(ex.get("index", -1))
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.cfg.max_length,
                              return_tensors="pt")
         return {
@@ -445,4 +480,5 @@ class Glue(Task):
             "labels": torch.tensor(labels, dtype=torch.float32),
             "group_ids": torch.tensor(groups, dtype=torch.long),
             "split_ids": torch.tensor(splits, dtype=torch.long),
+            "example_ids": torch.tensor(ids, dtype=torch.long),
         }

@@ -207,6 +207,15 @@ _SMOKE_TRAIN = {"lr": 3e-3, "weight_decay": 0.0, "warmup_ratio": 0.0, "schedule"
                 "eval_batch_size": 8, "sampler": "proportional", "temperature": 1.0, "batch_mode": "mixed"}
 
 
+def _example_id(example: Mapping[str, Any]) -> str:
+    """A digest of what an evaluation example asks and expects: the same example gets the same id in every run."""
+    import hashlib
+    import json
+
+    content = {k: example.get(k) for k in ("user", "contexts", "choices", "response", "gold", "label")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @register_task("llm_mixture")
 class LLMMixture(Task):
     """Causal-LM instruction mixture; heads are empty (the LM head belongs to the backbone and stays frozen).
@@ -319,6 +328,7 @@ class LLMMixture(Task):
                        pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
         texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         texts = [le.cut_at_stop(t, stops) for t in texts]
+        self._generated = texts  # for example_records: the answers of this batch
         strict = [le.exact_match(le.extract_strict(t), g) for t, g in zip(texts, batch["gold"])]
         flexible = [le.exact_match(le.extract_flexible(t), g) for t, g in zip(texts, batch["gold"])]
         device = batch["task_ids"].device
@@ -403,6 +413,47 @@ class LLMMixture(Task):
                 self._update_choice(sub, m, out["scores"].argmax(-1), batch["answer"][rows],
                                     batch["group_ids"][rows], batch["subject_ids"][rows])
 
+    def example_records(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Per evaluated example (``example_id``: a digest of its prompt and answer, stable across seeds and
+        orders). Choice subtasks: predicted and gold option (MMLU: at the last shot setting, the headline), correct,
+        loss = cross-entropy of the options' log-likelihoods; GSM8K: the generated text (cut at the stop strings),
+        the gold number, strict exact match as correct and score, generated tokens; Alpaca: summed response NLL as
+        loss and the scored tokens (``aggregate`` ``token_mean``: perplexity is exp(Σ loss / Σ tokens))."""
+        records: list[dict[str, Any]] = []
+        ids = list(batch.get("example_ids") or [])
+        task_ids = batch["task_ids"].tolist()
+        for sub, out in outputs.items():
+            index = self.subtasks.index(sub)
+            mine = [ids[i] if i < len(ids) else "" for i, t in enumerate(task_ids) if t == index]
+            if "nll" in out:
+                for i, nll, n in zip(mine, out["nll"].tolist(), out["tokens"].tolist()):
+                    records.append({"subtask": sub, "example_id": i, "loss": nll, "tokens": n,
+                                    "aggregate": "token_mean"})
+            elif "strict" in out:
+                texts = getattr(self, "_generated", [""] * len(mine))
+                gold = [g for g, t in zip(batch["gold"], task_ids) if t == index]
+                tok = self.tokenizer
+                for i, text, g, ok in zip(mine, texts, gold, out["strict"].tolist()):
+                    records.append({"subtask": sub, "example_id": i, "prediction": text, "target": g,
+                                    "correct": float(ok), "score": float(ok),
+                                    "tokens": len(tok(text, add_special_tokens=False)["input_ids"]),
+                                    "aggregate": "mean"})
+            else:
+                rows = batch["task_ids"] == index
+                scores = out["scores"].detach().float()
+                setting = -1 if sub == "mmlu" else 0  # MMLU's headline is the last shot setting
+                scores = scores[:, setting] if scores.dim() == 3 else scores
+                target = batch["answer"][rows]
+                preds = scores.argmax(-1)
+                losses = -scores.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+                headline = next(n for n, spec in self.metrics()[sub].items() if spec.primary)
+                kind = "f1" if headline == "f1a" else "mean" if headline.startswith("acc") else "none"
+                for i, p, t, loss in zip(mine, preds.tolist(), target.tolist(), losses.tolist()):
+                    records.append({"subtask": sub, "example_id": i, "prediction": str(p), "target": str(t),
+                                    "correct": float(p == t), "score": float(p == t), "loss": loss,
+                                    "aggregate": kind})
+        return records
+
     def _update_choice(self, sub: str, m: Mapping[str, torchmetrics.Metric], preds: Tensor, target: Tensor,
                        groups: Tensor, subjects: Tensor) -> None:
         if sub == "mmlu":
@@ -435,6 +486,8 @@ class LLMMixture(Task):
         for sub in self.subtasks:
             train[sub], val[sub] = ld.build_examples(self.cfg, sub, self.source(), self.root(), seed,
                                                      GLUE_SUBTASKS.get(sub), SUPERGLUE.get(sub))
+            for example in val[sub]:
+                example["id"] = _example_id(example)
         weights = parse_pairs(self.cfg.mix, "task.mix", float)
         if weights:
             if missing := [s for s in self.subtasks if s not in weights]:

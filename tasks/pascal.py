@@ -48,6 +48,7 @@ the baseline values, so runs against different baselines are never merged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import tarfile
@@ -191,6 +192,35 @@ class PascalHead(nn.Module):
         size = maps[0].shape[-2:]
         maps = [maps[0], *(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:])]
         return self.head(torch.cat(maps, 1))
+
+
+def _image_score(name: str, out: Tensor, batch: Mapping[str, Tensor]) -> tuple[float, float]:
+    """(per-image score, per-image loss) of one image's output ``(1, C, S, S)``; NaN where it has no label."""
+    if name == "sal":
+        target = batch["sal"][0]
+        valid = target != IGNORE
+        if not bool(valid.any()):
+            return math.nan, math.nan
+        pred, gold = out[0, 0].sigmoid()[valid] > 0.5, target[valid] > 0
+        union = (pred | gold).sum().item()
+        return (pred & gold).sum().item() / union if union else 1.0, float(balanced_bce(out[:, 0], batch["sal"]))
+    if name == "normals":
+        target, valid = normals_target(batch["normals"])
+        if not bool(valid.any()):
+            return math.nan, math.nan
+        pred = F.normalize(out[0], dim=0)
+        cos = (pred * target[0]).sum(0).clamp(-1, 1)[valid[0]]
+        loss = float(normals_l1(out, target, valid))
+        return float(torch.rad2deg(torch.acos(cos)).mean()), loss
+    target = batch[name][0]
+    valid = target != IGNORE
+    if not bool(valid.any()):
+        return math.nan, math.nan
+    pred = out[0].argmax(0)[valid]
+    gold = target[valid]
+    ious = [((pred == c) & (gold == c)).sum().item() / ((pred == c) | (gold == c)).sum().item()
+            for c in torch.unique(torch.cat([pred, gold])).tolist()]
+    return sum(ious) / len(ious), float(F.cross_entropy(out, batch[name], ignore_index=IGNORE))
 
 
 @register_task("pascal")
@@ -354,6 +384,23 @@ class Pascal(Task):
             for metric in metrics[name].values():
                 metric.update(*args)
 
+    def example_records(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Per evaluated image (``example_id``: its PASCAL id) and subtask: the image's loss (the training loss on
+        that image alone) and a per-image ``score``: mIoU over the classes present in its prediction or labels
+        (segmentation), IoU of the 0.5-thresholded map (saliency), mean angular error in degrees (normals). The
+        headline metrics accumulate over the whole split (confusion matrices, thresholds maximised over the mean),
+        so these rows are ``aggregate`` ``none``: shown and tested per image, never re-aggregated into a headline."""
+        ids = getattr(self, "_val_ids", [])
+        records: list[dict[str, Any]] = []
+        for name, out in outputs.items():
+            out = out.detach().float()
+            for row, index in enumerate(batch["index"].tolist()):
+                one = {k: v[row : row + 1] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() > 0}
+                score, loss = _image_score(name, out[row : row + 1], one)
+                records.append({"subtask": name, "example_id": ids[index] if index < len(ids) else str(index),
+                                "score": score, "loss": loss, "aggregate": "none"})
+        return records
+
     def baselines(self) -> dict[str, dict[str, float]] | None:
         """Single-task baselines of the run's protocol: ``task.baseline_file`` (checked by the config), else the
         shipped file whose protocol matches (:func:`shipped_baseline`); ``None`` with none or with
@@ -382,6 +429,7 @@ class Pascal(Task):
         train = PascalMT(root, "train", self.subtasks, size, self.cfg.augment, ids=train_ids,
                          border=self.cfg.augment_border)
         val = {t: PascalMT(root, "val", (t,), size, False, ids=val_ids) for t in self.subtasks}
+        self._val_ids = list(val_ids)
         from ._pascal_loader import AllTasksDataModule  # Lightning: imported by a run, not by listing
 
         return AllTasksDataModule(self.subtasks, train, val, self.collate, loader, seed)
