@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import stats
+from . import paired, stats
 from .errors import MtbenchError
 from .results import read_result, verified
 from .tracking import flatten, liveness, load_runs, package_versions, protocol_id, safe_params
@@ -39,7 +39,8 @@ QUALITY = "val/avg"
 DELTA_M = "val/delta_m"
 HEAD = ["row_id", "rank", "task", "device", "profile", "protocol_id", "task_version", "metric_versions", "method",
         "method_config_id", "config_note", "n", "seeds", "failed_seeds", "runs", "quality_metric", "quality_mean", "quality_std",
-        "quality_ci95", "reference", "ref_config", "ref_diff", "ref_n", "p_value", "significant", "pareto_params",
+        "quality_ci95", "reference", "ref_config", "ref_diff", "ref_ci_low", "ref_ci_high", "ref_n", "p_value",
+        "significant", "mdd", "ref_test", "mcnemar", "pareto_params",
         "pareto_memory", "pareto_throughput"]
 TAIL = ["quality_per_seed", "method_config", "git_commits", "versions", "run_ids"]
 
@@ -83,7 +84,11 @@ class Leaderboard:
                 "aggregate": "mean and sample std (ddof=1) over the per-seed values of a row",
                 "interval": f"{stats.CONFIDENCE:.0%} two-sided Student-t interval of the mean "
                             "(quality_ci95 = half-width)",
-                "test": "paired t-test (scipy.stats.ttest_rel) against the reference, pairing runs by seed",
+                "test": paired.BOOTSTRAP.format(resamples=paired.RESAMPLES) + " where both sides have per-example "
+                        "predictions (ref_test says which rows); else " + paired.SEED_LEVEL.format(
+                            n="the shared", why="per-example predictions missing"),
+                "minimum_detectable_difference": f"mdd: smallest true difference found at alpha {paired.ALPHA} "
+                                                 f"with {paired.POWER:.0%} power at the current n",
                 "alpha": stats.ALPHA,
                 "default_reference": self.default_reference,
                 "references": self.references,
@@ -105,7 +110,13 @@ def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]]
             raise MtbenchError(f"--from-results: {folder} is not a folder")
         for path in sorted(root.rglob("*result.json")):
             try:
-                valid.append(read_result(path) | {"_path": str(path)})
+                result = read_result(path) | {"_path": str(path)}
+                predictions = (result.get("predictions") or {}).get("file") if isinstance(
+                    result.get("predictions"), dict) else None
+                # A predictions file travels beside its result file (an export keeps one folder per run).
+                result["_predictions"] = str(path.parent / predictions) \
+                    if predictions and (path.parent / predictions).is_file() else None
+                valid.append(result)
             except MtbenchError as exc:
                 rejected.append(str(exc).splitlines()[0])
     return valid, rejected
@@ -183,7 +194,7 @@ def _store_record(run: pd.Series) -> dict[str, Any]:
         _json(tag("metric_specs")), task=tag("task"), task_version=tag("task_version"), method=tag("method"),
         method_config_id=tag("method_config_id"), profile=tag("profile"), device=tag("device"), seed=tag("seed"),
         git_commit=(tag("git_commit") or "unknown")[:10] + dirty, versions=_json(tag("versions")),
-        run_id=run["run_id"],
+        run_id=run["run_id"], predictions=_store_predictions(run),
         **_from_params({k.removeprefix("params."): v for k, v in run.items()
                         if isinstance(k, str) and k.startswith("params.") and isinstance(v, str)}),
     )
@@ -201,6 +212,7 @@ def _file_record(result: dict[str, Any]) -> dict[str, Any]:
         method_config_id=result["method_config_id"], profile=result["profile"], device=provenance.get("device"),
         seed=str(result["seed"]), git_commit=str(provenance.get("git_commit") or "unknown")[:10] + dirty,
         versions=provenance.get("versions") or {}, run_id=result["run_id"],
+        predictions=result.get("_predictions"),
         # Flattened and stringified like the store's params, so a config reads the same from either source.
         **_from_params(safe_params(flatten(result["config"]))),
     )
@@ -210,6 +222,18 @@ def _file_record(result: dict[str, Any]) -> dict[str, Any]:
         record.update({f"{section}/{k}": float(v) for k, v in result[section].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return record
+
+
+def _store_predictions(run: pd.Series) -> str | None:
+    """The run's ``predictions.parquet`` when its artifacts are on this filesystem, else ``None`` (that run's
+    comparisons then fall back to the seed-level test)."""
+    uri = str(run.get("artifact_uri") or "")
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    elif "://" in uri:
+        return None
+    path = Path(uri) / "predictions.parquet"
+    return str(path) if uri and path.is_file() else None
 
 
 def _from_params(params: dict[str, str]) -> dict[str, Any]:
@@ -242,7 +266,7 @@ def _aggregate(frame: pd.DataFrame, default_ref: str, references: dict[str, str]
         for _, group in frame.groupby(stats.GROUP, dropna=False):
             if group[DELTA_M].notna().all():
                 frame.loc[group.index, "quality_metric"] = DELTA_M
-    out, per_seed = [], []
+    out, per_seed, runs = [], [], []
     for key, group in frame.groupby(KEYS, sort=True, dropna=False):
         row: dict[str, Any] = dict(zip(KEYS, key))
         row["row_id"] = hashlib.sha256(json.dumps([str(k) for k in key]).encode()).hexdigest()[:12]
@@ -263,7 +287,9 @@ def _aggregate(frame: pd.DataFrame, default_ref: str, references: dict[str, str]
         row["versions"] = _versions(group["versions"])
         row["run_ids"] = ",".join(sorted(group["run_id"]))
         out.append(row)
+        runs.append(list(zip(group["seed"], group["predictions"])))
     rows = stats.annotate(pd.DataFrame(out), per_seed, default_ref, references)
+    rows = paired.annotate_examples(rows, runs, per_seed)
     rows["config_note"] = _config_notes(rows)
     metric_cols = [f"{c}_{s}" for c in measured for s in ("mean", "std", "ci95")]
     rows = rows[[*HEAD, *metric_cols, *TAIL]]

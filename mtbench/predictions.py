@@ -2,24 +2,22 @@
 
 One row per evaluated example and subtask. Columns:
 
-====================  =======  ==========================================================================================
-``subtask``           str      the subtask
-``example_id``        str      stable id of the example within the subtask's evaluation split (same across runs and seeds
-                               of one task version and config: what pairs two runs' rows)
-``prediction``        str      what the model answered (class index, generated answer, regression value)
-``target``            str      the gold answer
-``correct``           float    1.0 / 0.0 for accuracy-type subtasks, NaN otherwise
-``score``             float    the example's value of the statistic the headline metric aggregates (accuracy: correct;
-                               exact match; per-image mIoU for dense tasks, see ``aggregate``)
-``loss``              float    the example's loss (cross-entropy, squared error, summed token NLL), NaN when undefined
-``tokens``            float    scored tokens (language modelling and generation), NaN otherwise
-``aggregate``         str      how rows combine into the subtask's headline metric: ``mean`` (mean of ``score``),
-                               ``mcc`` or ``f1`` (of integer ``prediction`` / ``target``), ``token_mean`` (sum of
-                               ``loss`` over sum of ``tokens``), ``none`` (the headline metric is not a function of
-                               these rows, e.g. dataset-accumulated mIoU: no example-level test for it)
-``headline``        bool     whether the subtask counts in the task's headline quality (``val/avg``,
-                             :meth:`mtbench.interfaces.Task.headline`)
-====================  =======  ==========================================================================================
+==================  =======  ==========================================================================================
+``subtask``         str      the subtask
+``example_id``      str      stable id of the example within the subtask's evaluation split (same across runs and seeds
+                             of one task version and config: what pairs two runs' rows)
+``prediction``      str      what the model answered (class index, generated answer, regression value)
+``target``          str      the gold answer
+``correct``         float    1.0 / 0.0 for accuracy-type subtasks, NaN otherwise
+``score``           float    the example's value of the statistic the headline metric aggregates (accuracy: correct;
+                             exact match; per-image mIoU for dense tasks, see ``aggregate``)
+``loss``            float    the example's loss (cross-entropy, squared error, summed token NLL), NaN when undefined
+``tokens``          float    scored tokens (language modelling and generation), NaN otherwise
+``aggregate``       str      how rows combine into the subtask's headline metric: ``mean`` (mean of ``score``),
+                             ``mcc`` or ``f1`` (of integer ``prediction`` / ``target``), ``token_mean`` (sum of
+                             ``loss`` over sum of ``tokens``), ``none`` (the headline metric is not a function of
+                             these rows, e.g. dataset-accumulated mIoU: no example-level test for it)
+==================  =======  ==========================================================================================
 
 The file's key-value metadata carries ``mtbench.schema``. Parquet is written and read through pandas (pyarrow).
 """
@@ -40,7 +38,7 @@ from .results import atomic_write_bytes
 SCHEMA = "mtbench.predictions/1"
 FILE = "predictions.parquet"
 COLUMNS = {"subtask": str, "example_id": str, "prediction": str, "target": str, "correct": float, "score": float,
-           "loss": float, "tokens": float, "aggregate": str, "headline": bool}
+           "loss": float, "tokens": float, "aggregate": str}
 AGGREGATES = ("mean", "mcc", "f1", "token_mean", "none")
 
 
@@ -50,11 +48,8 @@ def to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(list(records))
     for column, kind in COLUMNS.items():
         if column not in frame:
-            frame[column] = {float: math.nan, bool: False, str: ""}[kind]
-        if kind is bool:
-            frame[column] = frame[column].fillna(False).astype(bool)
-        else:
-            frame[column] = frame[column].astype(float) if kind is float else frame[column].fillna("").astype(str)
+            frame[column] = math.nan if kind is float else ""
+        frame[column] = frame[column].astype(float) if kind is float else frame[column].fillna("").astype(str)
     frame = frame[list(COLUMNS)].drop_duplicates(["subtask", "example_id"], keep="last")
     return frame.sort_values(["subtask", "example_id"], kind="stable").reset_index(drop=True)
 

@@ -107,8 +107,10 @@ def _columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
         *[_metric_column(m, board.directions) for m in metrics],
         Column("quality_ci95", "95 % CI", lambda r: _interval(r, qscale(r)), lambda r: r["quality_ci95"]),
         Column("ref_diff", "Δ vs ref", lambda r: _versus(r, qscale(r)), lambda r: r["ref_diff"]),
+        Column("ref_ci", "Δ 95 % CI", lambda r: _delta_interval(r, qscale(r)), lambda r: r.get("ref_ci_low")),
         Column("p_value", "p", lambda r: "n/a" if math.isnan(_num(r["p_value"])) else f"{r['p_value']:.3f}",
                lambda r: r["p_value"]),
+        Column("mdd", "MDD", lambda r: _mdd(r, qscale(r)), lambda r: r.get("mdd")),
         Column("n", "n", lambda r: str(r["n"]), lambda r: r["n"]),
         Column("params/trainable", "trainable (M)", lambda r: f"{_num(r.get('params/trainable_mean')) / 1e6:.3f}",
                lambda r: r.get("params/trainable_mean")),
@@ -121,6 +123,16 @@ def _columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
         *skipped,
         *pareto,
     ]
+
+
+def _delta_interval(row: pd.Series, scale: float) -> str:
+    low, high = _num(row.get("ref_ci_low")), _num(row.get("ref_ci_high"))
+    return "–" if math.isnan(low) or math.isnan(high) else f"[{low * scale:+.2f}, {high * scale:+.2f}]"
+
+
+def _mdd(row: pd.Series, scale: float) -> str:
+    value = _num(row.get("mdd"))
+    return "–" if math.isnan(value) else f"{value * scale:.2f}"
 
 
 def _config_text(row: pd.Series) -> str:
@@ -148,7 +160,11 @@ def _summary(board: Leaderboard) -> str:
 NOTES = ("Mean ± std over seeds (n = seeds with a finite quality; repeated runs of a seed are averaged first, "
          "seeds whose quality is NaN are listed apart); 95 % CI: Student-t interval of the quality mean. Scores "
          "(higher is better) ×100; errors (↓) and deltas as logged. Δ vs ref: mean paired difference to the "
-         "reference method over shared seeds, paired t-test p; (n.s.) p ≥ 0.05, (n/a) fewer than two shared seeds. "
+         "reference (mean over shared seeds) with its 95 % interval and p: from a paired bootstrap over examples and "
+         "seeds where both rows have per-example predictions, else from a paired t-test over seeds (each group says "
+         "which); (n.s.) p ≥ 0.05, (n/a) fewer than two shared seeds. MDD: the smallest true difference the "
+         "comparison detects at α = 0.05 with 80 % power at the current n; an n.s. Δ with a large MDD means no "
+         "evidence either way, not no difference. "
          "Pareto ● : on the front of quality vs trainable params (P), peak memory (M), train throughput (T). Rows "
          "are ranked only within a group (task, task version, metric versions, profile, protocol, device); the "
          "protocol is a hash of every logged setting but the method's and the seed (tag mtbench.protocol_id).")
@@ -179,13 +195,13 @@ def to_markdown(board: Leaderboard) -> str:
         title = (f"{_md(first['device'])} · profile {_md(first['profile'])} · protocol {_md(first['protocol_id'])} · "
                  f"task v{_md(first['task_version'])}")
         lines += ["", f"### {title}", "", f"Quality: `{first['quality_metric']}`. Reference: {ref}. "
-              f"Metric versions: {_md(first['metric_versions'])}.", ""]
+              f"Metric versions: {_md(first['metric_versions'])}. {_md(_test_note(rows))}", ""]
         lines += _md_table(_columns(rows, board), rows)
         lines += ["", "Provenance:", ""]
         lines += _md_table([_text("rank", "rank"), _text("method", "method"), _text("method_config_id", "config"),
                             _text("runs", "runs"), _text("failed_seeds", "NaN seeds"), _text("seeds", "seeds"),
                             _text("git_commits", "git commits"),
-                            _text("versions", "package versions")], rows)
+                            _text("versions", "package versions"), _text("mcnemar", "McNemar per seed")], rows)
         if _last_of_task(board.rows, rows):
             lines += _md_reported(reported_for(str(task)))
     return "\n".join(lines) + "\n"
@@ -559,6 +575,7 @@ def _deciding_columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
         Column("n", "seeds", lambda r: str(r["n"]), lambda r: r["n"]),
         Column("ref_diff", f"Δ vs {ref} [95 % CI]", lambda r: _delta(r, qscale), lambda r: r["ref_diff"]),
         Column("p_value", "p", _p_text, lambda r: r["p_value"]),
+        Column("mdd", "MDD", lambda r: _mdd(r, qscale), lambda r: r.get("mdd")),
         Column("params/trainable", "trainable params (% of total)", trainable,
                lambda r: r.get("params/trainable_mean")),
         Column("perf/train_samples_per_s", "train samples/s",
@@ -593,7 +610,9 @@ def _detail_columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
     pareto = [Column(f"pareto_{n}", f"front: {n}", lambda r, n=n: "●" if r[f"pareto_{n}"] else "",
                      lambda r, n=n: int(bool(r[f"pareto_{n}"]))) for n, _, _ in stats.PARETO_AXES]
     return [Column("method", "method", lambda r: r["method"], lambda r: r["method"], False),
-            *[_metric_column(m, board.directions) for m in metrics], *pareto]
+            *[_metric_column(m, board.directions) for m in metrics], *pareto,
+            Column("mcnemar", "McNemar vs reference, per seed", lambda r: str(r.get("mcnemar") or "–"),
+                   lambda r: str(r.get("mcnemar") or ""), False)]
 
 
 def _provenance_columns() -> list[Column]:
@@ -617,7 +636,7 @@ def _html_group(board: Leaderboard, rows: pd.DataFrame, plot: Plot | None) -> li
            f"<p class=\"notes\">Quality: <code>{_e(first['quality_metric'])}</code>; reference: {_e(ref)}; "
            f"task v{_e(first['task_version'])}. {_e(_test_note(rows))}</p>"]
     out += _html_table(_deciding_columns(rows, board), rows, "board", sortable=True)
-    out.append(f"<details><summary>Per-subtask scores (mean ± std over seeds)</summary>")
+    out.append("<details><summary>Per-subtask scores (mean ± std over seeds)</summary>")
     out += _html_table(_detail_columns(rows, board), rows, "subtasks")
     out.append("</details><details><summary>Provenance of these rows</summary>")
     out += _html_table(_provenance_columns(), rows, "prov")
@@ -636,7 +655,8 @@ def _test_note(rows: pd.DataFrame) -> str:
     """How Δ, its interval and p were computed for this group (from the rows' ``ref_test`` column, if any)."""
     tests = [t for t in dict.fromkeys(rows.get("ref_test", pd.Series(dtype=str)).fillna("").astype(str)) if t]
     if tests:
-        return "Δ vs reference: " + " | ".join(tests)
+        return "Δ vs reference, interval and p: " + " | ".join(tests) + ". MDD: minimum detectable difference " \
+            "(α 0.05, 80 % power)."
     return ("Δ vs reference: mean paired difference over shared seeds, paired t-test p (* p < 0.05); "
             "the interval needs per-example predictions.")
 
@@ -665,7 +685,8 @@ def _html_table(columns: list[Column], rows: pd.DataFrame, kind: str, sortable: 
 def _html_reported(tables: list[ReportedTable]) -> list[str]:
     if not tables:
         return []
-    out = ['<div class="reported">', "<h3>Reported in papers (not ranked)</h3>", f'<p class="notes">{_e(REPORTED_NOTE)}</p>']
+    out = ['<div class="reported">', "<h3>Reported in papers (not ranked)</h3>",
+           f'<p class="notes">{_e(REPORTED_NOTE)}</p>']
     for table in tables:
         out.append(f'<details open><summary><b>{_e(table.paper)}</b>, {_e(table.table)}</summary>'
                    f'<p class="notes">{_e(table.setting)}. Source: {_e(table.provenance)}</p>')

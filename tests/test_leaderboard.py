@@ -412,6 +412,8 @@ def test_reference_option_and_results_only_board(store: dict[str, Any], board: d
     for run_id, path in _store_results(store).items():
         (folder / run_id).mkdir(parents=True)
         shutil.copy(path, folder / run_id / "result.json")
+        if (path.parent / "predictions.parquet").is_file():
+            shutil.copy(path.parent / "predictions.parquet", folder / run_id / "predictions.parquet")
     from_files = build_leaderboard(None, [folder])
     from_store = build_leaderboard(store["uri"])
     assert from_files.rejected == [] and from_files.merged == 6 and from_files.excluded == 4
@@ -626,7 +628,7 @@ def test_each_task_section_shows_its_deciding_columns_in_the_first_viewport(
         heads = layout["sections"][section]
         for column in DECIDING:
             left, top, right, bottom = heads[column]
-            assert 0 <= left and right <= 1400 and 0 <= top and bottom <= layout["height"], (section, column, heads)
+            assert left >= 0 and right <= 1400 and top >= 0 and bottom <= layout["height"], (section, column, heads)
 
 
 # --- Pareto plots, reported rows, where the board is written --------------------------------------------------------
@@ -717,3 +719,61 @@ def test_leaderboard_without_out_writes_to_the_store_home_not_the_checkout(
     assert committed.read_bytes() == b"\x89PNG committed" and sorted(os.listdir(checkout / "leaderboard")) \
         == [committed.name]
     assert (tmp_path / "home" / "leaderboard" / "index.html").is_file() and str(tmp_path / "home") in out
+
+
+# --- per-example predictions and the paired comparison --------------------------------------------------------------
+
+
+def test_every_evaluation_stores_per_example_predictions(store: dict[str, Any]) -> None:
+    from mtbench.predictions import SCHEMA as PREDICTIONS
+    from mtbench.predictions import read_predictions
+
+    finished = 0
+    for path in _store_results(store).values():
+        result = json.loads(path.read_text())
+        if result["status"] != "FINISHED":
+            assert not (path.parent / "predictions.parquet").exists()
+            continue
+        finished += 1
+        assert result["predictions"] == {"file": "predictions.parquet", "schema": PREDICTIONS}
+        frame = read_predictions(path.parent / "predictions.parquet")
+        for sub in ("rte", "sst2"):
+            rows = frame[frame["subtask"] == sub]
+            assert len(rows) == 8 and rows["example_id"].is_unique and rows["loss"].notna().all(), sub
+            assert rows["score"].mean() == pytest.approx(result["metrics"][f"val/{sub}/acc"], abs=1e-9)
+    assert finished == 6
+
+
+def test_the_board_compares_over_examples_and_seeds_and_falls_back_without_predictions(
+        store: dict[str, Any], tmp_path: Path) -> None:
+    from mtbench import paired
+    from mtbench.predictions import read_predictions
+
+    built = build_leaderboard(store["uri"]).rows.set_index("method")
+    full = built.loc["full_ft"]
+    assert full["ref_test"].startswith("paired bootstrap over examples and seeds (2000 resamples")
+    assert full["ref_ci_low"] <= full["ref_diff"] <= full["ref_ci_high"] and full["mdd"] > 0
+    assert full["ref_diff"] == pytest.approx(full["quality_mean"] - built.loc["lora", "quality_mean"], abs=1e-6)
+    assert full["mcnemar"].startswith("seed 0: p=")
+    # The same numbers from the exported files, computed again here.
+    runs = load_runs(store["uri"])
+    finished = runs[runs["status"] == "FINISHED"]
+    frames: dict[str, dict[str, list[pd.DataFrame]]] = {"full_ft": {}, "lora": {}}
+    for path in _store_results(store).values():
+        result = json.loads(path.read_text())
+        if result["status"] == "FINISHED" and result["method"] in frames:
+            frames[result["method"]][str(result["seed"])] = [read_predictions(path.parent / "predictions.parquet")]
+    again = paired.compare_examples(frames["full_ft"], frames["lora"])
+    assert again is not None and (again.low, again.high, again.p_value) == (
+        full["ref_ci_low"], full["ref_ci_high"], full["p_value"])
+    assert len(finished) == 6
+    # Without the predictions files the board says it fell back to the seed-level test.
+    folder = tmp_path / "bare"
+    for run_id, path in _store_results(store).items():
+        (folder / run_id).mkdir(parents=True)
+        shutil.copy(path, folder / run_id / "result.json")
+    bare = build_leaderboard(None, [folder]).rows.set_index("method")
+    assert bare.loc["full_ft", "ref_test"] == "seed-level paired t-test over 3 seeds (per-example predictions missing)"
+    assert bare.loc["full_ft", "mcnemar"] == ""
+    markdown = to_markdown(build_leaderboard(None, [folder]))
+    assert "seed-level paired t-test over 3 seeds (per-example predictions missing)" in markdown

@@ -446,6 +446,21 @@ def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
     for key in ("alpaca/ppl", "mmlu/acc_2shot", "mmlu/acc_0shot_stem", "gsm8k/em_strict", "gsm8k/em_flexible",
                 "boolq/acc", "cb/macro_f1", "multirc/em", "multirc/f1a", "copa/acc"):
         assert math.isfinite(row[f"metrics.val/{key}"]), key
+    # Per-example predictions: accuracy-type subtasks average back to the logged accuracy; GSM8K keeps the generated
+    # text and its token count; Alpaca the summed NLL and scored tokens (perplexity = exp(sum / sum)).
+    from mtbench.predictions import read_predictions
+
+    frame = read_predictions(next(tmp_path.rglob("predictions.parquet")))
+    for sub in ("boolq", "copa", "gsm8k"):
+        rows = frame[frame["subtask"] == sub]
+        assert rows["example_id"].is_unique and len(rows) > 0, sub
+        metric = "em_strict" if sub == "gsm8k" else "acc"
+        assert rows["score"].mean() == pytest.approx(row[f"metrics.val/{sub}/{metric}"], abs=1e-6), sub
+    alpaca = frame[frame["subtask"] == "alpaca"]
+    assert math.exp(alpaca["loss"].sum() / alpaca["tokens"].sum()) == pytest.approx(
+        row["metrics.val/alpaca/ppl"], rel=1e-4)
+    gsm8k = frame[frame["subtask"] == "gsm8k"]
+    assert (gsm8k["tokens"] >= 0).all() and gsm8k["target"].str.len().gt(0).all()
 
 
 @pytest.mark.slow

@@ -717,7 +717,7 @@ def test_smoke_batches_carry_every_subtask() -> None:
     assert {"semseg", "human_parts", "sal", "normals"} <= set(batch)
     assert batch["image"].dtype == batch["semseg"].dtype == torch.uint8
     val = next(iter(dm.val_dataloader()[3]))
-    assert set(val) == {"image", "normals", "task_ids"} and set(val["task_ids"].tolist()) == {3}
+    assert set(val) == {"image", "normals", "task_ids", "index"} and set(val["task_ids"].tolist()) == {3}
     assert task.loss_weights() == {"semseg": 4.0, "human_parts": 8.0, "sal": 20.0, "normals": 40.0}  # T·w_t
     assert dataclasses.asdict(exp.method)["target_modules"] == ("qkv", "proj", "fc1", "fc2")
 
@@ -736,6 +736,16 @@ def test_cli_mtlora_smoke_run_records_delta_m(tmp_path: Path) -> None:
     specs = json.loads(run["tags.mtbench.metric_specs"])
     assert specs["val/delta_m"]["higher_is_better"] and not specs["val/normals/mean"]["higher_is_better"]
     assert specs["val/sal/miou"]["version"] == "astmt-15thr-b1"
+    # One per-image row per subtask, named by the image's PASCAL id, with a finite loss and per-image score.
+    from mtbench.predictions import read_predictions
+
+    frame = read_predictions(next(tmp_path.rglob("predictions.parquet")))
+    assert set(frame["subtask"]) == {"semseg", "human_parts", "sal", "normals"} and set(frame["aggregate"]) == {"none"}
+    for sub, rows in frame.groupby("subtask"):
+        assert rows["example_id"].is_unique and rows["example_id"].str.startswith("val_").all(), sub
+        assert rows["score"].notna().any() and rows["loss"].notna().any(), sub
+    normals = frame[frame["subtask"] == "normals"]["score"].dropna()
+    assert ((normals >= 0) & (normals <= 180)).all()  # degrees
 
 
 def test_paper_profile_compares_methods_at_one_budget() -> None:
