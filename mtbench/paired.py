@@ -5,8 +5,9 @@ Procedure (example level), for a row A and its reference B of one comparison gro
 
 1. Seeds both ran, each with a ``predictions.parquet`` on both sides (repeated runs of a seed: their qualities are
    averaged, as everywhere on the board). Per subtask, the examples present in every one of those files.
-2. Quality of a run on a set of examples = mean over subtasks of the subtask's headline metric recomputed from the
-   rows (``aggregate``: ``mean`` of ``score``, ``mcc`` or ``f1`` of ``prediction``/``target``). It equals the logged
+2. Quality of a run on a set of examples = mean over the headline subtasks (rows marked ``headline``) of the
+   subtask's headline metric recomputed from the rows (``aggregate``: ``mean`` of ``score``, ``mcc`` or ``f1`` of
+   ``prediction``/``target``). It equals the logged
    ``val/avg`` on the full set. A task whose headline metric cannot be recomputed from its rows (``none``,
    ``token_mean``), or a Δm quality, has no example-level comparison.
 3. Paired bootstrap, :data:`RESAMPLES` replicates: draw the seeds with replacement and, per subtask, the examples with
@@ -92,9 +93,11 @@ def seed_level(a: Mapping[str, float], b: Mapping[str, float], why: str) -> Comp
 
 
 def usable(frame: pd.DataFrame) -> bool:
-    """Whether a run's predictions reproduce its quality: every subtask has rows with a supported aggregate."""
-    return bool(len(frame)) and all(frame.loc[frame["subtask"] == s, "aggregate"].isin(SUPPORTED).any()
-                                    for s in frame["subtask"].unique())
+    """Whether a run's predictions reproduce its quality: there are headline subtasks, and each has rows with a
+    supported aggregate."""
+    headline = frame[frame["headline"]]
+    return bool(len(headline)) and all(headline.loc[headline["subtask"] == s, "aggregate"].isin(SUPPORTED).any()
+                                       for s in headline["subtask"].unique())
 
 
 def subtask_metric(rows: pd.DataFrame) -> float:
@@ -112,7 +115,7 @@ def compare_examples(a: Mapping[str, Sequence[pd.DataFrame]], b: Mapping[str, Se
                    key=lambda s: (len(s), s))
     if not seeds:
         return None
-    frames = {(side, s): [f[f["aggregate"].isin(SUPPORTED)] for f in runs[s]]
+    frames = {(side, s): [f[f["headline"] & f["aggregate"].isin(SUPPORTED)] for f in runs[s]]
               for side, runs in (("a", a), ("b", b)) for s in seeds}
     subtasks = sorted(set.intersection(*[set(f["subtask"]) for fs in frames.values() for f in fs]))
     if not subtasks:

@@ -17,6 +17,8 @@ One row per evaluated example and subtask. Columns:
                              ``mcc`` or ``f1`` (of integer ``prediction`` / ``target``), ``token_mean`` (sum of
                              ``loss`` over sum of ``tokens``), ``none`` (the headline metric is not a function of
                              these rows, e.g. dataset-accumulated mIoU: no example-level test for it)
+``headline``        bool     whether the subtask counts in the task's headline quality (``val/avg``,
+                             :meth:`mtbench.interfaces.Task.headline`)
 ==================  =======  ==========================================================================================
 
 The file's key-value metadata carries ``mtbench.schema``. Parquet is written and read through pandas (pyarrow).
@@ -38,7 +40,7 @@ from .results import atomic_write_bytes
 SCHEMA = "mtbench.predictions/1"
 FILE = "predictions.parquet"
 COLUMNS = {"subtask": str, "example_id": str, "prediction": str, "target": str, "correct": float, "score": float,
-           "loss": float, "tokens": float, "aggregate": str}
+           "loss": float, "tokens": float, "aggregate": str, "headline": bool}
 AGGREGATES = ("mean", "mcc", "f1", "token_mean", "none")
 
 
@@ -48,8 +50,11 @@ def to_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(list(records))
     for column, kind in COLUMNS.items():
         if column not in frame:
-            frame[column] = math.nan if kind is float else ""
-        frame[column] = frame[column].astype(float) if kind is float else frame[column].fillna("").astype(str)
+            frame[column] = {float: math.nan, bool: False, str: ""}[kind]
+        if kind is bool:
+            frame[column] = frame[column].fillna(False).astype(bool)
+        else:
+            frame[column] = frame[column].astype(float) if kind is float else frame[column].fillna("").astype(str)
     frame = frame[list(COLUMNS)].drop_duplicates(["subtask", "example_id"], keep="last")
     return frame.sort_values(["subtask", "example_id"], kind="stable").reset_index(drop=True)
 

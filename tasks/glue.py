@@ -375,7 +375,8 @@ class Glue(Task):
         (cross-entropy; squared error for STS-B). ``example_id`` is ``<split>:<index in the split file>`` (split 1 =
         MNLI mismatched). ``aggregate`` says how the rows give the headline metric: accuracy is the mean of
         ``correct``, MCC and F1 come from the (prediction, target) pairs; grouped, correlation and macro metrics are
-        ``none``, as are MNLI-mismatched rows (they feed ``acc_mm``, not the headline)."""
+        ``none``, as are MNLI-mismatched rows (they feed ``acc_mm``, not the headline). Every subtask counts in the
+        headline (the mean of the primary metrics)."""
         records: list[dict[str, Any]] = []
         for name, logits in outputs.items():
             spec = SUBTASKS[name]
@@ -395,7 +396,7 @@ class Glue(Task):
                                                losses.tolist(), splits.tolist()):
                 records.append({"subtask": name, "example_id": f"{split}:{i}", "prediction": _label_text(p),
                                 "target": _label_text(t), "correct": c, "score": c, "loss": loss,
-                                "aggregate": kind if split == 0 else "none"})
+                                "aggregate": kind if split == 0 else "none", "headline": True})
         return records
 
     def datamodule(self, loader: LoaderConfig, seed: int = 0) -> MultiTaskDataModule:

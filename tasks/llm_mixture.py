@@ -376,11 +376,15 @@ class LLMMixture(Task):
         MultiRC, RTE, WiC: MultiLoRA's and MoSLD's quality measure); without any of them, the mean of the other
         higher-is-better primaries; ``None`` when there is none (Alpaca alone)."""
         specs = self.metrics()
-        chosen = [s for s in self.subtasks if s in HEADLINE_SUBTASKS] or \
-            [s for s in self.subtasks if all(m.higher_is_better for m in specs[s].values() if m.primary)]
-        keys = [f"val/{s}/{name}" for s in chosen for name, m in specs[s].items() if m.primary]
+        keys = [f"val/{s}/{name}" for s in self.headline_subtasks() for name, m in specs[s].items() if m.primary]
         found = [values[k] for k in keys if k in values]
         return sum(found) / len(found) if found else None
+
+    def headline_subtasks(self) -> list[str]:
+        """The run's subtasks whose primary metrics :meth:`headline` averages."""
+        specs = self.metrics()
+        return [s for s in self.subtasks if s in HEADLINE_SUBTASKS] or \
+            [s for s in self.subtasks if all(m.higher_is_better for m in specs[s].values() if m.primary)]
 
     def _mmlu_groups(self) -> list[str]:
         if self.cfg.mmlu_breakdown == "category":
@@ -420,6 +424,7 @@ class LLMMixture(Task):
         the gold number, strict exact match as correct and score, generated tokens; Alpaca: summed response NLL as
         loss and the scored tokens (``aggregate`` ``token_mean``: perplexity is exp(Σ loss / Σ tokens))."""
         records: list[dict[str, Any]] = []
+        headline = set(self.headline_subtasks())
         ids = list(batch.get("example_ids") or [])
         task_ids = batch["task_ids"].tolist()
         for sub, out in outputs.items():
@@ -428,7 +433,7 @@ class LLMMixture(Task):
             if "nll" in out:
                 for i, nll, n in zip(mine, out["nll"].tolist(), out["tokens"].tolist()):
                     records.append({"subtask": sub, "example_id": i, "loss": nll, "tokens": n,
-                                    "aggregate": "token_mean"})
+                                    "aggregate": "token_mean", "headline": sub in headline})
             elif "strict" in out:
                 texts = getattr(self, "_generated", [""] * len(mine))
                 gold = [g for g, t in zip(batch["gold"], task_ids) if t == index]
@@ -437,7 +442,7 @@ class LLMMixture(Task):
                     records.append({"subtask": sub, "example_id": i, "prediction": text, "target": g,
                                     "correct": float(ok), "score": float(ok),
                                     "tokens": len(tok(text, add_special_tokens=False)["input_ids"]),
-                                    "aggregate": "mean"})
+                                    "aggregate": "mean", "headline": sub in headline})
             else:
                 rows = batch["task_ids"] == index
                 scores = out["scores"].detach().float()
@@ -446,12 +451,12 @@ class LLMMixture(Task):
                 target = batch["answer"][rows]
                 preds = scores.argmax(-1)
                 losses = -scores.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-                headline = next(n for n, spec in self.metrics()[sub].items() if spec.primary)
-                kind = "f1" if headline == "f1a" else "mean" if headline.startswith("acc") else "none"
+                primary = next(n for n, spec in self.metrics()[sub].items() if spec.primary)
+                kind = "f1" if primary == "f1a" else "mean" if primary.startswith("acc") else "none"
                 for i, p, t, loss in zip(mine, preds.tolist(), target.tolist(), losses.tolist()):
                     records.append({"subtask": sub, "example_id": i, "prediction": str(p), "target": str(t),
                                     "correct": float(p == t), "score": float(p == t), "loss": loss,
-                                    "aggregate": kind})
+                                    "aggregate": kind, "headline": sub in headline})
         return records
 
     def _update_choice(self, sub: str, m: Mapping[str, torchmetrics.Metric], preds: Tensor, target: Tensor,

@@ -17,7 +17,8 @@ from mtbench.predictions import SCHEMA, read_predictions, to_frame, write_predic
 
 def _run(correct: np.ndarray, sub: str = "rte") -> pd.DataFrame:
     return to_frame({"subtask": sub, "example_id": str(i), "prediction": str(int(c)), "target": "1",
-                     "correct": float(c), "score": float(c), "aggregate": "mean"} for i, c in enumerate(correct))
+                     "correct": float(c), "score": float(c), "aggregate": "mean", "headline": True}
+                    for i, c in enumerate(correct))
 
 
 def _pair(n: int = 300, seeds: int = 3, gap: float = 0.2) -> tuple[dict[str, list], dict[str, list]]:

@@ -461,6 +461,13 @@ def test_smoke_profile_end_to_end(tmp_path: Path) -> None:
         row["metrics.val/alpaca/ppl"], rel=1e-4)
     gsm8k = frame[frame["subtask"] == "gsm8k"]
     assert (gsm8k["tokens"] >= 0).all() and gsm8k["target"].str.len().gt(0).all()
+    # The headline subtasks' metrics, recomputed from the rows, give the logged quality (what the board compares).
+    from mtbench import paired
+
+    headline = frame[frame["headline"] & frame["aggregate"].isin(paired.SUPPORTED)]
+    assert set(headline["subtask"]) == {"mmlu", "boolq", "multirc", "rte", "wic"} & set(frame["subtask"])
+    quality = sum(metrics := [paired.subtask_metric(rows) for _, rows in headline.groupby("subtask")]) / len(metrics)
+    assert quality == pytest.approx(row["metrics.val/avg"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ checkpoint key mapping, MTLoRA's per-task streams on Swin, the paper's parameter
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import json
 import math
