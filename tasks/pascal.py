@@ -194,33 +194,32 @@ class PascalHead(nn.Module):
         return self.head(torch.cat(maps, 1))
 
 
-def _image_score(name: str, out: Tensor, batch: Mapping[str, Tensor]) -> tuple[float, float]:
-    """(per-image score, per-image loss) of one image's output ``(1, C, S, S)``; NaN where it has no label."""
+def _image_score(name: str, out: Tensor, batch: Mapping[str, Tensor]) -> float:
+    """Per-image score of one image's output ``(1, C, S, S)``; NaN where it has no label."""
     if name == "sal":
         target = batch["sal"][0]
         valid = target != IGNORE
         if not bool(valid.any()):
-            return math.nan, math.nan
+            return math.nan
         pred, gold = out[0, 0].sigmoid()[valid] > 0.5, target[valid] > 0
         union = (pred | gold).sum().item()
-        return (pred & gold).sum().item() / union if union else 1.0, float(balanced_bce(out[:, 0], batch["sal"]))
+        return (pred & gold).sum().item() / union if union else 1.0
     if name == "normals":
         target, valid = normals_target(batch["normals"])
         if not bool(valid.any()):
-            return math.nan, math.nan
+            return math.nan
         pred = F.normalize(out[0], dim=0)
         cos = (pred * target[0]).sum(0).clamp(-1, 1)[valid[0]]
-        loss = float(normals_l1(out, target, valid))
-        return float(torch.rad2deg(torch.acos(cos)).mean()), loss
+        return float(torch.rad2deg(torch.acos(cos)).mean())
     target = batch[name][0]
     valid = target != IGNORE
     if not bool(valid.any()):
-        return math.nan, math.nan
+        return math.nan
     pred = out[0].argmax(0)[valid]
-    gold = target[valid]
+    gold = target[valid].long()
     ious = [((pred == c) & (gold == c)).sum().item() / ((pred == c) | (gold == c)).sum().item()
             for c in torch.unique(torch.cat([pred, gold])).tolist()]
-    return sum(ious) / len(ious), float(F.cross_entropy(out, batch[name], ignore_index=IGNORE))
+    return sum(ious) / len(ious)
 
 
 @register_task("pascal")
@@ -396,7 +395,8 @@ class Pascal(Task):
             out = out.detach().float()
             for row, index in enumerate(batch["index"].tolist()):
                 one = {k: v[row : row + 1] for k, v in batch.items() if isinstance(v, Tensor) and v.dim() > 0}
-                score, loss = _image_score(name, out[row : row + 1], one)
+                score = _image_score(name, out[row : row + 1], one)
+                loss = float(self.loss({name: out[row : row + 1]}, one)[name]) if math.isfinite(score) else math.nan
                 records.append({"subtask": name, "example_id": ids[index] if index < len(ids) else str(index),
                                 "score": score, "loss": loss, "aggregate": "none"})
         return records
