@@ -751,6 +751,8 @@ def _replace_folder(folder: Path, files: dict[str, bytes]) -> None:
 
     if folder.exists() and not folder.is_dir():
         raise MtbenchError(f"--out {folder} is a file; name a folder (it is created if missing)")
+    if folder.is_symlink():  # replace the folder it points to, not the link
+        folder = folder.resolve()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-", dir=folder.parent))

@@ -368,8 +368,11 @@ def test_leaderboard_outputs_are_replaced_as_a_set(
     assert _tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["board"]  # no staging folder left behind
     monkeypatch.undo()
-    assert main(["leaderboard", "--tracking-uri", uri, "--out", str(out)]) == 0
-    assert (out / "README.md").read_text() == "kept"
+    link = tmp_path / "published"
+    link.symlink_to(out)
+    assert main(["leaderboard", "--tracking-uri", uri, "--out", str(link)]) == 0
+    assert link.is_symlink() and (out / "README.md").read_text() == "kept"
+    assert _tree_digest(out).keys() == before.keys()
 
 
 def test_user_strings_are_escaped_in_every_output(store: Path, tmp_path: Path) -> None:
