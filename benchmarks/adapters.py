@@ -141,7 +141,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", nargs="*", help="case names to run (references are always added)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (0: torch's default); 1 on a machine shared with other jobs, where every "
+                             "parallel op waits for a descheduled thread and small ops cost tens of ms each")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     registry.discover()
     device = torch.device(args.device)
     torch.manual_seed(0)
