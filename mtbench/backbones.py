@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, DataError
 from .interfaces import stream_routings
@@ -491,6 +492,13 @@ def swin_feature_channels(model: nn.Module) -> list[int]:
     return [dims[i + 1] if i + 1 < len(dims) else dims[i] for i in range(len(dims))]
 
 
+RECOMPUTE_STAGES = 1
+"""Stages (from the first) whose stream block recomputes its MLP in the backward pass (:func:`_stream_block`): the
+first stage holds as many tokens as the other three together times four, so its k + 1 streams' 4·C-wide MLP
+activations are the bulk of MTLoRA's extra memory, while recomputing costs the same in every stage
+(docs/performance.md: time and memory measured with 0, 1 and 4)."""
+
+
 def swin_stage_features(
     model: nn.Module, images: Tensor, tasks: Sequence[str] | None = None
 ) -> list[Tensor] | dict[str, list[Tensor]]:
@@ -523,7 +531,7 @@ def swin_stage_features(
             blocks = list(stage.blocks)
             for block in blocks[:-1]:
                 x = block(x)
-            out, streamed = _stream_block(blocks[-1], x, tuple(per_task))
+            out, streamed = _stream_block(blocks[-1], x, tuple(per_task), recompute=i < RECOMPUTE_STAGES)
             if i + 1 < len(layers):
                 out = layers[i + 1].downsample(out)  # row-wise, so one call merges the shared rows and every stream
             parts = out.chunk(len(streamed) + 1)
@@ -534,15 +542,51 @@ def swin_stage_features(
     return per_task if tasks is not None else shared
 
 
-def _stream_block(block: nn.Module, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor, list[str]]:
-    """Run ``block`` on ``x`` plus one stacked stream per task its stream layers serve; (rows, streamed tasks)."""
+def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...], recompute: bool = False
+                  ) -> tuple[Tensor, list[str]]:
+    """Run a timm Swin ``block`` on ``x`` plus one stacked stream per task its stream layers serve.
+
+    Returns ``(rows, streamed tasks)``: ``[shared; stream_1; ...]`` rows, batch-major. The block's forward
+    (``x + DropPath(attn(LN1 x))``, then ``+ DropPath(MLP(LN2 ·))``) is spelled out here so that work shared by all
+    streams runs once: LN1, window attention and ``qkv`` see the shared rows only (§7.4: the attention map is shared),
+    and the first stream layer (``proj``) returns every stream from them (``TaskRouting.shared_input``); from there
+    on each stream has its own rows. The streams are named by one task id each, kept on the CPU, so the stream layers
+    batch their per-task products without reading the device. With ``recompute`` (and gradients on), the MLP half of
+    the block is recomputed in the backward pass instead of keeping its activations for k + 1 streams
+    (``torch.utils.checkpoint``, which replays the same dropout masks).
+    """
     routings = stream_routings(block)
     streamed = [t for t in tasks if routings and all(t in r.tasks for r in routings)]
     if not streamed:
         return block(x), []
-    n = x.shape[0]
-    with ExitStack() as context:
-        for routing in routings:
-            ids = torch.tensor([routing.tasks.index(t) for t in streamed], device=x.device).repeat_interleave(n)
-            context.enter_context(routing.stack(ids, len(streamed)))
-        return block(torch.cat([x] * (len(streamed) + 1))), streamed
+    k = len(streamed)
+    ids = {id(r): torch.tensor([r.tasks.index(t) for t in streamed]) for r in routings}
+
+    def forward(x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        with ExitStack() as context:
+            for routing in routings:
+                context.enter_context(routing.stack(ids[id(routing)], k, shared_input=True))
+            attn = block._attn(block.norm1(x))  # ((k + 1)·b, h, w, c): proj fans the shared rows out to the streams
+        # The block input is every stream's shortcut (broadcast, not copied); DropPath draws a mask per stream row.
+        y = (x + block.drop_path1(attn).view(k + 1, b, h, w, c)).view((k + 1) * b, h * w, c)
+        y = y + block.drop_path2(checkpoint(mlp, y, use_reentrant=False) if recompute and torch.is_grad_enabled()
+                                 else mlp(y))
+        return y.view((k + 1) * b, h, w, c)
+
+    def mlp(y: Tensor) -> Tensor:
+        # Recomputed in the backward pass (same routing, same dropout masks) rather than kept: the k + 1 streams'
+        # hidden activations (4·C wide, twice) would otherwise dominate the step's memory, and the recomputation
+        # costs one MLP forward of this block, whose frozen matmuls run on the shared rows only.
+        with ExitStack() as context:
+            for routing in routings:
+                context.enter_context(routing.stack(ids[id(routing)], k))
+            return block.mlp(block.norm2(y))
+
+    # Called through the module (an instance-level forward for this call) so that hooks on the block still see its
+    # input and output.
+    block.forward = forward
+    try:
+        return block(x), streamed
+    finally:
+        del block.forward

@@ -269,3 +269,120 @@ def test_swin_stages_plus_and_mixed_batch() -> None:
         all_a = model(images)
     assert torch.allclose(mixed[1], all_a[1], atol=1e-5)
     assert not torch.allclose(mixed[0], all_a[0], atol=1e-4)
+
+
+# Swin all-tasks fast path against a per-task reference (methods.md §7.3-7.4) -----------------------------------------
+
+
+SWIN_TASKS = ("semseg", "sal", "normals")  # not in sorted order: routing order must never be confused with key order
+
+
+def _swin_shifted() -> nn.Module:
+    """Two blocks per stage, so the last block of stages 1-2 uses shifted windows (shift 2 at 16² and 8²)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+        img_size=64, window_size=4, num_classes=0,
+    ).eval()
+
+
+def _reference_task_block(block: nn.Module, x: torch.Tensor, task: str) -> torch.Tensor:
+    """One task's stream through a TS block, layer by layer (§7.4), sharing no code with the fast path.
+
+    ``proj`` has no task input, so its task output is a merged linear ``W0 + s·B_t A_t`` (eval: no dropout, §7.12);
+    ``fc1``/``fc2`` take the frozen matmul on the shared activations and the task correction on the task stream.
+    """
+    proj = block.attn.proj
+    merged = nn.Linear(proj.base.in_features, proj.base.out_features)
+    del merged.weight, merged.bias
+    merged.weight = proj.base.weight + proj.scale * proj.mtlora_tasks_B[task] @ proj.mtlora_tasks_A[task]
+    merged.bias = proj.base.bias
+    block.attn.proj = merged
+    try:
+        a_t = x + block._attn(block.norm1(x))
+    finally:
+        block.attn.proj = proj
+    b, h, w, c = x.shape
+    a_sh = x + block._attn(block.norm1(x))
+    u = block.norm2(a_sh).reshape(b, -1, c)
+    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+    h_t = fc1.forward_tasks(u, {task: block.norm2(a_t).reshape(b, -1, c)})[1][task]
+    g = block.mlp.act(fc1(u))
+    m_t = fc2.forward_tasks(g, {task: block.mlp.act(h_t)})[1][task]
+    return a_t + m_t.view(b, h, w, c)
+
+
+def _reference_features(model: nn.Module, images: torch.Tensor, tasks: tuple[str, ...]) -> dict[str, list]:
+    layers = list(model.layers)
+    x = layers[0].downsample(model.patch_embed(images))
+    out: dict[str, list] = {t: [] for t in tasks}
+    for i, stage in enumerate(layers):
+        for block in stage.blocks[:-1]:
+            x = block(x)
+        last = stage.blocks[-1]
+        merge = layers[i + 1].downsample if i + 1 < len(layers) else nn.Identity()
+        for task in tasks:
+            out[task].append(merge(_reference_task_block(last, x, task)).permute(0, 3, 1, 2))
+        x = merge(last(x))
+    return out
+
+
+def test_swin_all_tasks_fast_path_matches_per_task_reference() -> None:
+    """Features and gradients of the stacked-stream forward (attention once, per-stream products) equal the per-task
+    reference, for shifted and unshifted blocks, with streams requested in an order unlike the method's."""
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted())
+    _randomise(model, std=0.05)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    tasks = ("normals", "semseg")  # a subset, out of the method's order
+    factors = [p for n, p in model.named_parameters() if "mtlora_" in n]
+
+    def run(features: dict[str, list]) -> tuple[dict[str, list], list]:
+        loss = sum((f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum() for fs in features.values() for f in fs)
+        return features, torch.autograd.grad(loss, factors, allow_unused=True)
+
+    fast, fast_grads = run(swin_stage_features(model, images, tasks=tasks))
+    ref, ref_grads = run(_reference_features(model, images, tasks))
+    for task in tasks:
+        for f, g in zip(fast[task], ref[task], strict=True):
+            assert torch.allclose(f, g, rtol=1e-4, atol=1e-4), task
+    assert not torch.allclose(fast["normals"][0], fast["semseg"][0], atol=1e-3)
+    for (name, _), gf, gr in zip([(n, p) for n, p in model.named_parameters() if "mtlora_" in n], fast_grads,
+                                 ref_grads, strict=True):
+        if gr is None:  # a factor the reference never uses (the absent task, the unused shared B of stage 4)
+            assert gf is None or not gf.any(), name
+        else:
+            assert gf is not None and torch.allclose(gf, gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item()), name
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_mixed_batch_attention_runs_once_on_the_shared_rows(family: str) -> None:
+    """The last block's q/k/v and attention see the n shared rows only (§7.4: the attention map is shared); its
+    ``proj`` (outside the attention module in BERT, inside in LLaMA) still gives every row its own task's stream."""
+    from mtbench.backbones import tiny_llama
+
+    backbone = tiny_bert().model if family == "bert" else tiny_llama().model
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=TASKS)
+    model = method.apply(backbone).eval()
+    _randomise(model)
+    last = model.encoder.layer[-1] if family == "bert" else model.model.layers[-1]
+    q = last.attention.self.query if family == "bert" else last.self_attn.q_proj
+    rows: list[int] = []
+    q.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    ids = torch.randint(5, 60, (4, 9), generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def run(task_ids: torch.Tensor | str) -> torch.Tensor:
+        method.set_task(model, task_ids)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return out.last_hidden_state if family == "bert" else out.logits
+
+    mixed = run(torch.tensor([0, 1, 1, 0]))
+    assert rows == [4]
+    alone = {0: run("a"), 1: run(torch.tensor([1]))}
+    for i, task in enumerate([0, 1, 1, 0]):
+        assert torch.allclose(mixed[i], alone[task][i], atol=1e-5)
+        assert not torch.allclose(mixed[i], alone[1 - task][i], atol=1e-4)
