@@ -141,7 +141,7 @@ def test_sigterm_in_every_window_resumes_to_the_uninterrupted_run(
 def test_validation_interval_counts_optimizer_steps(references: dict[str, tuple[Path, str]]) -> None:
     """accumulate_grad_batches=2, val_check_interval=3, max_steps=6: validated after optimizer steps 3 and 6, logged
     (like train/loss) at the 0-based index of that step, 2 and 5. Lightning alone counts batches: it validated after
-    batches 3 and 6 (in the middle of step 2, after step 3) and once more at the end."""
+    batches 3, 6, 9 and 12, logged at 1, 2, 4 and 5 (measured by running without the conversion)."""
     steps = sorted(step for key, step in _history(*references["accumulate"]) if key == "val/avg")
     assert steps == [2, 5]
 
