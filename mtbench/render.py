@@ -578,7 +578,7 @@ def _deciding_columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
         Column("mdd", "MDD", lambda r: _mdd(r, qscale), lambda r: r.get("mdd")),
         Column("params/trainable", "trainable params (% of total)", trainable,
                lambda r: r.get("params/trainable_mean")),
-        Column("perf/train_samples_per_s", "train samples/s",
+        Column("perf/train_samples_per_s", "end-to-end train samples/s",
                lambda r: fmt(r.get("perf/train_samples_per_s_mean"), math.nan, 1, 1),
                lambda r: r.get("perf/train_samples_per_s_mean")),
         Column("perf/peak_mem_mb", "peak mem (MB)", lambda r: fmt(r.get("perf/peak_mem_mb_mean"), math.nan, 1, 0),
