@@ -38,7 +38,8 @@ PERF = ["params/adapter", "params/trainable", "params/total", "perf/train_sample
 QUALITY = "val/avg"
 DELTA_M = "val/delta_m"
 HEAD = ["row_id", "rank", "task", "device", "profile", "protocol_id", "task_version", "metric_versions", "method",
-        "method_config_id", "config_note", "n", "seeds", "failed_seeds", "runs", "quality_metric", "quality_mean", "quality_std",
+        "method_config_id", "config_note", "n", "seeds", "failed_seeds", "runs", "quality_metric", "quality_mean",
+        "quality_std",
         "quality_ci95", "reference", "ref_config", "ref_diff", "ref_ci_low", "ref_ci_high", "ref_n", "p_value",
         "significant", "mdd", "ref_test", "mcnemar", "pareto_params",
         "pareto_memory", "pareto_throughput"]

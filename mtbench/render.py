@@ -766,12 +766,7 @@ def _replace_folder(folder: Path, files: dict[str, bytes]) -> None:
         for name, data in files.items():
             atomic_write_bytes(stage / name, data)
         if folder.is_dir():
-            for item in folder.iterdir():
-                if not any(item.match(pattern) for pattern in GENERATED) and not (stage / item.name).exists():
-                    if item.is_dir() and not item.is_symlink():
-                        shutil.copytree(item, stage / item.name, symlinks=True)
-                    else:
-                        shutil.copy2(item, stage / item.name, follow_symlinks=False)
+            _carry_over(folder, stage)
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / folder.name)
         try:
@@ -788,6 +783,18 @@ def _replace_folder(folder: Path, files: dict[str, bytes]) -> None:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
+
+
+def _carry_over(folder: Path, stage: Path) -> None:
+    """Copy what ``folder`` holds besides the generated files (a README, say) into ``stage``."""
+    import shutil
+
+    for item in folder.iterdir():
+        if not any(item.match(pattern) for pattern in GENERATED) and not (stage / item.name).exists():
+            if item.is_dir() and not item.is_symlink():
+                shutil.copytree(item, stage / item.name, symlinks=True)
+            else:
+                shutil.copy2(item, stage / item.name, follow_symlinks=False)
 
 _CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
