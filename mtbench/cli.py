@@ -164,7 +164,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print("no runs")
         return 0
     now = time.time()
-    rows = [("RUN_ID", "STATUS", "STARTED (UTC)", "DURATION", "METHOD", "TASK", "PROFILE", "SEED", "VAL/AVG")]
+    rows: list[tuple[str, ...]] = [
+        ("RUN_ID", "STATUS", "STARTED (UTC)", "DURATION", "METHOD", "TASK", "PROFILE", "SEED", "VAL/AVG")]
     for _, r in runs.head(args.limit).iterrows():
         status = liveness(r["status"], r.get("tags.mtbench.host"), r.get("tags.mtbench.pid"),
                           r.get("tags.mtbench.heartbeat"), now)

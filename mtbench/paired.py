@@ -126,7 +126,7 @@ def compare_examples(a: Mapping[str, Sequence[pd.DataFrame]], b: Mapping[str, Se
               for sub in subtasks for s in seeds}
     crossed = all(common[(sub, s)] == common[(sub, seeds[0])] for sub in subtasks for s in seeds)
     rng = np.random.default_rng(seed)
-    draws = {}
+    draws: dict[Any, Any] = {}
     for sub in subtasks:
         for k, s in enumerate(seeds):
             n = len(common[(sub, s)])

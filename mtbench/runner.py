@@ -92,7 +92,7 @@ class BenchModule(pl.LightningModule):
 
     def _note_nonfinite(self, total: Tensor) -> None:
         """Remember the first step whose loss is NaN/Inf, on the device: no synchronisation per step."""
-        if self._first_bad is None or self._first_bad.device != total.device:
+        if self._first_bad is None or self._bad_loss is None or self._first_bad.device != total.device:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=total.device)
             self._bad_loss = torch.zeros((), dtype=torch.float32, device=total.device)
         first = (~torch.isfinite(total)) & (self._first_bad < 0)
@@ -106,7 +106,7 @@ class BenchModule(pl.LightningModule):
         before validation, before a checkpoint and at the end of training; the error names the first bad step, not
         the step at which it was noticed.
         """
-        if self._first_bad is not None and int(self._first_bad) >= 0:
+        if self._first_bad is not None and self._bad_loss is not None and int(self._first_bad) >= 0:
             raise NonFiniteLossError(f"non-finite loss {float(self._bad_loss)} at step {int(self._first_bad)}")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -132,7 +132,7 @@ class BenchModule(pl.LightningModule):
         checkpoint["mtbench_batches"] = {"train": self.train_batches, "skipped": self.skipped_batches}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = {k: checkpoint[k] for k in ("mtbench_rng", "mtbench_cuda_rng") if k in checkpoint}
+        rng: dict[str, Any] = {k: checkpoint[k] for k in ("mtbench_rng", "mtbench_cuda_rng") if k in checkpoint}
         counts = checkpoint.get("mtbench_batches", {})
         self.train_batches, self.skipped_batches = counts.get("train", 0), counts.get("skipped", 0)
         if checkpoint.get("mtbench_rng_at_epoch_end"):

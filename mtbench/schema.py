@@ -86,7 +86,7 @@ def validate_fields(obj: Any, section: str) -> None:
     Raises:
         ConfigError: the first bad field, as ``<section>.<field> ...`` (one line).
     """
-    adapter, hints = _adapter(type(obj))
+    adapter, hints = _adapter(type(obj))  # type: ignore[arg-type]  # classes hash; mypy types type[Any] as unhashable
     values = {name: getattr(obj, name) for name in hints}
     clean = validate(adapter, values, section, hints)
     for name, value in clean.items():
@@ -212,6 +212,6 @@ def type_name(hint: Any) -> str:
 
 def keyed_adapter(fields: Mapping[str, Any], name: str) -> TypeAdapter[Any]:
     """A strict adapter for a mapping of the given ``{key: hint}`` (all keys optional, no others)."""
-    schema = TypedDict(name, {k: _lenient(v) for k, v in fields.items()}, total=False)  # type: ignore[operator]
+    schema = TypedDict(name, {k: _lenient(v) for k, v in fields.items()}, total=False)  # type: ignore[operator,misc]
     schema.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
     return TypeAdapter(schema)
