@@ -16,7 +16,7 @@ heads, random init) with ``peft`` LoRA, mtbench ``lora`` (rank ``--rank``, scale
 is the mean square of every output::
 
     python benchmarks/adapters.py --suite swin --image-size 224 --batch 4       # CPU
-    python benchmarks/adapters.py --suite swin --device cuda --dtype bf16 --repeats 15   # 448 px, batch 32 (issue 13)
+    python benchmarks/adapters.py --suite swin --device cuda --dtype bf16 --repeats 15   # GPU: 448 px, batch 32
 
 Timing rounds are interleaved across the cases (round r times every case once), so drift in machine load hits all of
 them alike; the reported time is the median over rounds after warm-up rounds: wall-clock on CUDA, the process's CPU
@@ -71,7 +71,7 @@ class Case:
 
 
 def text_cases() -> list[Case]:
-    """Every method on the text encoder; targets from issue 13 and docs/performance.md."""
+    """Every method on the text encoder; targets in docs/performance.md."""
     return [
         Case("peft_lora_r8", None, {"r": 8}),
         Case("lora_r8", "lora", {"r": 8}, "peft_lora_r8", 1.02),
@@ -87,7 +87,7 @@ def text_cases() -> list[Case]:
 
 
 def swin_cases(rank: int, task_rank: int) -> list[Case]:
-    """The PASCAL model with peft LoRA, mtbench lora and mtlora at the same shared rank (issue 13's configuration)."""
+    """The PASCAL model with peft LoRA, mtbench lora and mtlora at the same shared rank."""
     lora = {"r": rank, "alpha": 4.0 * rank, "dropout": 0.05}  # MTLoRA's fixed scale 4 and dropout 0.05
     return [
         Case(f"peft_lora_r{rank}", None, lora),

@@ -16,7 +16,7 @@ Usage::
     python benchmarks/pascal_loader.py --size 448 --batch 32 --workers 14 --steps 40
     python benchmarks/pascal_loader.py --size 448 --batch 8 --workers 2 --steps 10 --compare /tmp/old_pascal_data.py
 
-Prints a table and, last, one summary line starting with ``pascal_loader``. Targets (issue 12): the transform's share
+Prints a table and, last, one summary line starting with ``pascal_loader``. Targets: the transform's share
 at least 5× cheaper than at commit 2128e03 (68 of 83 ms per 448-px sample on a 2-core CPU); >= 300 samples/s with 14
 workers on a 16-core host (checked when the host has at least 16 cores).
 """
