@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mtbench.backbones import blocks, downsamplers, find_linears, get_submodule_parent, stages
 from mtbench.errors import ConfigError
-from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole, TaskRouting
+from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole, TaskRouting, refuse_shared_weights
 from mtbench.registry import register_method
 
 
@@ -328,8 +328,9 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         super().merge()
 
     def delta_weight(self) -> Tensor:
-        """The shared (TA-LoRA) update ``s · B A`` in the base weight's dtype."""
-        return (self.scale * (self.mtlora_shared_B @ self.mtlora_shared_A)).to(self.base.weight.dtype)
+        """The shared (TA-LoRA) update ``s · B A`` in the factors' dtype (fp32 beside a half-precision weight), so
+        :meth:`DeltaMergeable.merge` rounds once into the weight."""
+        return self.scale * (self.mtlora_shared_B @ self.mtlora_shared_A)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, task_r={self.task_r}, tasks={len(self.tasks)}, scale={self.scale:g}, merged={self.merged}"
@@ -412,6 +413,7 @@ class MTLoRA(Method):
                 attention = backbone.get_submodule(qkv_parents.pop())
                 self.hooks.append(attention.register_forward_pre_hook(self.streams.attention_pre, with_kwargs=True))
                 self.hooks.append(attention.register_forward_hook(self.streams.attention_post, always_call=True))
+        refuse_shared_weights(backbone)  # merge_shared writes into base weights: a tied lm_head would move the input
         return backbone
 
     def task_layers(self, model: nn.Module) -> list[list[str]]:

@@ -386,3 +386,28 @@ def test_mixed_batch_attention_runs_once_on_the_shared_rows(family: str) -> None
     for i, task in enumerate([0, 1, 1, 0]):
         assert torch.allclose(mixed[i], alone[task][i], atol=1e-5)
         assert not torch.allclose(mixed[i], alone[1 - task][i], atol=1e-4)
+
+
+def test_tied_output_embedding_is_refused() -> None:
+    # merge_shared folds TA-LoRA into base weights; a tied lm_head would move the input embedding with it.
+    from mtbench.backbones import tiny_llama
+
+    method = MTLoRA(MTLoRAConfig(target_modules=("q", "lm_head"), task_targets=()), tasks=("a", "b"))
+    with pytest.raises(ConfigError, match=r"selects lm_head, whose weight is shared with model\.embed_tokens\.weight"):
+        method.apply(tiny_llama().model)
+
+
+def test_bf16_shared_merge_rounds_once_and_unmerges_exactly() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    original = base.weight.detach().clone()
+    layer = MTLoRALinear(base, r=4, scale=2.0, dropout=0.0, tasks=(), task_r=2)
+    # Updates near the weights' rounding step: rounding the delta to bf16 first, then the sum, loses them.
+    nn.init.normal_(layer.mtlora_shared_A, std=1.0)
+    nn.init.normal_(layer.mtlora_shared_B, std=1e-4)
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float32
+    layer.merge()
+    assert torch.equal(layer.base.weight, (original.float() + delta).to(torch.bfloat16))
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, original)
