@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _merge_checks import assert_exact_bf16_round_trip
 from torch import nn
 
 from mtbench.backbones import tiny_bert
@@ -231,13 +232,7 @@ def test_bf16_merge_rounds_once_and_unmerge_restores_every_bit() -> None:
     layer = LoRALinear(nn.Linear(64, 64).to(torch.bfloat16), r=4, alpha=4.0)
     layer.lora_B.normal_(0.0, 3e-3)  # updates of ~3e-4, about the weights' bf16 rounding step
     w0 = layer.base.weight.clone()
-    delta = layer.delta_weight()
-    assert delta.dtype == torch.float32
-    layer.merge()
-    # One rounding of the exact sum: W + ΔW computed in fp32, then rounded to bf16 (not W + bf16(ΔW)).
-    assert torch.equal(layer.base.weight, (w0.float() + delta).to(torch.bfloat16))
-    layer.unmerge()
-    assert torch.equal(layer.base.weight, w0)  # bit for bit, for every one of the 4,096 weights
+    assert_exact_bf16_round_trip(layer)  # bit for bit, for every one of the 4,096 weights
     layer.merge()
     layer.merge()  # merging twice changes nothing
     layer.unmerge()

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from _merge_checks import assert_exact_bf16_round_trip
 from torch import nn
 
 from mtbench.backbones import tiny_bert
@@ -399,15 +400,8 @@ def test_tied_output_embedding_is_refused() -> None:
 
 def test_bf16_shared_merge_rounds_once_and_unmerges_exactly() -> None:
     torch.manual_seed(0)
-    base = nn.Linear(64, 32).to(torch.bfloat16)
-    original = base.weight.detach().clone()
-    layer = MTLoRALinear(base, r=4, scale=2.0, dropout=0.0, tasks=(), task_r=2)
+    layer = MTLoRALinear(nn.Linear(64, 32).to(torch.bfloat16), r=4, scale=2.0, dropout=0.0, tasks=(), task_r=2)
     # Updates near the weights' rounding step: rounding the delta to bf16 first, then the sum, loses them.
     nn.init.normal_(layer.mtlora_shared_A, std=1.0)
     nn.init.normal_(layer.mtlora_shared_B, std=1e-4)
-    delta = layer.delta_weight()
-    assert delta.dtype == torch.float32
-    layer.merge()
-    assert torch.equal(layer.base.weight, (original.float() + delta).to(torch.bfloat16))
-    layer.unmerge()
-    assert torch.equal(layer.base.weight, original)
+    assert_exact_bf16_round_trip(layer)

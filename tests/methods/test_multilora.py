@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _merge_checks import assert_exact_bf16_round_trip
 from torch import nn
 
 from mtbench.backbones import tiny_bert
@@ -177,10 +178,4 @@ def test_bf16_merge_rounds_once_and_unmerge_restores_every_bit() -> None:
     torch.manual_seed(0)
     layer = MultiLoRALinear(nn.Linear(64, 64).to(torch.bfloat16), MultiLoRAConfig(n=3, r=4))
     layer.multilora_s.normal_(0.0, 3e-3)  # updates of ~7e-4, a few times the weights' bf16 rounding step
-    w0 = layer.base.weight.clone()
-    delta = layer.delta_weight()
-    assert delta.dtype == torch.float32
-    layer.merge()
-    assert torch.equal(layer.base.weight, (w0.float() + delta).to(torch.bfloat16))
-    layer.unmerge()
-    assert torch.equal(layer.base.weight, w0)
+    assert_exact_bf16_round_trip(layer)
