@@ -240,6 +240,16 @@ class Glue(Task):
                       "eval_batch_size": 64, "sampler": "round_robin", "temperature": 2.0,
                       "batch_mode": "homogeneous", "length_grouping": 32, "task_weights": ["rte=3"]},
             "trainer": {"max_steps": 1000, "num_sanity_val_steps": 0},
+            # Rates measured on this profile's 800-step predecessor (leaderboard/README.md): at the adapter rate
+            # 1e-3 MTLoRA's defaults (r 64, fixed scale 4: ~16x LoRA r 8's step in weight space) and LoRA+ at
+            # eta_A 5e-4 (eta_B 8e-3) collapsed every subtask to one class, and a fully trained encoder needs a
+            # fine-tuning rate. LoRASC: one stage per epoch never ends in 1,000 steps, so five stages of 200.
+            "methods": {
+                "mtlora": {"method": {"lr": 1e-4}},
+                "lora_plus": {"method": {"lr": 1.25e-4}},
+                "full_ft": {"method": {"lr": 1e-4}},
+                "lorasc": {"method": {"stage_steps": 200}},
+            },
         },
         # The LoRA+ GLUE setup (loraplus glue/scripts/run_roberta_lora.sh and glue/src/arguments.py, methods.md §3):
         # LoRA on query and value, r 8, alpha 8, dropout 0.1 (the arguments' default, not set by the script), AdamW

@@ -298,6 +298,20 @@ def test_paper_profile_runs_each_method_at_the_lora_plus_papers_settings() -> No
     assert set(Glue.profiles["paper"]["methods"]) <= set(methods.names())
 
 
+def test_cpu_profile_gives_each_method_a_rate_it_trains_at() -> None:
+    """The cpu board's per-method rates: MTLoRA's r 64 / scale 4 and LoRA+ collapse at the adapter rate 1e-3."""
+    from mtbench.config import resolve
+
+    rates = {name: resolve(name, "glue", "cpu").method.lr for name in ("lora", "multilora", "mosld", "lorasc")}
+    assert rates == dict.fromkeys(rates, None)  # train.lr = 1e-3
+    assert resolve("mtlora", "glue", "cpu").method.lr == 1e-4
+    assert resolve("full_ft", "glue", "cpu").method.lr == 1e-4
+    assert resolve("lora_plus", "glue", "cpu").method.lr == 1.25e-4
+    assert resolve("lorasc", "glue", "cpu").method.stage_steps == 200
+    assert resolve("mtlora", "glue", "cpu", sets=["method.lr=3e-4"]).method.lr == 3e-4
+    assert resolve("lora", "glue", "cpu").protocol_id() == resolve("mtlora", "glue", "cpu").protocol_id()
+
+
 def test_eval_limit_keeps_whole_multirc_questions() -> None:
     """A limit never cuts a question: with two questions of three answers each, eval_limit 4 keeps both."""
     task = make(subtasks=("multirc",), source="synthetic", synthetic_size=6, eval_limit=4)
