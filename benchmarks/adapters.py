@@ -68,6 +68,7 @@ class Case:
     times: list[float] = field(default_factory=list)
     peak_mb: float = float("nan")
     saved_mb: float = float("nan")
+    gflops: float = float("nan")
 
 
 def text_cases() -> list[Case]:
@@ -250,8 +251,23 @@ def _memory(case: Case, model: nn.Module, device: torch.device) -> None:
     case.saved_mb = sum(saved.values()) / 2**20
 
 
-def main() -> None:
-    """Build the suite's cases, measure them side by side and print the table."""
+def _count_flops(case: Case) -> None:
+    """Floating-point operations of one training step (forward and backward), counted by torch's FlopCounterMode.
+
+    The count covers matrix products, convolutions and attention (what FlopCounterMode registers), not element-wise
+    work. It does not depend on device, load or kernels: its ratio is the cost floor the exact math sets, which a
+    step-time ratio can approach but, for compute-bound steps, not beat.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert case.step is not None
+    with FlopCounterMode(display=False) as counter:
+        case.step()
+    case.gflops = counter.get_total_flops() / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the suite's cases, measure them side by side and print the table (``argv``: the command line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("text", "swin"), default="text")
     parser.add_argument("--encoder", choices=("minilm", "bert-base"), default="minilm", help="text suite encoder")
@@ -268,7 +284,7 @@ def main() -> None:
                         help="CPU threads (0: torch's default); 1 on a machine shared with other jobs, where every "
                              "parallel op waits for a descheduled thread and small ops cost tens of ms each")
     parser.add_argument("--only", nargs="*", help="case names to run (their references are added)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or 32
@@ -292,13 +308,16 @@ def main() -> None:
         for case in cases:
             models[case.name] = _prepare_text(case, encoder, inputs, task_ids, device, autocast)
     else:
-        images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)
+        # uint8 RGB, as the PASCAL loader hands images to the task (which normalises them on the device).
+        shape = (args.batch, 3, args.image_size, args.image_size)
+        images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
         for case in cases:
             models[case.name] = _prepare_swin(case, args, images, device, autocast)
     for case in cases:
         assert case.step is not None
         case.step()  # optimizer state and lazy set-up happen here, outside the memory figures
         _memory(case, models[case.name], device)
+        _count_flops(case)
     for round_ in range(args.warmup + args.repeats):
         for case in cases:
             elapsed = _timed(case, device)
@@ -327,18 +346,20 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
           f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
           f"peft {peft.__version__}; commit {commit}; median of {args.repeats} after {args.warmup} warm-up")
     by_name = {c.name: c for c in cases}
-    print("| case | step ms | reference | time ratio | target | met | saved act. MiB | ratio | peak MiB | ratio "
-          "| target | met |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | step ms | reference | time ratio | target | met | GFLOP | ratio | saved act. MiB | ratio "
+          "| peak MiB | ratio | target | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         ms = statistics.median(case.times) * 1e3
         ref = by_name.get(case.reference or "")
         ratio = ms / (statistics.median(ref.times) * 1e3) if ref else float("nan")
         saved = case.saved_mb / ref.saved_mb if ref else float("nan")
         peak = case.peak_mb / ref.peak_mb if ref and ref.peak_mb > 0 else float("nan")
+        flops = case.gflops / ref.gflops if ref else float("nan")
         mem = peak if device.type == "cuda" else saved  # the target applies to the peak, or on CPU to activations
         print(f"| {case.name} | {ms:.1f} | {case.reference or '–'} | {ratio:.3f} | {_target(case.target)} | "
-              f"{_met(ratio, case.target)} | {case.saved_mb:.0f} | {saved:.3f} | {case.peak_mb:.0f} | {peak:.3f} | "
+              f"{_met(ratio, case.target)} | {case.gflops:.1f} | {flops:.3f} | "
+              f"{case.saved_mb:.0f} | {saved:.3f} | {case.peak_mb:.0f} | {peak:.3f} | "
               f"{_target(case.memory_target)} | {_met(mem, case.memory_target)} |")
 
 

@@ -1,0 +1,51 @@
+"""benchmarks/adapters.py runs, and the floating-point work its fast paths promise is what they do.
+
+The FLOP counts are exact and independent of the machine, so they can be asserted where step times cannot: a fast
+path that silently fell back to a doubled batch or a dense product over every expert shows up here as extra FLOPs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(capsys: pytest.CaptureFixture, argv: list[str]) -> dict[str, list[str]]:
+    spec = importlib.util.spec_from_file_location("adapter_benchmark", ROOT / "benchmarks" / "adapters.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["adapter_benchmark"] = module
+    spec.loader.exec_module(module)
+    module.main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [cell.strip() for cell in rows[0]]
+    assert header[:8] == ["case", "step ms", "reference", "time ratio", "target", "met", "GFLOP", "ratio"]
+    return {cells[0].strip(): [cell.strip() for cell in cells] for cells in rows[1:]}
+
+
+def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
+    """MiniLM, 4 examples of 16 tokens: MTLoRA's mixed batch adds only its rank-4 task products to LoRA's work
+    (no second pass of any frozen layer), LoRASC none, and peft's LoRA does the same work as ours."""
+    table = _table(capsys, ["--suite", "text", "--batch", "4", "--tokens", "16", "--only", "mtlora_r8_4tasks_mixed",
+                            "lorasc_r8", "mosld_4exp_top2_r8"])
+    flops = {name: float(row[7]) for name, row in table.items() if row[7] != "nan"}
+    assert set(flops) == {"lora_r8", "mtlora_r8_4tasks_mixed", "lorasc_r8", "mosld_4exp_top2_r8"}
+    assert flops["lora_r8"] == pytest.approx(1.0, abs=1e-3)  # against peft's LoRA
+    assert flops["lorasc_r8"] == pytest.approx(1.0, abs=1e-3)
+    assert 1.0 < flops["mtlora_r8_4tasks_mixed"] < 1.02
+    assert 1.0 < flops["mosld_4exp_top2_r8"] < 1.3
+    assert all(float(row[6]) > 0 for row in table.values())
+
+
+@pytest.mark.slow  # Swin-T at 224 px: about a minute on one thread
+def test_swin_suite_flops(capsys: pytest.CaptureFixture) -> None:
+    """The PASCAL model: MTLoRA's task streams run the frozen layers once (its floor is ~1.17x LoRA's FLOPs)."""
+    table = _table(capsys, ["--suite", "swin", "--image-size", "224", "--batch", "1"])
+    ratio = float(table["mtlora_r64_t4"][7])
+    assert 1.1 < ratio < 1.2
