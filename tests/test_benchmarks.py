@@ -1,4 +1,4 @@
-"""benchmarks/adapters.py runs, and the floating-point work its fast paths promise is what they do.
+"""The benchmark scripts run; the adapter benchmark's FLOP counts show that its fast paths do the work they promise.
 
 The FLOP counts are exact and independent of the machine, so they can be asserted where step times cannot: a fast
 path that silently fell back to a doubled batch or a dense product over every expert shows up here as extra FLOPs.
@@ -16,12 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _table(capsys: pytest.CaptureFixture, argv: list[str]) -> dict[str, list[str]]:
-    spec = importlib.util.spec_from_file_location("adapter_benchmark", ROOT / "benchmarks" / "adapters.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["adapter_benchmark"] = module
+    sys.modules[f"benchmark_{name}"] = module
     spec.loader.exec_module(module)
-    module.main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    return module
+
+
+def _table(capsys: pytest.CaptureFixture, argv: list[str]) -> dict[str, list[str]]:
+    _script("adapters").main([*argv, "--repeats", "1", "--warmup", "0", "--threads", "1"])
     out = capsys.readouterr().out
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     header = [cell.strip() for cell in rows[0]]
@@ -49,3 +53,16 @@ def test_swin_suite_flops(capsys: pytest.CaptureFixture) -> None:
     table = _table(capsys, ["--suite", "swin", "--image-size", "224", "--batch", "1"])
     ratio = float(table["mtlora_r64_t4"][7])
     assert 1.1 < ratio < 1.2
+
+
+def test_pascal_loader_benchmark_runs(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny scenes, no workers: the per-sample table and the summary line with its figures."""
+    monkeypatch.setenv("MTBENCH_CACHE", str(tmp_path))
+    argv = ["--size", "128", "--batch", "2", "--workers", "0", "--steps", "1", "--samples", "1", "--rounds", "1",
+            "--scenes", "4"]
+    assert _script("pascal_loader").main(argv) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert summary[0] == "pascal_loader"
+    figures = dict(part.split("=") for part in summary[1:])
+    assert float(figures["samples_per_s"]) > 0 and float(figures["read_ms"]) > 0
