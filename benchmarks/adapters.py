@@ -51,6 +51,8 @@ from mtbench.config import build_dataclass
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
 TASKS = ("t0", "t1", "t2", "t3")
+TEXT_BLOCK_LINEARS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                      r"|intermediate\.dense|output\.dense)")
 SWIN_BLOCK_LINEARS = r".*layers\.\d+\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 
@@ -69,6 +71,7 @@ class Case:
     peak_mb: float = float("nan")
     saved_mb: float = float("nan")
     gflops: float = float("nan")
+    trainable: int = 0
 
 
 def text_cases() -> list[Case]:
@@ -121,9 +124,10 @@ def _text_encoder(name: str) -> tuple[nn.Module, int]:
 def _peft_text(encoder: nn.Module, options: dict[str, Any]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    # "dense" matches attention.output.dense, intermediate.dense and output.dense: the same layers as our roles.
+    # The same layers as our roles (q, k, v, attention.output.dense, intermediate.dense, output.dense) in every
+    # encoder block; a bare "dense" would also take the pooler, which the step's loss never reads.
     r = options["r"]
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TEXT_BLOCK_LINEARS)
     return get_peft_model(encoder, config)
 
 
@@ -168,11 +172,12 @@ def _prepare_swin(case: Case, args: argparse.Namespace, images: torch.Tensor, de
         from peft import LoraConfig, inject_adapter_in_model
 
         opts = case.options
+        # The parameters besides LoRA's that mtbench trains (heads, the task's PEFT extras), named before peft's
+        # injection, which freezes everything but its adapters.
+        extras = {n for n, _ in model.named_parameters() if n.startswith("heads.") or _peft_extra(task, n)}
         config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=opts["dropout"],
                             target_modules=SWIN_BLOCK_LINEARS)
         inject_adapter_in_model(config, model.backbone)
-        extras = {n for n, p in module.model.named_parameters() if p.requires_grad and "lora_" not in n
-                  and (n.startswith("heads.") or _peft_extra(task, n))}
         for name, param in model.named_parameters():
             param.requires_grad_(name in extras or "lora_" in name)
     model.to(device).train()
@@ -315,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             models[case.name] = _prepare_swin(case, args, images, device, autocast)
     for case in cases:
         assert case.step is not None
+        case.trainable = sum(p.numel() for p in models[case.name].parameters() if p.requires_grad)
         case.step()  # optimizer state and lazy set-up happen here, outside the memory figures
         _memory(case, models[case.name], device)
         _count_flops(case)
@@ -346,9 +352,9 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
           f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
           f"peft {peft.__version__}; commit {commit}; median of {args.repeats} after {args.warmup} warm-up")
     by_name = {c.name: c for c in cases}
-    print("| case | step ms | reference | time ratio | target | met | GFLOP | ratio | saved act. MiB | ratio "
-          "| peak MiB | ratio | target | met |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | trainable | step ms | reference | time ratio | target | met | GFLOP | ratio | saved act. MiB "
+          "| ratio | peak MiB | ratio | target | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         ms = statistics.median(case.times) * 1e3
         ref = by_name.get(case.reference or "")
@@ -357,8 +363,8 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
         peak = case.peak_mb / ref.peak_mb if ref and ref.peak_mb > 0 else float("nan")
         flops = case.gflops / ref.gflops if ref else float("nan")
         mem = peak if device.type == "cuda" else saved  # the target applies to the peak, or on CPU to activations
-        print(f"| {case.name} | {ms:.1f} | {case.reference or '–'} | {ratio:.3f} | {_target(case.target)} | "
-              f"{_met(ratio, case.target)} | {case.gflops:.1f} | {flops:.3f} | "
+        print(f"| {case.name} | {case.trainable:,} | {ms:.1f} | {case.reference or '–'} | {ratio:.3f} | "
+              f"{_target(case.target)} | {_met(ratio, case.target)} | {case.gflops:.1f} | {flops:.3f} | "
               f"{case.saved_mb:.0f} | {saved:.3f} | {case.peak_mb:.0f} | {peak:.3f} | "
               f"{_target(case.memory_target)} | {_met(mem, case.memory_target)} |")
 
