@@ -293,6 +293,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     board = build_leaderboard(uri, getattr(args, "from_results", []), getattr(args, "reference", []))
     for line in board.rejected:
         print(f"mtbench: rejected {line}", file=sys.stderr)
+    for line in board.ignored_predictions:
+        print(f"mtbench: ignored predictions {line}", file=sys.stderr)
     paths = write_leaderboard(board, args.out)
     merged = f"; {board.merged} merged from result files, {len(board.rejected)} rejected, {board.unverified} " \
         "without a sha256" if getattr(args, "from_results", []) else ""

@@ -445,9 +445,11 @@ def _log_outcome(mlflow: Any, run_id: str, result: dict[str, Any], trace: str | 
                      tags=[RunTag(k, v) for k, v in tags.items()])
     with tempfile.TemporaryDirectory() as tmp:
         if predictions:  # before result.json, so a result that names its predictions file always has one
-            from .predictions import FILE, write_predictions
+            from .predictions import FILE, file_digest, write_predictions
 
             write_predictions(Path(tmp) / FILE, predictions)
+            # Named with its digest, so the result's own sha256 vouches for the predictions as well.
+            result["predictions"]["sha256"] = file_digest(Path(tmp) / FILE)
             mlflow.log_artifact(run_id, str(Path(tmp) / FILE))
         digest = write_result(Path(tmp) / "result.json", result)
         mlflow.log_artifact(run_id, str(Path(tmp) / "result.json"))

@@ -59,6 +59,9 @@ class Leaderboard:
     """Metric -> higher is better."""
     rejected: list[str] = field(default_factory=list)
     """One line per result file that failed validation (the file name comes first)."""
+    ignored_predictions: list[str] = field(default_factory=list)
+    """One line per predictions file left out because it does not match its result's digest (its run still counts;
+    its comparisons use the seed-level test)."""
     merged: int = 0
     """Finished runs read from result files (not in the store)."""
     duplicates: int = 0
@@ -76,7 +79,8 @@ class Leaderboard:
                           "pandas": pd.__version__, "platform": sys.platform},
             "runs": {"finished": self.finished, "excluded": self.excluded, "excluded_detail": self.excluded_detail,
                      "merged_from_result_files": self.merged, "duplicate_result_files": self.duplicates,
-                     "unverified_result_files": self.unverified, "rejected_result_files": self.rejected},
+                     "unverified_result_files": self.unverified, "rejected_result_files": self.rejected,
+                     "ignored_predictions_files": self.ignored_predictions},
             "statistics": {
                 "replication": "seed: repeated runs of one seed are averaged into that seed's value "
                                f"(repeats={stats.REPEATS}); n counts the seeds with a finite quality, listed in "
@@ -101,10 +105,13 @@ class Leaderboard:
         }
 
 
-def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str]]:
+def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Valid results under ``folders`` (files named ``result.json`` or ``*result.json``, recursively), each with
-    its path under ``"_path"``, and one line per rejected file (see :func:`~mtbench.results.read_result`)."""
-    valid, rejected = [], []
+    its path under ``"_path"``; one line per rejected file (see :func:`~mtbench.results.read_result`); one line
+    per predictions file left out (:func:`~mtbench.predictions.matches`)."""
+    valid: list[dict[str, Any]] = []
+    rejected: list[str] = []
+    ignored: list[str] = []
     for folder in folders:
         root = Path(folder)
         if not root.is_dir():
@@ -112,15 +119,31 @@ def collect_results(folders: Iterable[str | Path]) -> tuple[list[dict[str, Any]]
         for path in sorted(root.rglob("*result.json")):
             try:
                 result = read_result(path) | {"_path": str(path)}
-                predictions = (result.get("predictions") or {}).get("file") if isinstance(
-                    result.get("predictions"), dict) else None
-                # A predictions file travels beside its result file (an export keeps one folder per run).
-                result["_predictions"] = str(path.parent / predictions) \
-                    if predictions and (path.parent / predictions).is_file() else None
+                result["_predictions"] = _checked_predictions(path, result, ignored)
                 valid.append(result)
             except MtbenchError as exc:
                 rejected.append(str(exc).splitlines()[0])
-    return valid, rejected
+    return valid, rejected, ignored
+
+
+def _checked_predictions(result_path: Path, result: dict[str, Any], problems: list[str]) -> str | None:
+    """The predictions file ``result`` names, beside its result file (an export keeps one folder per run), when it
+    exists and matches the digest the result records; else ``None``, with a line in ``problems`` on a mismatch."""
+    from .predictions import matches
+
+    named = result.get("predictions")
+    name = named.get("file") if isinstance(named, dict) else None
+    path = result_path.parent / name if isinstance(name, str) and name else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        problem = matches(path, result)
+    except OSError as exc:
+        problem = f"{path}: unreadable ({exc.__class__.__name__}); the run's comparisons use the seed-level test"
+    if problem:
+        problems.append(problem)
+        return None
+    return str(path)
 
 
 def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
@@ -132,19 +155,20 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     digests: dict[str, str] = {}
+    ignored_predictions: list[str] = []
     for _, run in runs.iterrows():
         seen.add(run["run_id"])
         if isinstance(run.get("tags.mtbench.result_sha256"), str):
             digests[run["run_id"]] = run["tags.mtbench.result_sha256"]
         if run["status"] == "FINISHED" and pd.notna(run.get("tags.mtbench.task")):
-            records.append(_store_record(run))
+            records.append(_store_record(run, ignored_predictions))
         elif run["status"] == "RUNNING":
             # A RUNNING run whose process is gone (SIGKILL, power loss) is shown as dead, never as in progress.
             statuses.append(liveness("RUNNING", run.get("tags.mtbench.host"), run.get("tags.mtbench.pid"),
                                      run.get("tags.mtbench.heartbeat"), now))
         else:
             statuses.append(run["status"] if run["status"] != "FINISHED" else "without mtbench tags")
-    results, rejected = collect_results(result_dirs)
+    results, rejected, ignored = collect_results(result_dirs)
     merged = duplicates = unverified = 0
     for result in results:
         recorded = digests.get(result["run_id"])
@@ -165,7 +189,8 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
     default, per_task = stats.parse_references(references)
     counts = Counter(statuses)
     detail = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (-counts[s], s)))
-    board = Leaderboard(pd.DataFrame(), len(records), len(statuses), detail, rejected=rejected, merged=merged,
+    board = Leaderboard(pd.DataFrame(), len(records), len(statuses), detail, rejected=rejected,
+                        ignored_predictions=ignored_predictions + ignored, merged=merged,
                         duplicates=duplicates, unverified=unverified, references=per_task, default_reference=default,
                         generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if records:
@@ -185,7 +210,7 @@ def _base_record(specs: dict[str, Any], **values: Any) -> dict[str, Any]:
     return record
 
 
-def _store_record(run: pd.Series) -> dict[str, Any]:
+def _store_record(run: pd.Series, problems: list[str]) -> dict[str, Any]:
     def tag(name: str) -> str:
         value = run.get(f"tags.mtbench.{name}")
         return str(value) if isinstance(value, str) or pd.notna(value) else ""
@@ -195,7 +220,7 @@ def _store_record(run: pd.Series) -> dict[str, Any]:
         _json(tag("metric_specs")), task=tag("task"), task_version=tag("task_version"), method=tag("method"),
         method_config_id=tag("method_config_id"), profile=tag("profile"), device=tag("device"), seed=tag("seed"),
         git_commit=(tag("git_commit") or "unknown")[:10] + dirty, versions=_json(tag("versions")),
-        run_id=run["run_id"], predictions=_store_predictions(run),
+        run_id=run["run_id"], predictions=_store_predictions(run, problems),
         **_from_params({k.removeprefix("params."): v for k, v in run.items()
                         if isinstance(k, str) and k.startswith("params.") and isinstance(v, str)}),
     )
@@ -225,16 +250,21 @@ def _file_record(result: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _store_predictions(run: pd.Series) -> str | None:
-    """The run's ``predictions.parquet`` when its artifacts are on this filesystem, else ``None`` (that run's
-    comparisons then fall back to the seed-level test)."""
+def _store_predictions(run: pd.Series, problems: list[str]) -> str | None:
+    """The run's ``predictions.parquet`` when its artifacts are on this filesystem and it matches the digest its
+    ``result.json`` records, else ``None`` (that run's comparisons then fall back to the seed-level test)."""
     uri = str(run.get("artifact_uri") or "")
     if uri.startswith("file://"):
         uri = uri.removeprefix("file://")
     elif "://" in uri:
         return None
-    path = Path(uri) / "predictions.parquet"
-    return str(path) if uri and path.is_file() else None
+    if not uri:
+        return None
+    try:
+        result = read_result(Path(uri) / "result.json")
+    except MtbenchError:
+        result = {"predictions": {"file": "predictions.parquet"}}  # a pre-digest run: the file as it is
+    return _checked_predictions(Path(uri) / "result.json", result, problems)
 
 
 def _from_params(params: dict[str, str]) -> dict[str, Any]:

@@ -22,10 +22,13 @@ One row per evaluated example and subtask. Columns:
 ==================  =======  ==========================================================================================
 
 The file's key-value metadata carries ``mtbench.schema``. Parquet is written and read through pandas (pyarrow).
+The run's ``result.json`` names the file and its SHA-256 (``predictions.sha256``), so the integrity digest of the
+result covers the predictions too: a board ignores a predictions file that no longer matches (:func:`matches`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,6 +76,26 @@ def write_predictions(path: str | Path, records: Iterable[dict[str, Any]]) -> in
     pq.write_table(table, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return len(frame)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of the file's bytes, hex."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def matches(path: str | Path, result: dict[str, Any]) -> str | None:
+    """``None`` when the predictions file at ``path`` is the one ``result`` names (same SHA-256, or a result written
+    before predictions carried one), else one line saying it is not.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    named = result.get("predictions")
+    expected = named.get("sha256") if isinstance(named, dict) else None
+    if not isinstance(expected, str) or file_digest(path) == expected:
+        return None
+    return (f"{path}: does not match the sha256 its result.json names (edited or replaced after the run); the run "
+            "counts, its comparisons use the seed-level test")
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:

@@ -152,7 +152,8 @@ def _groups(rows: pd.DataFrame) -> list[pd.DataFrame]:
 
 def _summary(board: Leaderboard) -> str:
     merged = f"{board.merged} merged from result files" + (
-        f", {len(board.rejected)} result files rejected" if board.rejected else "")
+        f", {len(board.rejected)} result files rejected" if board.rejected else "") + (
+        f", {len(board.ignored_predictions)} predictions files ignored" if board.ignored_predictions else "")
     return (f"{board.finished} finished runs; {board.excluded} excluded ({board.excluded_detail or 'none'}); "
             f"{merged}.")
 
@@ -525,10 +526,12 @@ def to_html(board: Leaderboard, plots: Sequence[Plot] = ()) -> str:
             parts.append("</section>")
     parts.append(f'<details><summary>How to read this board</summary><p class="notes">{_e(NOTES)} '
                  "Click a header to sort.</p></details>")
-    if board.rejected:
-        parts.append("<h2>Rejected result files</h2><ul>")
-        parts += [f"<li>{_e(line)}</li>" for line in board.rejected]
-        parts.append("</ul>")
+    for title, lines in (("Rejected result files", board.rejected),
+                         ("Ignored predictions files", board.ignored_predictions)):
+        if lines:
+            parts.append(f"<h2>{title}</h2><ul>")
+            parts += [f"<li>{_e(line)}</li>" for line in lines]
+            parts.append("</ul>")
     parts.append("<details><summary>Provenance of the board</summary>")
     parts += _key_value_table(_flat(board.provenance()))
     parts.append("</details>")

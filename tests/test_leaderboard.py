@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import html
 import io
 import json
@@ -735,7 +736,8 @@ def test_every_evaluation_stores_per_example_predictions(store: dict[str, Any]) 
             assert not (path.parent / "predictions.parquet").exists()
             continue
         finished += 1
-        assert result["predictions"] == {"file": "predictions.parquet", "schema": PREDICTIONS}
+        digest = hashlib.sha256((path.parent / "predictions.parquet").read_bytes()).hexdigest()
+        assert result["predictions"] == {"file": "predictions.parquet", "schema": PREDICTIONS, "sha256": digest}
         frame = read_predictions(path.parent / "predictions.parquet")
         for sub in ("rte", "sst2"):
             rows = frame[frame["subtask"] == sub]
@@ -777,3 +779,43 @@ def test_the_board_compares_over_examples_and_seeds_and_falls_back_without_predi
     assert bare.loc["full_ft", "mcnemar"] == ""
     markdown = to_markdown(build_leaderboard(None, [folder]))
     assert "seed-level paired t-test over 3 seeds (per-example predictions missing)" in markdown
+
+
+def test_a_predictions_file_that_does_not_match_its_result_is_left_out(
+        store: dict[str, Any], tmp_path: Path) -> None:
+    """The result names its predictions' sha256: a replaced file is ignored, by name, and its run's comparisons
+    fall back to the seed-level test, from result files and from the store alike."""
+    from mtbench.predictions import read_predictions, write_predictions
+
+    folder = tmp_path / "exported"
+    edited = None
+    for run_id, path in _store_results(store).items():
+        (folder / run_id).mkdir(parents=True)
+        shutil.copy(path, folder / run_id / "result.json")
+        if (path.parent / "predictions.parquet").is_file():
+            shutil.copy(path.parent / "predictions.parquet", folder / run_id / "predictions.parquet")
+            if edited is None and json.loads(path.read_text())["method"] == "full_ft":
+                edited = folder / run_id / "predictions.parquet"
+    assert edited is not None
+    frame = read_predictions(edited)
+    frame.loc[frame.index[0], "score"] = 1.0 - frame.loc[frame.index[0], "score"]  # one answer flipped
+    write_predictions(edited, frame.to_dict("records"))
+    built = build_leaderboard(None, [folder])
+    assert built.rejected == [] and built.ignored_predictions == [
+        f"{edited}: does not match the sha256 its result.json names (edited or replaced after the run); the run "
+        "counts, its comparisons use the seed-level test"]
+    rows = built.rows.set_index("method")
+    assert rows.loc["full_ft", "n"] == 3
+    assert rows.loc["full_ft", "ref_test"].startswith("seed-level paired t-test")
+    assert "1 predictions files ignored" in to_markdown(built)
+    # The same file in the store's artifacts (the module's store: put back afterwards).
+    original = _store_results(store)[edited.parent.name].parent / "predictions.parquet"
+    kept = original.read_bytes()
+    try:
+        shutil.copy(edited, original)
+        stored = build_leaderboard(store["uri"])
+    finally:
+        original.write_bytes(kept)
+    assert [line.split(": ", 1)[1] for line in stored.ignored_predictions] == [
+        built.ignored_predictions[0].split(": ", 1)[1]]
+    assert stored.rows.set_index("method").loc["full_ft", "ref_test"].startswith("seed-level paired t-test")
