@@ -44,6 +44,18 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+BATCH_SIZE_KEY = "_mtbench_batch_size"
+"""Batch key under which the runner leaves ``Task.batch_size`` of the batch, counted on the host before the batch
+moves to the device (``MultiTaskModule.on_before_batch_transfer``): counting device tensors would wait for the
+device once per step."""
+
+
+def _batch_size(pl_module: Any, batch: Any) -> tuple[int, int]:
+    """(examples, tokens) of ``batch``: as counted on the host, else from the batch itself."""
+    counted = batch.get(BATCH_SIZE_KEY) if isinstance(batch, dict) else None
+    return counted if counted is not None else pl_module.task.batch_size(batch)
+
+
 class _Clock:
     """Time stamps on the device's own timeline, without stopping the host.
 
@@ -143,7 +155,7 @@ class Measurements(pl.Callback):
             self._last_end, self._step_start = end, None
             # A validation since the last step ended lies inside the window: not training time.
             self._excluded_s, self._val_s = self._excluded_s + self._val_s, 0.0
-            samples, tokens = pl_module.task.batch_size(batch)
+            samples, tokens = _batch_size(pl_module, batch)
             self._samples += samples
             self._tokens += tokens
             self._timed_steps += 1
@@ -163,7 +175,7 @@ class Measurements(pl.Callback):
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int, dl: int = 0
     ) -> None:
-        self._eval_batch_samples += pl_module.task.batch_size(batch)[0]
+        self._eval_batch_samples += _batch_size(pl_module, batch)[0]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Callbacks run before the module's hook, so the metrics' compute at epoch end is not counted.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import enable_activation_checkpointing
+from .callbacks import BATCH_SIZE_KEY
 from .config import Experiment, TrainConfig
 from .errors import ConfigError
 from .interfaces import Method, MultiTaskModel, Task, adapter_roles
@@ -56,6 +57,13 @@ class BenchModule(pl.LightningModule):
         self.unused_params: list[str] = []
         """Parameters frozen because a real training step gives them no gradient (see :func:`freeze_unused`)."""
         self._resume_rng: dict[str, Any] | None = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the batch's examples and tokens while it is still on the host, for the throughput figures: the same
+        count on device tensors would make the host wait for the device once per step."""
+        if isinstance(batch, dict):
+            batch = {**batch, BATCH_SIZE_KEY: self.task.batch_size(batch)}
+        return batch
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.method.set_task(self.model, batch.get("task_ids"))

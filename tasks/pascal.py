@@ -230,7 +230,8 @@ class Pascal(Task):
     they carry (``semseg``, ``human_parts``, ``sal``: ``(B, S, S)`` uint8, 255 = ignore; ``normals``
     ``(B, 3, S, S)``, zero where there is none, made unit vectors with their validity mask on the device by
     ``normals_target``) and
-    ``task_ids``: one id per (image, subtask) pair (see the module docstring).
+    ``task_ids``: one id per (image, subtask) pair (see the module docstring), and ``present``, the batch's subtask
+    indices as a host-side list (the training step never reads them off the device).
     """
 
     config_cls = PascalConfig
@@ -313,7 +314,10 @@ class Pascal(Task):
         return {t: LOSS_WEIGHTS[t] * len(self.subtasks) for t in self.subtasks}
 
     def _present(self, batch: Mapping[str, Any]) -> list[str]:
-        return [self.subtasks[i] for i in sorted(batch["task_ids"].unique().tolist())]
+        # The collate lists them on the host; reading them off the device ids would wait for the device every step.
+        present = batch.get("present")
+        return [self.subtasks[i] for i in (present if present is not None else
+                                           sorted(batch["task_ids"].unique().tolist()))]
 
     def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per present subtask, outputs at input resolution: logits ``(B, C, S, S)``, raw normals ``(B, 3, S, S)``."""
@@ -335,9 +339,10 @@ class Pascal(Task):
                 losses[name] = normals_l1(out, *normals_target(batch["normals"]))
             else:
                 target = batch[name]
-                has_label = bool((target != IGNORE).any())
-                losses[name] = (F.cross_entropy(out, target.long(), ignore_index=IGNORE) if has_label
-                                else out.sum() * 0.0)
+                # The mean over labelled pixels, written as sum / count so that a batch without any is 0 (not
+                # 0/0) without asking the device whether it has one.
+                labelled = (target != IGNORE).sum().clamp_min(1)
+                losses[name] = F.cross_entropy(out, target.long(), ignore_index=IGNORE, reduction="sum") / labelled
         return losses
 
     # metrics ------------------------------------------------------------------------------------------------------
@@ -434,13 +439,17 @@ class Pascal(Task):
 
         return AllTasksDataModule(self.subtasks, train, val, self.collate, loader, seed)
 
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        """Stack examples; ``task_ids`` per (image, subtask): the example's own subtask (evaluation) or all."""
-        batch = {k: torch.stack([ex[k] for ex in examples]) for k in examples[0] if k != "task_id"}
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack examples; ``task_ids`` per (image, subtask): the example's own subtask (evaluation) or all;
+        ``present``: the subtask indices in the batch, sorted, as a host-side list."""
+        batch: dict[str, Any] = {k: torch.stack([ex[k] for ex in examples]) for k in examples[0] if k != "task_id"}
         if "task_id" in examples[0]:
-            batch["task_ids"] = torch.tensor([ex["task_id"] for ex in examples], dtype=torch.long)
+            ids = [ex["task_id"] for ex in examples]
+            batch["task_ids"] = torch.tensor(ids, dtype=torch.long)
+            batch["present"] = sorted(set(ids))
         else:
             batch["task_ids"] = torch.arange(len(self.subtasks)).repeat(len(examples))
+            batch["present"] = list(range(len(self.subtasks)))
         return batch
 
     def data_root(self) -> Path:
@@ -491,9 +500,8 @@ def balanced_bce(logits: Tensor, target: Tensor) -> Tensor:
     """HED-style class-balanced BCE: positives weighted by the batch's negative fraction, negatives by the positive
     fraction, summed and divided by the number of labelled pixels (255 = ignore)."""
     valid = target != IGNORE
-    count = valid.sum()
-    if not bool(count):
-        return logits.sum() * 0.0
+    # count >= 1 keeps a batch without labelled pixels at 0 (every weight is 0) without a host-device sync.
+    count = valid.sum().clamp_min(1)
     positive = (target == 1) & valid
     w = 1.0 - positive.sum() / count
     per_pixel = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
@@ -503,9 +511,7 @@ def balanced_bce(logits: Tensor, target: Tensor) -> Tensor:
 
 def normals_l1(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """L1 between the L2-normalised prediction and the label over valid pixels, per valid element."""
-    count = valid.sum() * pred.shape[1]
-    if not bool(count):
-        return pred.sum() * 0.0
+    count = (valid.sum() * pred.shape[1]).clamp_min(1)  # no valid pixel: 0, without a host-device sync
     diff = (F.normalize(pred, dim=1) - target).abs() * valid[:, None]
     return diff.sum() / count
 

@@ -284,3 +284,26 @@ def test_cuda_training_step_does_not_synchronise() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+def test_throughput_counts_batches_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples and tokens of a training batch are counted before it moves to the device; the throughput
+    callback then reads that count and never turns a tensor into a Python value."""
+    from mtbench.callbacks import BATCH_SIZE_KEY, Measurements
+
+    module = build_module(resolve("lora", "glue", "smoke"))
+    batch = next(iter(module.task.datamodule(module.train_cfg, seed=0).train_dataloader()))
+    moved = module.on_before_batch_transfer(batch, 0)
+    assert moved[BATCH_SIZE_KEY] == module.task.batch_size(batch) and moved[BATCH_SIZE_KEY][0] == 16
+    assert BATCH_SIZE_KEY not in batch  # the loader's batch is left as it was
+    callback = Measurements()
+    callback._step_start = callback._clock.stamp()
+
+    def syncs(self: torch.Tensor, *args: object) -> None:
+        raise AssertionError("the throughput callback synchronised with the device")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+            patch.setattr(torch.Tensor, name, syncs)
+        callback.on_train_batch_end(None, module, None, moved, 0)  # type: ignore[arg-type]
+    assert callback._samples == moved[BATCH_SIZE_KEY][0] and callback._tokens == moved[BATCH_SIZE_KEY][1] > 0

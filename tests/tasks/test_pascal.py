@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -478,6 +479,33 @@ def test_generated_scenes_hold_every_class_the_metrics_average_over(tmp_path: Pa
     assert float(metrics["human_parts"].compute()) == pytest.approx(1.0)
 
 
+def test_training_forward_and_loss_never_wait_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task's part of a training step (the all-subtask Swin forward, the heads, the four losses) turns no tensor
+    into a Python value: on a GPU each would stall the host once per step. The losses keep their values. (With
+    MTLoRA the all-tasks forward reads its stream ids, which live on the host whatever the device, so it cannot be
+    told apart here on a CPU; LoRA runs the same task code.)"""
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    module = build_module(resolve("lora", "pascal", "smoke"))
+    batch = next(iter(module.task.datamodule(module.train_cfg, seed=0).train_dataloader()))
+    assert batch["present"] == [0, 1, 2, 3]
+    module.method.set_task(module.model, batch["task_ids"])
+
+    def syncs(self: torch.Tensor, *args: object) -> None:
+        raise AssertionError("the pascal training step synchronised with the device")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+            patch.setattr(torch.Tensor, name, syncs)
+        losses = module.task.loss(module.task.forward(module.model, batch), batch)
+    outputs = module.task.forward(module.model, batch)
+    for name in ("semseg", "human_parts"):  # the mean over labelled pixels, as F.cross_entropy's own mean
+        mean = F.cross_entropy(outputs[name].float(), batch[name].long(), ignore_index=255)
+        assert torch.allclose(module.task.loss(outputs, batch)[name], mean, rtol=1e-6)
+    assert set(losses) == set(ALL) and all(torch.isfinite(v) for v in losses.values())
+
+
 @pytest.mark.parametrize("subtasks", [ALL, ("semseg",), ("sal", "normals")])
 def test_runner_loss_is_the_papers_weighted_sum_for_any_number_of_subtasks(subtasks: tuple[str, ...]) -> None:
     """The runner's total is Σ_t w_t L_t (w = 1, 2, 5, 10), so the gradient clipping at 5 is the paper's whatever T."""
@@ -716,7 +744,8 @@ def test_smoke_batches_carry_every_subtask() -> None:
     assert {"semseg", "human_parts", "sal", "normals"} <= set(batch)
     assert batch["image"].dtype == batch["semseg"].dtype == torch.uint8
     val = next(iter(dm.val_dataloader()[3]))
-    assert set(val) == {"image", "normals", "task_ids", "index"} and set(val["task_ids"].tolist()) == {3}
+    assert set(val) == {"image", "normals", "task_ids", "index", "present"} and set(val["task_ids"].tolist()) == {3}
+    assert val["present"] == [3] and batch["present"] == [0, 1, 2, 3]
     assert task.loss_weights() == {"semseg": 4.0, "human_parts": 8.0, "sal": 20.0, "normals": 40.0}  # T·w_t
     assert dataclasses.asdict(exp.method)["target_modules"] == ("qkv", "proj", "fc1", "fc2")
 
