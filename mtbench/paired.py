@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -190,26 +189,8 @@ def _metric(kind: str, score: np.ndarray, pred: np.ndarray, gold: np.ndarray, id
     q = np.stack([(p == c).sum(axis=1) for c in classes], axis=1).astype(float)
     num = correct * n - (t * q).sum(axis=1)
     den = np.sqrt((n**2 - (q**2).sum(axis=1)) * (n**2 - (t**2).sum(axis=1)))
-    values = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-    if len(classes) <= 2 and set(classes.tolist()) <= {0.0, 1.0}:
-        # One predicted (or true) class: torchmetrics, which computes the logged MCC, has its own convention for
-        # that case; ask it for those replicates so the example-level quality equals the logged one.
-        for r in np.flatnonzero(den == 0):
-            tp = int(((p[r] == 1) & (g[r] == 1)).sum())
-            fp = int(((p[r] == 1) & (g[r] == 0)).sum())
-            fn = int(((p[r] == 0) & (g[r] == 1)).sum())
-            values[r] = _binary_mcc(tp, fp, fn, n - tp - fp - fn)
-    return values
-
-
-@lru_cache(maxsize=4096)
-def _binary_mcc(tp: int, fp: int, fn: int, tn: int) -> float:
-    import torch
-    from torchmetrics.functional.classification import binary_matthews_corrcoef
-
-    preds = torch.tensor([1] * tp + [1] * fp + [0] * fn + [0] * tn)
-    target = torch.tensor([1] * tp + [0] * fp + [1] * fn + [0] * tn)
-    return float(binary_matthews_corrcoef(preds, target))
+    # One predicted (or true) class: 0, the coefficient's limit and the GLUE reference's (scikit-learn's) value.
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
 def _mcnemar(a: Mapping[str, Sequence[pd.DataFrame]], b: Mapping[str, Sequence[pd.DataFrame]],

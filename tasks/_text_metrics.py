@@ -1,5 +1,6 @@
 """torchmetrics metrics of the text tasks that torchmetrics lacks: grouped exact match (MultiRC), token NLL and
-perplexity, and a micro accuracy over 0/1 items.
+perplexity, a micro accuracy over 0/1 items, and Matthews correlation with the reference convention for a
+confusion matrix with an empty row or column.
 
 Kept apart from the data helpers so that importing a task (``mtbench ls tasks``) does not import torchmetrics, which
 loads torchvision, scipy and transformers; a task imports this module from ``metrics()``.
@@ -13,6 +14,25 @@ import torch
 import torchmetrics
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
+
+
+class MatthewsCorrCoef(torchmetrics.classification.BinaryMatthewsCorrCoef):
+    """Binary Matthews correlation, 0 when the denominator is 0 (only one class predicted, or only one in the gold).
+
+    That is the limit of the coefficient and the convention of scikit-learn's ``matthews_corrcoef``, which the GLUE
+    reference evaluation (CoLA) uses. torchmetrics 1.x instead perturbs such a confusion matrix by an epsilon and
+    returns a small non-zero value: 0.0256 for a model that answers "acceptable" to every sentence of CoLA's dev set,
+    which would credit a collapsed model with +2.56 MCC points. Accumulates torchmetrics' confusion matrix (so
+    batches and DDP ranks reduce as before) and only the final formula differs.
+    """
+
+    def compute(self) -> Tensor:
+        """MCC in [-1, 1] from the accumulated ``(2, 2)`` confusion matrix (float64 products: counts up to 1e9)."""
+        (tn, fp), (fn, tp) = self.confmat.double()
+        denominator = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+        if denominator == 0:
+            return torch.zeros((), dtype=torch.float32, device=self.confmat.device)
+        return ((tp * tn - fp * fn) / denominator.sqrt()).float()
 
 
 class GroupExactMatch(torchmetrics.Metric):

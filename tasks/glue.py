@@ -24,7 +24,9 @@ Metrics (``huggingface/datasets`` glue / super_glue definitions, torchmetrics, [
 paraphrase / duplicate); STS-B ``pearson`` + ``spearman``; MNLI ``acc`` + ``acc_mm``; CB ``acc`` + ``macro_f1``;
 MultiRC ``em`` (every answer of a question right) + ``f1a`` (binary F1 over all answers). Primary metrics follow the
 PEFT papers (LoRA, Hu et al. 2021, Table 2; LoRA+, Hayou et al. 2024): CoLA mcc, STS-B pearson, MultiRC f1a, MNLI
-matched acc, accuracy elsewhere (CB too). The ``paper`` profile follows the LoRA+ GLUE scripts (roberta-base, batch 32,
+matched acc, accuracy elsewhere (CB too). MCC (version 2) is 0 when the model answers one class only, as the GLUE
+reference's scikit-learn computes it (version 1, torchmetrics' epsilon convention, gave such a model 0.0256 on CoLA's
+dev set). The ``paper`` profile follows the LoRA+ GLUE scripts (roberta-base, batch 32,
 max length 128, linear schedule, lr 5e-5, 3 epochs, fp16) on the 8 GLUE tasks PEFT papers report (no WNLI).
 """
 
@@ -129,7 +131,8 @@ METRICS: dict[str, Any] = {
                                 average="micro"),
     "f1": lambda n: metric_class("torchmetrics.classification:BinaryF1Score"),
     "f1a": lambda n: metric_class("torchmetrics.classification:BinaryF1Score"),
-    "mcc": lambda n: metric_class("torchmetrics.classification:BinaryMatthewsCorrCoef"),
+    # 0 for a one-class confusion matrix, as the GLUE reference evaluation (torchmetrics' own class is not).
+    "mcc": lambda n: metric_class("._text_metrics:MatthewsCorrCoef"),
     "macro_f1": lambda n: partial(metric_class("torchmetrics.classification:MulticlassF1Score"), num_classes=n,
                                   average="macro"),
     "pearson": lambda n: metric_class("torchmetrics.regression:PearsonCorrCoef"),
@@ -138,6 +141,8 @@ METRICS: dict[str, Any] = {
 }
 """Metric name -> (number of classes -> metric factory). Every metric here is higher-is-better."""
 GROUPED_METRIC_VERSION = "2"
+METRIC_VERSIONS = {"mcc": "2"}
+"""Metrics whose definition changed: mcc 2 is 0 for a one-class confusion matrix (1: torchmetrics' epsilon value)."""
 """Version of the metrics of a grouped subtask (MultiRC): 2 since ``task.eval_limit`` counts whole questions (1 kept
 the first N answer rows, which could cut a question in half)."""
 
@@ -356,7 +361,7 @@ class Glue(Task):
             spec = SUBTASKS[name]
             names = [m for m in spec.metrics if m != "acc_mm" or self.cfg.mnli_mismatched]
             out[name] = {m: MetricSpec(METRICS[m](spec.num_classes), higher_is_better=True, primary=m == spec.primary,
-                                       version=GROUPED_METRIC_VERSION if spec.group else "1")
+                                       version=GROUPED_METRIC_VERSION if spec.group else METRIC_VERSIONS.get(m, "1"))
                          for m in names}
         return out
 

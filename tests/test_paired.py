@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
 from mtbench import paired
@@ -92,17 +93,19 @@ def test_mcc_and_f1_are_recomputed_like_scikit_learn() -> None:
         assert paired.subtask_metric(rows) == pytest.approx(float(metric(gold, pred)), abs=1e-9), kind
 
 
-def test_mcc_of_a_one_class_model_follows_the_logged_convention() -> None:
-    import torch
-    from torchmetrics.functional.classification import binary_matthews_corrcoef
+def test_mcc_of_a_one_class_model_is_zero_as_the_logged_metric() -> None:
+    """A collapsed classifier (MCC's denominator is zero) scores 0, as scikit-learn and the task's logged metric."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    from mtbench.tasks._text_metrics import MatthewsCorrCoef
 
     gold = np.array([0, 1] * 40 + [1] * 16)
-    pred = np.ones_like(gold)  # a collapsed classifier: MCC's denominator is zero
-    rows = to_frame({"subtask": "cola", "example_id": str(i), "prediction": str(p), "target": str(g),
-                     "correct": float(p == g), "score": float(p == g), "aggregate": "mcc"}
-                    for i, (p, g) in enumerate(zip(pred, gold)))
-    expected = float(binary_matthews_corrcoef(torch.tensor(pred), torch.tensor(gold)))
-    assert expected != 0 and paired.subtask_metric(rows) == pytest.approx(expected, abs=1e-7)
+    for pred in (np.ones_like(gold), np.zeros_like(gold)):
+        rows = to_frame({"subtask": "cola", "example_id": str(i), "prediction": str(p), "target": str(g),
+                         "correct": float(p == g), "score": float(p == g), "aggregate": "mcc"}
+                        for i, (p, g) in enumerate(zip(pred, gold)))
+        logged = MatthewsCorrCoef()
+        logged.update(torch.tensor(pred), torch.tensor(gold))
+        assert paired.subtask_metric(rows) == float(logged.compute()) == metrics.matthews_corrcoef(gold, pred) == 0
 
 
 def test_seed_level_fallback_says_so_and_uses_the_t_interval() -> None:

@@ -112,6 +112,25 @@ def test_table_has_one_primary_per_subtask_and_directions() -> None:
     assert SUBTASKS["stsb"].num_labels == 1 and SUBTASKS["copa"].num_labels == 1 and SUBTASKS["cb"].num_labels == 3
 
 
+def test_mcc_of_a_model_that_answers_one_class_is_zero() -> None:
+    """CoLA's dev set answered 'acceptable' throughout: 0, as the GLUE reference (scikit-learn) scores it, not the
+    0.0256 of torchmetrics' epsilon convention; the same for DDP-style merged states and an all-one gold."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    task = make(subtasks=("cola",))
+    gold = [1] * 721 + [0] * 322
+    for preds, target in (([1] * len(gold), gold), ([0] * len(gold), gold), ([1, 0, 1], [1, 1, 1])):
+        metric = fresh_metrics(task)["cola"]["mcc"]
+        half = len(target) // 2
+        for lo, hi in ((0, half), (half, len(target))):  # two evaluation batches
+            metric.update(torch.tensor(preds[lo:hi]), torch.tensor(target[lo:hi]))
+        assert float(metric.compute()) == metrics.matthews_corrcoef(target, preds) == 0.0
+    metric = fresh_metrics(task)["cola"]["mcc"]
+    rng = torch.Generator().manual_seed(0)
+    preds_t, target_t = torch.randint(0, 2, (500,), generator=rng), torch.randint(0, 2, (500,), generator=rng)
+    metric.update(preds_t, target_t)
+    assert float(metric.compute()) == pytest.approx(metrics.matthews_corrcoef(target_t, preds_t), abs=1e-6)
+
+
 def test_metrics_on_hand_computed_inputs() -> None:
     task = make(subtasks=("cola", "mrpc", "cb", "stsb", "mnli"))
     metrics = fresh_metrics(task)
@@ -127,6 +146,7 @@ def test_metrics_on_hand_computed_inputs() -> None:
     task.update_metrics(metrics, None, hand_batch(task, rows), outputs)
     value = {(s, m): float(x.compute()) for s, d in metrics.items() for m, x in d.items()}
     assert value["cola", "mcc"] == pytest.approx(4 / 6)  # (2*2 - 1*0) / sqrt(3*2*2*3)
+    assert task.metrics()["cola"]["mcc"].version == "2" and task.metrics()["mrpc"]["acc"].version == "1"
     assert value["mrpc", "f1"] == pytest.approx(0.8) and value["mrpc", "acc"] == pytest.approx(0.8)
     # Per-class F1 on CB: class 0 TP1 FP1 FN1 = 1/2, class 1 TP2 FP1 = 4/5, class 2 TP1 FN1 = 2/3; accuracy 4/6.
     assert value["cb", "macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
