@@ -35,8 +35,8 @@ protocol: a baseline file (``mtbench/baselines/``) records the task version and 
 measured under (data source and size, backbone, pretraining, input size, augmentation), and Δm is computed only when
 they all equal the run's. By default the shipped file that matches is used: the paper's single-task Swin-T numbers
 (``pascal_swin_t_stl.json``: the release, Swin-T pretrained, 448 px) or the single-task ``full_ft`` runs of the
-``smoke`` profile on its generated scenes (``pascal_smoke_stl.json``); with no match (the ``cpu`` profile, or
-``source=synthetic`` at 448 px) no Δm is logged. ``task.baseline_file=PATH`` names your own file (its
+``smoke`` and ``cpu`` profiles on their generated scenes (``pascal_smoke_stl.json``, ``pascal_cpu_stl.json``);
+with no match (say ``source=synthetic`` at 448 px) no Δm is logged. ``task.baseline_file=PATH`` names your own file (its
 protocol must match the run's, else the run is refused before it starts), ``task.baseline_file=none`` turns Δm off.
 To make one, run each subtask alone with the same profile (``--set task.subtasks=[semseg] --set
 task.baseline_file=none``, ...), copy each run's primary metric (``val/semseg/miou``, ..., ``val/normals/mean``) into

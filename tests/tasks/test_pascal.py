@@ -433,7 +433,11 @@ def test_delta_m_only_against_baselines_of_the_same_protocol(tmp_path: Path) -> 
     assert chosen("paper") == "pascal_swin_t_stl.json"
     assert chosen("paper", "task.subtasks=[normals]") == "pascal_swin_t_stl.json"  # single-task runs: same protocol
     assert chosen("smoke") == "pascal_smoke_stl.json"
-    assert chosen("cpu") is None  # no shipped single-task runs of the cpu profile: no Δm rather than a wrong one
+    assert chosen("cpu") == "pascal_cpu_stl.json"
+    assert chosen("cpu", "task.image_size=96") is None  # not what the cpu file was measured at: no Δm, not a wrong one
+    cpu = json.loads((BASELINES_DIR / "pascal_cpu_stl.json").read_text())
+    assert cpu["measured_with"]["profile"] == "cpu" and {r["git_dirty"] for r in cpu["measured_with"]["runs"].values()
+                                                       } == {"false"}
     # Generated scenes at 448 px, random init, another backbone, the ignore border, a cut evaluation set: no Δm.
     for sets in (["task.source=synthetic", "task.pretrained=false"], ["task.pretrained=false"],
                  ["task.augment_border=ignore"], ["task.eval_limit=100"]):
