@@ -46,7 +46,7 @@ def device_name(device: torch.device) -> str:
 
 BATCH_SIZE_KEY = "_mtbench_batch_size"
 """Batch key under which the runner leaves ``Task.batch_size`` of the batch, counted on the host before the batch
-moves to the device (``MultiTaskModule.on_before_batch_transfer``): counting device tensors would wait for the
+moves to the device (``BenchModule.on_before_batch_transfer``): counting device tensors would wait for the
 device once per step."""
 
 
