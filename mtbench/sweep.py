@@ -269,9 +269,10 @@ def run_sweep(spec: SweepSpec, uri: str | None = None, shard_of: tuple[int, int]
             report.failed.append(f"{cell.label}: {exc.__class__.__name__}: {exc}")
             continue
         exp_id = exp_id or mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-        avg = outcome.metrics.get("val/avg")
-        say(f"{head}: {outcome.status} run {outcome.run_id}"
-            + (f" val/avg={avg:.4f}" if avg is not None else f" ({outcome.error})"))
+        # The qualities a board ranks by: val/avg and, for tasks with single-task baselines, val/delta_m.
+        summary = " ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items() if k in ("val/avg", "val/delta_m"))
+        say(f"{head}: {outcome.status} run {outcome.run_id}" + (f" {summary}" if summary else "")
+            + (f" ({outcome.error})" if outcome.error else ""))
         if outcome.status == "FINISHED":
             report.finished.append(cell.label)
             if outcome.interrupted:  # the signal came after this cell's evaluation: stop before the next one

@@ -237,6 +237,16 @@ def test_shards_cover_the_grid_exactly_once(store: dict[str, Any]) -> None:
     assert sum("full_ft" in label for label in labels) == 3
 
 
+def test_sweep_lines_show_the_quality_of_finished_runs(store: dict[str, Any]) -> None:
+    """A finished cell shows its quality, a failed one its error; never a bare "(None)"."""
+    out = store["sweep"][1]
+    cells = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(cells) == 9 and not any("(None)" in line for line in cells)
+    finished = [line for line in cells if "lb_explode" not in line]
+    assert all(re.search(r": FINISHED run \w{32} val/avg=0\.\d{4}$", line) for line in finished)
+    assert all(": FAILED run " in line and "(" in line for line in cells if "lb_explode" in line)
+
+
 def test_an_interrupted_cell_stops_the_sweep(store: dict[str, Any], tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     code, out, _ = _call(["sweep", "--plugin", str(store["plugin"]), "--methods", "lb_stop,lora", "--tasks", "glue",
