@@ -99,6 +99,14 @@ def parse_grid(items: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(grid)
 
 
+def outcome_line(outcome: Any) -> str:
+    """``STATUS run ID`` with the qualities a board ranks by (``val/avg``, and ``val/delta_m`` for tasks with
+    single-task baselines) where logged, and the error where there is one."""
+    summary = " ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items() if k in ("val/avg", "val/delta_m"))
+    return (f"{outcome.status} run {outcome.run_id}" + (f" {summary}" if summary else "")
+            + (f" ({outcome.error})" if outcome.error else ""))
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"1/4"`` -> ``(1, 4)``; ``None`` -> ``(0, 1)``."""
     if not text:
@@ -269,10 +277,7 @@ def run_sweep(spec: SweepSpec, uri: str | None = None, shard_of: tuple[int, int]
             report.failed.append(f"{cell.label}: {exc.__class__.__name__}: {exc}")
             continue
         exp_id = exp_id or mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-        # The qualities a board ranks by: val/avg and, for tasks with single-task baselines, val/delta_m.
-        summary = " ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items() if k in ("val/avg", "val/delta_m"))
-        say(f"{head}: {outcome.status} run {outcome.run_id}" + (f" {summary}" if summary else "")
-            + (f" ({outcome.error})" if outcome.error else ""))
+        say(f"{head}: {outcome_line(outcome)}")
         if outcome.status == "FINISHED":
             report.finished.append(cell.label)
             if outcome.interrupted:  # the signal came after this cell's evaluation: stop before the next one

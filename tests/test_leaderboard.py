@@ -245,6 +245,15 @@ def test_sweep_lines_show_the_quality_of_finished_runs(store: dict[str, Any]) ->
     finished = [line for line in cells if "lb_explode" not in line]
     assert all(re.search(r": FINISHED run \w{32} val/avg=0\.\d{4}$", line) for line in finished)
     assert all(": FAILED run " in line and "(" in line for line in cells if "lb_explode" in line)
+    # A task ranked by delta_m alone (PASCAL's profiles with baselines): that quality, not "(None)".
+    from mtbench.execute import Outcome
+    from mtbench.sweep import outcome_line
+
+    run = "a" * 32
+    assert outcome_line(Outcome(run, "FINISHED", {"val/delta_m": -1.5, "val/sal/miou": 0.4}, {}, None)) == (
+        f"FINISHED run {run} val/delta_m=-1.5000")
+    assert outcome_line(Outcome(run, "FINISHED", {"val/sal/miou": 0.4}, {}, None)) == f"FINISHED run {run}"
+    assert outcome_line(Outcome(run, "FAILED", {}, {}, "boom")) == f"FAILED run {run} (boom)"
 
 
 def test_an_interrupted_cell_stops_the_sweep(store: dict[str, Any], tmp_path: Path) -> None:
