@@ -36,8 +36,9 @@ measured under (data source and size, backbone, pretraining, input size, augment
 they all equal the run's. By default the shipped file that matches is used: the paper's single-task Swin-T numbers
 (``pascal_swin_t_stl.json``: the release, Swin-T pretrained, 448 px) or the single-task ``full_ft`` runs of the
 ``smoke`` and ``cpu`` profiles on their generated scenes (``pascal_smoke_stl.json``, ``pascal_cpu_stl.json``);
-with no match (say ``source=synthetic`` at 448 px) no Δm is logged. ``task.baseline_file=PATH`` names your own file (its
-protocol must match the run's, else the run is refused before it starts), ``task.baseline_file=none`` turns Δm off.
+with no match (say ``source=synthetic`` at 448 px) no Δm is logged. ``task.baseline_file=PATH`` names your own file
+(its protocol must match the run's, else the run is refused before it starts), ``task.baseline_file=none`` turns Δm
+off.
 To make one, run each subtask alone with the same profile (``--set task.subtasks=[semseg] --set
 task.baseline_file=none``, ...), copy each run's primary metric (``val/semseg/miou``, ..., ``val/normals/mean``) into
 ``{"metrics": {"semseg": {"miou": ...}, ...}, "protocol": {"task": "pascal", "task_version": ..., "config": {...}}}``
