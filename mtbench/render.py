@@ -388,12 +388,21 @@ def _draw(ax: Any, rows: pd.DataFrame, name: str, metric: str, lower: bool,
 
 def _label(ax: Any, x: list[float], y: list[float], labels: list[str]) -> None:
     """Label the points; adjustText moves the labels off each other and the points, inside the axes."""
+    import numpy as np
     from adjustText import adjust_text
 
     texts = [ax.text(xi, yi, label, fontsize=8, parse_math=False) for xi, yi, label in zip(x, y, labels)]
     if texts:
-        adjust_text(texts, x=x, y=y, ax=ax, ensure_inside_axes=True,
-                    arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
+        # The same board must draw the same plot: adjustText otherwise stops after one second of wall-clock time
+        # (fewer moves on a busy machine) and jitters coincident points with numpy's global generator. A fixed
+        # iteration budget and a seeded generator, whose state is put back, make the placement reproducible.
+        state = np.random.get_state()
+        np.random.seed(0)
+        try:
+            adjust_text(texts, x=x, y=y, ax=ax, ensure_inside_axes=True, iter_lim=1000,
+                        arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
+        finally:
+            np.random.set_state(state)
 
 
 # --- HTML --------------------------------------------------------------------------------------------------------

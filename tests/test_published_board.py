@@ -30,3 +30,5 @@ def test_published_board_regenerates_from_committed_results(tmp_path: Path, monk
     assert (out / "leaderboard.csv").read_bytes() == (published / "leaderboard.csv").read_bytes()
     for name in ("leaderboard.json", "LEADERBOARD.md", "index.html"):
         assert _text(out / name) == _text(published / name), name
+    for plot in out.glob("*.png"):  # label placement is deterministic (render._label), so the pixels are too
+        assert plot.read_bytes() == (published / plot.name).read_bytes(), plot.name
