@@ -349,14 +349,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import registry
     from .config import resolve
     from .execute import run_experiment
+    from .sweep import qualities
     from .tracking import home_dir
 
     failed = []
     combos = [(m, t) for t in registry.tasks.names() for m in registry.methods.names()]
     for i, (method, task) in enumerate(combos, 1):
         outcome = run_experiment(resolve(method, task, "smoke"), args.tracking_uri, progress=False)
-        summary = {k: v for k, v in outcome.metrics.items() if k in ("val/avg", "val/delta_m")}
-        detail = " ".join(f"{k}={v:.4f}" for k, v in summary.items()) if summary else f"({outcome.error})"
+        detail = qualities(outcome.metrics) or f"({outcome.error})"
         print(f"[{i}/{len(combos)}] {method} on {task}: {outcome.status} {detail}", flush=True)
         if outcome.status != "FINISHED":
             failed.append(f"{method}/{task}")

@@ -99,10 +99,15 @@ def parse_grid(items: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(grid)
 
 
+def qualities(metrics: dict[str, float]) -> str:
+    """The qualities a board ranks by, where logged: ``val/avg=0.5348`` and, for tasks with single-task baselines,
+    ``val/delta_m=...`` (empty when neither is)."""
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("val/avg", "val/delta_m"))
+
+
 def outcome_line(outcome: Any) -> str:
-    """``STATUS run ID`` with the qualities a board ranks by (``val/avg``, and ``val/delta_m`` for tasks with
-    single-task baselines) where logged, and the error where there is one."""
-    summary = " ".join(f"{k}={v:.4f}" for k, v in outcome.metrics.items() if k in ("val/avg", "val/delta_m"))
+    """``STATUS run ID`` with the run's :func:`qualities` and the error where there is one."""
+    summary = qualities(outcome.metrics)
     return (f"{outcome.status} run {outcome.run_id}" + (f" {summary}" if summary else "")
             + (f" ({outcome.error})" if outcome.error else ""))
 
