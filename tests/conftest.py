@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,25 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set MTBENCH_DATA)")
     return root
+
+
+HOST_CONVERSIONS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+"""Tensor methods that turn a tensor into a Python value: on a GPU each one makes the host wait for the device."""
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """``with no_host_sync("what"):`` fails the test if the block turns any tensor into a Python value."""
+    import torch
+
+    @contextlib.contextmanager
+    def forbid(what: str) -> Iterator[None]:
+        def syncs(self: torch.Tensor, *args: object) -> None:
+            raise AssertionError(f"{what} synchronised with the device")
+
+        with monkeypatch.context() as patch:
+            for name in HOST_CONVERSIONS:
+                patch.setattr(torch.Tensor, name, syncs)
+            yield
+
+    return forbid

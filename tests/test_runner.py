@@ -133,16 +133,11 @@ def _runner_part_of_a_step(device: str) -> tuple[Any, dict, Any]:
     return module, batch, lambda: module.training_step(batch, 0)
 
 
-def test_training_step_never_waits_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_step_never_waits_for_the_device(no_host_sync: Any) -> None:
     """No host-device synchronisation per step in the runner: it never turns a tensor into a Python value."""
     module, batch, step = _runner_part_of_a_step("cpu")
 
-    def syncs(self: torch.Tensor, *args: object) -> None:
-        raise AssertionError("training_step synchronised with the device")
-
-    with monkeypatch.context() as patch:
-        for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-            patch.setattr(torch.Tensor, name, syncs)
+    with no_host_sync("training_step"):
         loss = step()
     assert torch.isfinite(loss)
 
@@ -286,7 +281,7 @@ def test_cuda_training_step_does_not_synchronise() -> None:
     assert torch.isfinite(loss)
 
 
-def test_throughput_counts_batches_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_throughput_counts_batches_on_the_host(no_host_sync: Any) -> None:
     """The examples and tokens of a training batch are counted before it moves to the device; the throughput
     callback then reads that count and never turns a tensor into a Python value."""
     from mtbench.callbacks import BATCH_SIZE_KEY, Measurements
@@ -299,11 +294,6 @@ def test_throughput_counts_batches_on_the_host(monkeypatch: pytest.MonkeyPatch) 
     callback = Measurements()
     callback._step_start = callback._clock.stamp()
 
-    def syncs(self: torch.Tensor, *args: object) -> None:
-        raise AssertionError("the throughput callback synchronised with the device")
-
-    with monkeypatch.context() as patch:
-        for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
-            patch.setattr(torch.Tensor, name, syncs)
+    with no_host_sync("the throughput callback"):
         callback.on_train_batch_end(None, module, None, moved, 0)  # type: ignore[arg-type]
     assert callback._samples == moved[BATCH_SIZE_KEY][0] and callback._tokens == moved[BATCH_SIZE_KEY][1] > 0

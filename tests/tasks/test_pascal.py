@@ -9,6 +9,7 @@ import json
 import math
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -483,7 +484,7 @@ def test_generated_scenes_hold_every_class_the_metrics_average_over(tmp_path: Pa
     assert float(metrics["human_parts"].compute()) == pytest.approx(1.0)
 
 
-def test_training_forward_and_loss_never_wait_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_forward_and_loss_never_wait_for_the_device(no_host_sync: Any) -> None:
     """The task's part of a training step (the all-subtask Swin forward, the heads, the four losses) turns no tensor
     into a Python value: on a GPU each would stall the host once per step. The losses keep their values. (With
     MTLoRA the all-tasks forward reads its stream ids, which live on the host whatever the device, so it cannot be
@@ -496,12 +497,7 @@ def test_training_forward_and_loss_never_wait_for_the_device(monkeypatch: pytest
     assert batch["present"] == [0, 1, 2, 3]
     module.method.set_task(module.model, batch["task_ids"])
 
-    def syncs(self: torch.Tensor, *args: object) -> None:
-        raise AssertionError("the pascal training step synchronised with the device")
-
-    with monkeypatch.context() as patch:
-        for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
-            patch.setattr(torch.Tensor, name, syncs)
+    with no_host_sync("the pascal training step"):
         losses = module.task.loss(module.task.forward(module.model, batch), batch)
     outputs = module.task.forward(module.model, batch)
     for name in ("semseg", "human_parts"):  # the mean over labelled pixels, as F.cross_entropy's own mean
