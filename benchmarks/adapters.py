@@ -182,7 +182,9 @@ def _prepare_swin(case: Case, args: argparse.Namespace, images: torch.Tensor, de
             param.requires_grad_(name in extras or "lora_" in name)
     model.to(device).train()
     # Every image serves every subtask (the PASCAL training batch: B·T ids, image-major).
-    batch = {"image": images, "task_ids": torch.arange(len(task.subtasks), device=device).repeat(images.shape[0])}
+    # ``present`` as the task's collate lists it on the host (without it the forward would have to read the ids).
+    batch = {"image": images, "task_ids": torch.arange(len(task.subtasks), device=device).repeat(images.shape[0]),
+             "present": list(range(len(task.subtasks)))}
 
     def loss() -> torch.Tensor:
         with autocast():

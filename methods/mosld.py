@@ -200,8 +200,10 @@ class MoSLDLinear(nn.Module):
             probs: router softmax ``(..., N)``.
             index: selected experts ``(..., K)``.
         """
-        # one_hot rather than bincount: bincount has no deterministic CUDA kernel under use_deterministic_algorithms.
-        f = F.one_hot(index.reshape(-1), self.n_experts).to(probs.dtype).mean(dim=0)
+        # A comparison rather than bincount (no deterministic CUDA kernel under use_deterministic_algorithms) or
+        # F.one_hot (its range check reads the indices back to the host: a device sync in every layer).
+        hit = index.reshape(-1, 1) == torch.arange(self.n_experts, device=index.device)
+        f = hit.to(probs.dtype).mean(dim=0)
         p = probs.reshape(-1, self.n_experts).mean(dim=0)
         return self.n_experts * (f * p).sum()
 

@@ -256,20 +256,17 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         """The ``k`` stream outputs ``pre + s·B_t A_t u_t``, stream-major ``(k·n, ..., out)``.
 
         ``u`` is the streams' common input ``(n, ..., in)`` (``common``) or their stacked inputs ``(k·n, ..., in)``.
-        With one task per stream (``k`` ids on the CPU: the all-tasks forward), each stream runs its own rank-r
-        pair in one batched product; with per-row ids (mixed batches) every row takes the masked rank-``T·r``
+        With one task per stream (``TaskRouting.stream_tasks``: the all-tasks forward), each stream runs its own
+        rank-r pair in one batched product; with per-row ids (mixed batches) every row takes the masked rank-``T·r``
         product of :meth:`_mixed_task_delta`.
         """
         d_in, d_out, r = self.base.in_features, self.base.out_features, self.task_r
-        ids = routing.task_ids
-        if ids is None:
-            raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
-        if ids.numel() == k and ids.device.type == "cpu":
+        if routing.stream_tasks is not None:
             # Every task's factors enter the graph (an absent task gets a zero gradient, not none), as in the
             # masked product: AdamW then treats a task absent from a batch the same on both paths.
             a = torch.stack([self.mtlora_tasks_A[t] for t in self.tasks])  # (T, r, in), in routing order
             b = torch.stack([self.mtlora_tasks_B[t] for t in self.tasks])  # (T, out, r)
-            streams = ids.tolist()
+            streams = list(routing.stream_tasks)
             if streams != list(range(len(self.tasks))):
                 a, b = torch.stack([a[i] for i in streams]), torch.stack([b[i] for i in streams])  # (k, r, in), ...
             b_t = b.transpose(1, 2)  # (k, r, out)
@@ -283,6 +280,8 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
             else:
                 out = flat + (self.scale * torch.bmm(z, b_t)).to(flat.dtype)
             return out.reshape(k * pre.shape[0], *pre.shape[1:])
+        if routing.task_ids is None:
+            raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
         if common and k > 1:
             u = torch.cat([u] * k)
         row_ids = routing.ids_for(u)
@@ -299,7 +298,9 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         a = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks])  # (T·r, in)
         b = torch.cat([self.mtlora_tasks_B[t] for t in self.tasks], dim=1)  # (out, T·r)
         z = F.linear(_as(u, a.dtype), a)  # (n, ..., T·r): every task's down-projection of every row
-        keep = F.one_hot(ids.long(), k).to(z.dtype).repeat_interleave(r, dim=1)  # (n, T·r): the row's own task block
+        # (n, T·r): the row's own task block. A comparison, not F.one_hot, whose range check reads the ids back to the
+        # host (a device sync in every adapted layer).
+        keep = (ids.long()[:, None] == torch.arange(k, device=ids.device)).to(z.dtype).repeat_interleave(r, dim=1)
         z = z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)
         return self.scale * F.linear(z, b)
 

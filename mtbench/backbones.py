@@ -550,7 +550,7 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...], recompute: bool
     (``x + DropPath(attn(LN1 x))``, then ``+ DropPath(MLP(LN2 ·))``) is spelled out here so that work shared by all
     streams runs once: LN1, window attention and ``qkv`` see the shared rows only (§7.4: the attention map is shared),
     and the first stream layer (``proj``) returns every stream from them (``TaskRouting.shared_input``); from there
-    on each stream has its own rows. The streams are named by one task id each, kept on the CPU, so the stream layers
+    on each stream has its own rows. The streams are named by one task index each, Python ints, so the stream layers
     batch their per-task products without reading the device. With ``recompute`` (and gradients on), the MLP half of
     the block is recomputed in the backward pass instead of keeping its activations for k + 1 streams
     (``torch.utils.checkpoint``, which replays the same dropout masks).
@@ -560,7 +560,7 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...], recompute: bool
     if not streamed:
         return block(x), []
     k = len(streamed)
-    ids = {id(r): torch.tensor([r.tasks.index(t) for t in streamed]) for r in routings}
+    ids = {id(r): tuple(r.tasks.index(t) for t in streamed) for r in routings}
 
     def forward(x: Tensor) -> Tensor:
         b, h, w, c = x.shape

@@ -253,6 +253,24 @@ def refuse_shared_weights(model: nn.Module) -> None:
         )
 
 
+def task_rows(task_ids: Sequence[int]) -> dict[int, Tensor]:
+    """Where each task's rows are in a batch, for a collate function to put in the batch (key ``task_rows``).
+
+    Args:
+        task_ids: the task index of every row, in row order.
+
+    Returns:
+        task index -> its rows' positions, ascending, int64 ``(n_t,)``; tasks in ascending order, absent tasks
+        left out. Built on the host: a task selecting its rows with these (``index_select``) runs no operation
+        whose result size depends on tensor values, as ``x[task_ids == t]`` or ``task_ids.unique()`` do, each of
+        which makes the host wait for a GPU once per step.
+    """
+    rows: dict[int, list[int]] = {}
+    for position, task in enumerate(task_ids):
+        rows.setdefault(int(task), []).append(position)
+    return {task: torch.tensor(rows[task], dtype=torch.long) for task in sorted(rows)}
+
+
 class TaskRouting:
     """Per-example task ids shared by a method's adapter layers (set by the runner before every forward).
 
@@ -261,38 +279,46 @@ class TaskRouting:
     by repeating each id.
 
     Stacked task streams (methods.md §7.4, where one image yields a feature per task): while :attr:`stacked` is
-    ``k > 0``, the block being run receives its rows as ``k + 1`` equal batch-major parts ``[shared; stream_1; ...;
-    stream_k]`` and :attr:`task_ids` names the task of every stream row (``k·n`` ids, stream-major), or of every
-    stream (``k`` ids: stream ``j`` serves one task on all its rows; kept on the CPU, layers may then group their work
-    by stream without reading the device). Layers with per-task adapters (:class:`StreamAdapter`) compute their frozen
-    part on the shared rows and add their task corrections on the stream rows; every other module acts row by row, so
-    each stream flows through the block beside the shared one. While :attr:`shared_input` is also set, the streams
-    have not diverged yet: a stream layer receives the shared rows alone, takes them as every stream's input and
-    returns all ``k + 1`` parts (so work before the first task-specific layer, such as attention, runs once). Core's
-    all-tasks feature extractor (``backbones.swin_stage_features``) sets it around the blocks it wants per-task
-    outputs from (:meth:`stack`); a method may use it for its own mixed-batch forward (one stream).
+    ``k > 0``, the block being run receives its rows as ``k + 1`` equal batch-major parts
+    ``[shared; stream_1; ...; stream_k]``, and either :attr:`task_ids` names the task of every stream row (``k·n``
+    ids, stream-major) or :attr:`stream_tasks` that of every stream (``k`` task indices as Python ints: stream ``j``
+    serves one task on all its rows, so layers may group their work by stream without reading the device). Layers
+    with per-task adapters (:class:`StreamAdapter`) compute their frozen part on the shared rows and add their task
+    corrections on the stream rows; every other module acts row by row, so each stream flows through the block
+    beside the shared one. While :attr:`shared_input` is also set, the streams have not diverged yet: a stream layer
+    receives the shared rows alone, takes them as every stream's input and returns all ``k + 1`` parts (so work
+    before the first task-specific layer, such as attention, runs once). Core's all-tasks feature extractor
+    (``backbones.swin_stage_features``) sets it around the blocks it wants per-task outputs from (:meth:`stack`); a
+    method may use it for its own mixed-batch forward (one stream).
     """
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = tuple(tasks)
         self.task_ids: Tensor | None = None
+        self.stream_tasks: tuple[int, ...] | None = None
         self.stacked = 0
         self.shared_input = False
 
     @contextmanager
-    def stack(self, task_ids: Tensor | None, streams: int, shared_input: bool = False) -> Iterator[None]:
+    def stack(self, task_ids: Tensor | tuple[int, ...] | None, streams: int, shared_input: bool = False
+              ) -> Iterator[None]:
         """Within the block: ``streams`` task streams stacked after the shared rows, with ``task_ids`` per stream row
-        (or per stream); ``shared_input``: stream layers receive the shared rows alone and return every stream.
+        (a tensor) or per stream (a tuple of task indices); ``shared_input``: stream layers receive the shared rows
+        alone and return every stream.
 
         ``stack(None, 0)`` clears the routing (plain rows, no task), for a forward whose examples have no task of
         their own. The previous state is restored on exit.
         """
-        saved = self.task_ids, self.stacked, self.shared_input
-        self.task_ids, self.stacked, self.shared_input = task_ids, streams, shared_input and streams > 0
+        saved = self.task_ids, self.stream_tasks, self.stacked, self.shared_input
+        if isinstance(task_ids, tuple):
+            self.task_ids, self.stream_tasks = None, task_ids
+        else:
+            self.task_ids, self.stream_tasks = task_ids, None
+        self.stacked, self.shared_input = streams, shared_input and streams > 0
         try:
             yield
         finally:
-            self.task_ids, self.stacked, self.shared_input = saved
+            self.task_ids, self.stream_tasks, self.stacked, self.shared_input = saved
 
     def set(self, task_ids: Tensor | str | None) -> None:
         """Route every example to ``task_ids`` (per-example ids, a task name, or ``None`` for 'no task')."""

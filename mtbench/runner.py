@@ -23,6 +23,11 @@ from .interfaces import Method, MultiTaskModel, Task, adapter_roles
 from .metrics import delta_m_metrics
 
 
+SUBTASK_EXAMPLES_KEY = "_mtbench_subtask_examples"
+"""Batch key of ``Task.subtask_examples`` as a host-side list, counted before the batch moves to the device: the
+loss weights of a mixed batch read it every step."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
 
@@ -63,6 +68,8 @@ class BenchModule(pl.LightningModule):
         count on device tensors would make the host wait for the device once per step."""
         if isinstance(batch, dict):
             batch = {**batch, BATCH_SIZE_KEY: self.task.batch_size(batch)}
+            if batch.get("task_ids") is not None:
+                batch[SUBTASK_EXAMPLES_KEY] = self.task.subtask_examples(batch).tolist()
         return batch
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -73,10 +80,12 @@ class BenchModule(pl.LightningModule):
         losses = self.task.loss(self(batch), batch)
         # In a mixed batch a subtask's mean loss counts in proportion to its share of the examples (not of the rows:
         # a COPA example is two choice rows), so the sum equals the per-example mean a homogeneous batch would give.
-        examples = self.task.subtask_examples(batch).float() if batch.get("task_ids") is not None else None
+        # The counts come from the host (``on_before_batch_transfer``): counting on the device (a bincount) would
+        # make the host wait for it once per step.
+        examples = batch[SUBTASK_EXAMPLES_KEY] if batch.get("task_ids") is not None else None
         total = torch.zeros((), device=self.device)
         for sub, loss in losses.items():
-            share = examples[self.task.subtasks.index(sub)] / examples.sum() if examples is not None else 1.0
+            share = examples[self.task.subtasks.index(sub)] / max(sum(examples), 1) if examples is not None else 1.0
             total = total + self.weights.get(sub, 1.0) * share * loss
             self.log(f"train/{sub}/loss", loss.detach(), on_step=True, batch_size=1)
         aux = self.method.aux_loss(self.model)

@@ -9,13 +9,15 @@ a 5-shot MMLU context of 700 tokens costs one hidden-state pass and one ``(rows,
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mtbench.interfaces import task_rows
 
 
 Turn = tuple[str, str]
@@ -115,24 +117,25 @@ def log_probs(backbone: nn.Module, hidden: Tensor) -> Tensor:
     return F.log_softmax(head(hidden).float(), dim=-1)
 
 
-def token_logprobs(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor,
-                                                                                                            Tensor]:
+def token_logprobs(backbone: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     """Sum and count of ``log p(labels[t] | tokens < t)`` per row over positions where ``labels != -100``.
 
-    ``labels`` follow the transformers convention (aligned with ``input_ids``, shifted here), so the same call gives
-    the training loss of the response tokens and the log-likelihood of a scored continuation.
+    ``batch`` is :func:`pad`'s output with labels: ``input_ids``, ``attention_mask``, ``labels`` ``(R, T)``
+    (transformers' convention: aligned with ``input_ids``, shifted here) and ``scored``, so the same call gives the
+    training loss of the response tokens and the log-likelihood of a scored continuation.
 
     Returns:
         ``(sums, counts)``, each ``(R,)``.
     """
-    hidden = hidden_states(backbone, input_ids, attention_mask)
-    targets = labels[:, 1:]
-    keep = targets != -100
-    lp = log_probs(backbone, hidden[:, :-1][keep])
-    picked = lp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
+    hidden = hidden_states(backbone, batch["input_ids"], batch["attention_mask"])
+    labels, scored = batch["labels"], batch["scored"]
+    width = labels.shape[1]
+    # Host-built positions (not a boolean mask over labels, whose result size the host would wait to read).
+    lp = log_probs(backbone, hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored))
+    picked = lp.gather(-1, labels.reshape(-1).index_select(0, scored + 1).unsqueeze(-1)).squeeze(-1)
+    rows = torch.div(scored, width, rounding_mode="floor")
     sums = torch.zeros(labels.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
-    return sums, keep.sum(1)
+    return sums, (labels[:, 1:] != -100).sum(1)
 
 
 def next_token_scores(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, candidates: Tensor) -> Tensor:
@@ -155,7 +158,7 @@ def choice_scores(backbone: nn.Module, batch: dict[str, Any]) -> Tensor:
     if "cand_ids" in batch:
         scores = next_token_scores(backbone, batch["input_ids"], batch["attention_mask"], batch["cand_ids"])
         return scores.view(n, s, k)
-    sums, _ = token_logprobs(backbone, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    sums, _ = token_logprobs(backbone, batch)
     return sums.view(n, s, k)
 
 
@@ -255,15 +258,16 @@ def collate(prompter: Prompter, examples: list[dict[str, Any]]) -> dict[str, Any
     kind, p = kinds.pop(), prompter
     pad_id = p.tok.pad_token_id if p.tok.pad_token_id is not None else 0
     task_ids = torch.tensor([ex["task_id"] for ex in examples], dtype=torch.long)
+    by_task = task_rows([ex["task_id"] for ex in examples])  # of examples (choice rows are example-major)
     example_ids = [str(ex.get("id", "")) for ex in examples]  # per-example predictions (evaluation examples)
     if kind == "lm":
         pairs = [p.train_ids(ex["shots"], ex["user"], ex["response"]) for ex in examples]
         return {"mode": "lm", **pad([i for i, _ in pairs], [lab for _, lab in pairs], pad_id), "task_ids": task_ids,
-                "example_ids": example_ids}
+                "task_rows": by_task, "example_ids": example_ids}
     if kind == "generate":
         prompts = [p.fit(p.encode(p.context(ex["shots"], ex["user"]), "")[0]) for ex in examples]
         return {"mode": "generate", **pad(prompts, None, pad_id, left=True), "gold": [ex["gold"] for ex in examples],
-                "task_ids": task_ids, "example_ids": example_ids}
+                "task_ids": task_ids, "task_rows": by_task, "example_ids": example_ids}
     shapes = {(len(ex["contexts"]), len(ex["choices"])) for ex in examples}
     if len(shapes) != 1:
         raise ValueError(f"a choice batch mixes (settings, choices) shapes {sorted(shapes)}")
@@ -292,13 +296,18 @@ def collate(prompter: Prompter, examples: list[dict[str, Any]]) -> dict[str, Any
         "group_ids": torch.tensor([ex["group"] for ex in examples], dtype=torch.long),
         "subject_ids": torch.tensor([ex.get("subject", -1) for ex in examples], dtype=torch.long),
         "task_ids": task_ids,
+        "task_rows": by_task,
         "example_ids": example_ids,
     })
     return batch
 
 
 def pad(rows: list[list[int]], labels: list[list[int]] | None, pad_id: int, left: bool = False) -> dict[str, Tensor]:
-    """``input_ids`` and ``attention_mask`` (and ``labels``, padded with -100) of rows padded to the longest."""
+    """``input_ids`` and ``attention_mask`` (and ``labels``, padded with -100) of rows padded to the longest.
+
+    With labels also ``scored``: the flat positions ``r·T + t`` (``T`` the padded width) of the hidden states that
+    predict a labelled token (``labels[r, t + 1] != -100``), ascending, int64, for :func:`token_logprobs`.
+    """
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -311,6 +320,9 @@ def pad(rows: list[list[int]], labels: list[list[int]] | None, pad_id: int, left
     out = {"input_ids": ids, "attention_mask": mask}
     if labels is not None:
         out["labels"] = out_labels
+        predicts = torch.zeros_like(out_labels, dtype=torch.bool)
+        predicts[:, :-1] = out_labels[:, 1:] != -100
+        out["scored"] = predicts.reshape(-1).nonzero().squeeze(1)  # on the host, in the loader
     return out
 
 

@@ -289,9 +289,16 @@ def normalise(images: Tensor) -> Tensor:
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"pascal images are uint8 RGB as the loader yields them, got {images.dtype}")
-    mean = torch.tensor(MEAN, device=images.device)[:, None, None] * 255
-    inv_std = 1 / (torch.tensor(STD, device=images.device)[:, None, None] * 255)
+    mean, inv_std = _normalisation(images.device)
     return (images.float() - mean) * inv_std
+
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``255·mean`` and ``1 / (255·std)``, ``(3, 1, 1)`` each, made once per device: building them from Python
+    numbers in every step would copy host to device, which makes the host wait for the GPU."""
+    mean = torch.tensor(MEAN, device=device)[:, None, None] * 255
+    return mean, 1 / (torch.tensor(STD, device=device)[:, None, None] * 255)
 
 
 def _warp_normals(normals: np.ndarray, flip: bool, angle: float, geometry: Any) -> Tensor:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from mtbench.backbones import TextBackbone, build
 from mtbench.errors import ConfigError
-from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig
+from mtbench.interfaces import MetricSpec, MultiTaskModel, Task, TaskConfig, task_rows
 from mtbench.registry import did_you_mean, register_task
 
 from . import _glue_data as gd
@@ -216,14 +216,15 @@ class Glue(Task):
     Batches (from :meth:`collate`) hold ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the tokenizer
     makes them), and per row: ``task_ids`` (index into :attr:`subtasks`), ``labels`` (float: class index, STS-B score,
     or for COPA the example's gold choice on each of its choice rows), ``group_ids`` (MultiRC question / example index
-    within its subtask split; a COPA example's choice rows share it) and ``split_ids`` (1 = MNLI mismatched).
+    within its subtask split; a COPA example's choice rows share it) and ``split_ids`` (1 = MNLI mismatched); and
+    ``task_rows`` (:func:`~mtbench.interfaces.task_rows`: each present subtask's row positions).
     """
 
     config_cls = GlueConfig
     version = "1"
     default_subtasks = GLUE_PEFT
     batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "task_ids", "labels", "group_ids",
-                                             "split_ids", "example_ids")
+                                             "split_ids", "example_ids")  # per-row tensors; plus task_rows
     profiles: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "smoke": {
             "task": {"backbone": "tiny_bert", "source": "synthetic", "subtasks": list(SUBTASKS), "synthetic_size": 32,
@@ -324,10 +325,9 @@ class Glue(Task):
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         outputs = {}
-        task_ids = batch["task_ids"]
-        for i in task_ids.unique().tolist():
+        for i, rows in batch["task_rows"].items():  # positions built on the host: no device sync (see task_rows)
             name, spec = self.subtasks[i], SUBTASKS[self.subtasks[i]]
-            logits = model.heads[name](pooled[task_ids == i])
+            logits = model.heads[name](pooled.index_select(0, rows))
             # Rows of one COPA example are adjacent (collate emits them together), so a reshape regroups them.
             outputs[name] = logits.view(-1, len(spec.choices)) if spec.choices else (
                 logits.squeeze(-1) if spec.regression else logits)
@@ -335,8 +335,8 @@ class Glue(Task):
 
     def _targets(self, name: str, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """(targets, group ids, split ids) aligned with ``forward``'s outputs for ``name``."""
-        spec, rows = SUBTASKS[name], batch["task_ids"] == self.subtasks.index(name)
-        labels, groups, splits = batch["labels"][rows], batch["group_ids"][rows], batch["split_ids"][rows]
+        spec, rows = SUBTASKS[name], batch["task_rows"][self.subtasks.index(name)]
+        labels, groups, splits = (batch[k].index_select(0, rows) for k in ("labels", "group_ids", "split_ids"))
         if spec.choices:
             k = len(spec.choices)
             labels, groups, splits = labels[::k], groups[::k], splits[::k]
@@ -396,7 +396,7 @@ class Glue(Task):
         for name, logits in outputs.items():
             spec = SUBTASKS[name]
             target, _, splits = self._targets(name, batch)
-            ids = batch["example_ids"][batch["task_ids"] == self.subtasks.index(name)]
+            ids = batch["example_ids"].index_select(0, batch["task_rows"][self.subtasks.index(name)])
             ids = ids[:: len(spec.choices)] if spec.choices else ids
             logits = logits.detach().float()
             if spec.regression:
@@ -476,7 +476,7 @@ class Glue(Task):
         per_example = torch.tensor([len(SUBTASKS[name].choices) or 1 for name in self.subtasks], device=rows.device)
         return torch.div(rows, per_example, rounding_mode="floor")
 
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Tokenize to the longest row (capped at ``task.max_length``); choices become consecutive rows."""
         texts: list[Any] = []
         task_ids, labels, groups, splits, ids = [], [], [], [], []
@@ -497,4 +497,5 @@ class Glue(Task):
             "group_ids": torch.tensor(groups, dtype=torch.long),
             "split_ids": torch.tensor(splits, dtype=torch.long),
             "example_ids": torch.tensor(ids, dtype=torch.long),
+            "task_rows": task_rows(task_ids),
         }

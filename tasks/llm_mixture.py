@@ -223,7 +223,8 @@ class LLMMixture(Task):
     Batches carry ``mode``: ``lm`` (training and Alpaca evaluation: ``input_ids``, ``attention_mask``, ``labels``),
     ``choice`` (``input_ids``, ``attention_mask``, then ``cand_ids`` or ``labels``, ``n_settings``, ``n_choices``,
     ``answer``, ``group_ids``, ``subject_ids``) or ``generate`` (left-padded prompts and ``gold`` answers); all carry
-    ``task_ids``. Rows of a choice batch are example-major, so per-example task routing repeats onto them.
+    ``task_ids`` and ``task_rows`` (:func:`~mtbench.interfaces.task_rows`, over examples). Rows of a choice batch
+    are example-major, so per-example task routing repeats onto them.
     """
 
     config_cls = LLMMixtureConfig
@@ -306,18 +307,18 @@ class LLMMixture(Task):
 
     def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Per present subtask: response NLL (``lm``), choice log-likelihoods (``choice``) or answer matches."""
-        task_ids, mode = batch["task_ids"], batch["mode"]
+        mode = batch["mode"]
         if mode == "generate":
             strict, flexible = self.generate_matches(model, batch)
             per_row = {"strict": strict, "flexible": flexible}
         elif mode == "choice":
             per_row = {"scores": le.choice_scores(model.backbone, dict(batch))}
         else:
-            sums, counts = le.token_logprobs(model.backbone, batch["input_ids"], batch["attention_mask"],
-                                             batch["labels"])
+            sums, counts = le.token_logprobs(model.backbone, batch)
             per_row = {"nll": -sums, "tokens": counts}
-        present = task_ids.unique().tolist()
-        return {self.subtasks[i]: {k: v[task_ids == i] for k, v in per_row.items()} for i in present}
+        # Row positions built on the host (mtbench.interfaces.task_rows): selecting with them never waits for a GPU.
+        return {self.subtasks[i]: {k: v.index_select(0, rows) for k, v in per_row.items()}
+                for i, rows in batch["task_rows"].items()}
 
     def generate_matches(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """Greedy answers to left-padded prompts, scored against ``gold`` by strict and flexible extraction."""
@@ -413,9 +414,10 @@ class LLMMixture(Task):
                 m["em_strict"].update(out["strict"].float())
                 m["em_flexible"].update(out["flexible"].float())
             else:
-                rows = batch["task_ids"] == self.subtasks.index(sub)
-                self._update_choice(sub, m, out["scores"].argmax(-1), batch["answer"][rows],
-                                    batch["group_ids"][rows], batch["subject_ids"][rows])
+                rows = batch["task_rows"][self.subtasks.index(sub)]
+                answer, groups, subjects = (batch[k].index_select(0, rows)
+                                            for k in ("answer", "group_ids", "subject_ids"))
+                self._update_choice(sub, m, out["scores"].argmax(-1), answer, groups, subjects)
 
     def example_records(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Per evaluated example (``example_id``: a digest of its prompt and answer, stable across seeds and
@@ -444,11 +446,10 @@ class LLMMixture(Task):
                                     "tokens": len(tok(text, add_special_tokens=False)["input_ids"]),
                                     "aggregate": "mean", "headline": sub in headline})
             else:
-                rows = batch["task_ids"] == index
                 scores = out["scores"].detach().float()
                 setting = -1 if sub == "mmlu" else 0  # MMLU's headline is the last shot setting
                 scores = scores[:, setting] if scores.dim() == 3 else scores
-                target = batch["answer"][rows]
+                target = batch["answer"].index_select(0, batch["task_rows"][index])
                 preds = scores.argmax(-1)
                 losses = -scores.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
                 primary = next(n for n, spec in self.metrics()[sub].items() if spec.primary)

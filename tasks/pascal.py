@@ -316,9 +316,7 @@ class Pascal(Task):
 
     def _present(self, batch: Mapping[str, Any]) -> list[str]:
         # The collate lists them on the host; reading them off the device ids would wait for the device every step.
-        present = batch.get("present")
-        return [self.subtasks[i] for i in (present if present is not None else
-                                           sorted(batch["task_ids"].unique().tolist()))]
+        return [self.subtasks[i] for i in batch["present"]]
 
     def forward(self, model: MultiTaskModel, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per present subtask, outputs at input resolution: logits ``(B, C, S, S)``, raw normals ``(B, 3, S, S)``."""

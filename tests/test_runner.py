@@ -124,6 +124,7 @@ def _runner_part_of_a_step(device: str) -> tuple[Any, dict, Any]:
     task's and the backbone library's business."""
     module = build_module(resolve("lora", "glue", "smoke")).to(device)
     batch = next(iter(module.task.datamodule(module.train_cfg, seed=0).train_dataloader()))
+    batch = module.on_before_batch_transfer(batch, 0)  # as Lightning does before the transfer
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     module.log = lambda *args, **kwargs: None  # outside a Trainer
     outputs = module(batch)
@@ -171,7 +172,7 @@ def test_mixed_batch_loss_weights_subtasks_by_their_share() -> None:
     batch = next(iter(datamodule.train_dataloader()))
     module.log = lambda *args, **kwargs: None  # outside a Trainer
     module.eval()  # no dropout, so both passes below see the same outputs
-    total = module.training_step(batch, 0)
+    total = module.training_step(module.on_before_batch_transfer(batch, 0), 0)
     losses = module.task.loss(module(batch), batch)
     shares = {sub: (batch["task_ids"] == i).float().mean() for i, sub in enumerate(module.task.subtasks)}
     expected = sum(shares[s] * loss for s, loss in losses.items())

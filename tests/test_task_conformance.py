@@ -44,7 +44,7 @@ def test_training_batch_forward_and_finite_losses(built: tuple) -> None:
     assert set(losses) == present
     for sub, loss in losses.items():
         assert loss.ndim == 0 and torch.isfinite(loss), sub
-    total = module.training_step(batch, 0)
+    total = module.training_step(module.on_before_batch_transfer(batch, 0), 0)
     total.backward()
     # Heads may be empty (a language model's own output layer is part of the frozen backbone): then the adapters
     # must get the gradient.

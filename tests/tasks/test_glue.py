@@ -7,6 +7,7 @@ import math
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torchmetrics
 from mtbench import registry
 from mtbench.data import LoaderConfig
 from mtbench.errors import ConfigError, DataError
-from mtbench.interfaces import MultiTaskModel
+from mtbench.interfaces import MultiTaskModel, task_rows
 from mtbench.tasks import glue
 from mtbench.tasks.glue import GLUE_PEFT, SUBTASKS, Glue, GlueConfig
 
@@ -36,10 +37,12 @@ def one_hot_logits(preds: list[int], n: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(preds), n).float()
 
 
-def hand_batch(task: Glue, rows: list[tuple[str, float, int, int]]) -> dict[str, torch.Tensor]:
+def hand_batch(task: Glue, rows: list[tuple[str, float, int, int]]) -> dict[str, Any]:
     """A batch of (subtask, label, group, split) rows, without inputs (metrics only need these)."""
+    ids = [task.subtasks.index(r[0]) for r in rows]
     return {
-        "task_ids": torch.tensor([task.subtasks.index(r[0]) for r in rows]),
+        "task_ids": torch.tensor(ids),
+        "task_rows": task_rows(ids),
         "labels": torch.tensor([float(r[1]) for r in rows]),
         "group_ids": torch.tensor([r[2] for r in rows]),
         "split_ids": torch.tensor([r[3] for r in rows]),
@@ -268,7 +271,7 @@ def test_mixed_batch_weighs_every_example_alike() -> None:
     assert batch["task_ids"].tolist() == [0, 1, 1]
     with torch.no_grad():
         losses = task.loss(module(batch), batch)
-        total = module.training_step(batch, 0)
+        total = module.training_step(module.on_before_batch_transfer(batch, 0), 0)
     assert abs(float(losses["rte"]) - float(losses["copa"])) > 1e-3  # else any weighting would pass
     assert float(total) == pytest.approx(0.5 * float(losses["rte"]) + 0.5 * float(losses["copa"]), rel=1e-6)
     assert task.subtask_examples(batch).tolist() == [1, 1]

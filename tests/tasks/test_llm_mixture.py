@@ -17,6 +17,7 @@ from mtbench import registry
 from mtbench.backbones import tiny_llama
 from mtbench.data import LoaderConfig
 from mtbench.errors import ConfigError, DataError
+from mtbench.interfaces import task_rows
 from mtbench.tasks import _llm_data as ld
 from mtbench.tasks import _llm_eval as le
 from mtbench.tasks.llm_mixture import DEFAULT_SUBTASKS, SUBTASKS, LLMMixture, LLMMixtureConfig
@@ -186,10 +187,11 @@ def bigram(v: int = 5, seed: int = 0) -> tuple[Bigram, torch.Tensor]:
 
 def test_token_logprobs_sum_continuation_tokens_only() -> None:
     model, lp = bigram()
-    ids = torch.tensor([[0, 1, 2, 3], [4, 2, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    labels = torch.tensor([[-100, -100, 2, 3], [-100, 2, -100, -100]])
-    sums, counts = le.token_logprobs(model, ids, mask, labels)
+    batch = le.pad([[0, 1, 2, 3], [4, 2]], [[-100, -100, 2, 3], [-100, 2]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 1, 2, 3], [4, 2, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 2, 3], [-100, 2, -100, -100]]
+    assert batch["scored"].tolist() == [1, 2, 4]  # r·T + t of the states predicting a label: (0, 1), (0, 2), (1, 0)
+    sums, counts = le.token_logprobs(model, batch)
     assert torch.allclose(sums, torch.stack([lp[2, 1] + lp[3, 2], lp[2, 4]]))
     assert counts.tolist() == [2, 1]
 
@@ -201,15 +203,15 @@ def test_choice_scores_fast_and_full_layouts_agree() -> None:
             "input_ids": torch.tensor([[0, 1], [2, 0]]), "attention_mask": torch.tensor([[1, 1], [1, 0]]),
             "cand_ids": torch.tensor([[3, 4], [3, 4]])}
     full = {"task_ids": torch.zeros(2, dtype=torch.long), "n_settings": 1, "n_choices": 2,
-            "input_ids": torch.tensor([[0, 1, 3], [0, 1, 4], [2, 3, 0], [2, 4, 0]]),
-            "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0]]),
-            "labels": torch.tensor([[-100, -100, 3], [-100, -100, 4], [-100, 3, -100], [-100, 4, -100]])}
+            **le.pad([[0, 1, 3], [0, 1, 4], [2, 3], [2, 4]],
+                     [[-100, -100, 3], [-100, -100, 4], [-100, 3], [-100, 4]], pad_id=0)}
+    assert full["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0]]
     expected = torch.tensor([[lp[3, 1], lp[4, 1]], [lp[3, 2], lp[4, 2]]]).view(2, 1, 2)
     assert torch.allclose(le.choice_scores(model, fast), expected)
     assert torch.allclose(le.choice_scores(model, full), expected)
     # Multi-token choices: the score is the plain sum over the continuation's tokens (no length normalisation).
-    two = dict(full, n_choices=1, task_ids=torch.zeros(1, dtype=torch.long), input_ids=torch.tensor([[0, 1, 3, 4]]),
-               attention_mask=torch.ones(1, 4, dtype=torch.long), labels=torch.tensor([[-100, -100, 3, 4]]))
+    two = dict(full, n_choices=1, task_ids=torch.zeros(1, dtype=torch.long),
+               **le.pad([[0, 1, 3, 4]], [[-100, -100, 3, 4]], pad_id=0))
     assert torch.allclose(le.choice_scores(model, two).flatten(), (lp[3, 1] + lp[4, 3]).view(1))
 
 
@@ -245,7 +247,8 @@ def test_mmlu_micro_average_over_shots_and_categories() -> None:
     scores = torch.zeros(4, 2, 4)
     for i, (p0, p5) in enumerate([(0, 0), (1, 2), (3, 2), (3, 3)]):
         scores[i, 0, p0] = scores[i, 1, p5] = 1.0
-    batch = {"task_ids": torch.zeros(4, dtype=torch.long), "answer": torch.tensor([0, 2, 3, 1]),
+    batch = {"task_ids": torch.zeros(4, dtype=torch.long), "task_rows": task_rows([0] * 4),
+             "answer": torch.tensor([0, 2, 3, 1]),
              "group_ids": torch.arange(4), "subject_ids": torch.tensor([le.MMLU_SUBJECTS.index(s) for s in subjects])}
     metrics = fresh_metrics(task)
     task.update_metrics(metrics, None, batch, {"mmlu": {"scores": scores}})  # type: ignore[arg-type]
@@ -260,7 +263,8 @@ def test_cb_macro_f1_and_multirc_em_f1a() -> None:
     metrics = fresh_metrics(task)
     cb_scores = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float().view(4, 1, 3)
     mrc_scores = torch.nn.functional.one_hot(torch.tensor([1, 0, 1, 1, 0]), 2).float().view(5, 1, 2)
-    batch = {"task_ids": torch.tensor([0] * 4 + [1] * 5), "answer": torch.tensor([0, 1, 1, 2, 1, 0, 0, 1, 0]),
+    batch = {"task_ids": torch.tensor([0] * 4 + [1] * 5), "task_rows": task_rows([0] * 4 + [1] * 5),
+             "answer": torch.tensor([0, 1, 1, 2, 1, 0, 0, 1, 0]),
              "group_ids": torch.tensor([0, 1, 2, 3, 0, 0, 1, 1, 2]), "subject_ids": torch.full((9,), -1)}
     task.update_metrics(metrics, None, batch, {"cb": {"scores": cb_scores},  # type: ignore[arg-type]
                                                "multirc": {"scores": mrc_scores}})
@@ -421,7 +425,7 @@ def test_mtlora_routes_examples_on_the_last_decoder_block() -> None:
     module = build_module(exp)
     dm = module.task.datamodule(exp.train, seed=0)
     batch = next(iter(dm.train_dataloader()))
-    loss = module.training_step(batch, 0)
+    loss = module.training_step(module.on_before_batch_transfer(batch, 0), 0)
     loss.backward()
     tasks_b = [p for n, p in module.model.named_parameters() if "mtlora_tasks_B" in n]
     assert tasks_b and any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tasks_b)
@@ -506,7 +510,7 @@ def test_activation_checkpointing_gives_the_same_gradients(method: str) -> None:
         batch = next(iter(module.task.datamodule(exp.train, seed=0).train_dataloader()))
         module.train()
         torch.manual_seed(0)
-        module.training_step(batch, 0).backward()
+        module.training_step(module.on_before_batch_transfer(batch, 0), 0).backward()
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
