@@ -268,9 +268,7 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
         with stop.installed():
             try:
                 with tempfile.TemporaryDirectory() as scratch:
-                    # tqdm's bar: Lightning's default rich bar prints "Epoch 0/-2" for step-limited runs
-                    # (max_epochs -1).
-                    bar = [pl.callbacks.TQDMProgressBar()] if progress else []
+                    bar = [progress_bar(exp)] if progress else []
                     trainer = pl.Trainer(**_trainer_kwargs(exp), logger=_logger(uri, run_id),
                                          default_root_dir=scratch,
                                          callbacks=[measurements, stop, heartbeat, *module.method.callbacks(), *bar],
@@ -343,6 +341,19 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def progress_bar(exp: Experiment) -> Any:
+    """tqdm's bar (Lightning's default rich bar prints "Epoch 0/-2" for step-limited runs), refreshed every
+    ``trainer.log_every_n_steps`` optimizer steps: each refresh reads the logged loss back from the device, which on
+    a GPU would otherwise make the host wait once per step; Lightning reads the logged values at that interval
+    anyway."""
+    import lightning.pytorch as pl
+
+    kwargs = _trainer_kwargs(exp)
+    accumulate = kwargs.get("accumulate_grad_batches", 1)
+    every = int(kwargs.get("log_every_n_steps") or 50) * (accumulate if isinstance(accumulate, int) else 1)
+    return pl.callbacks.TQDMProgressBar(refresh_rate=max(1, every))
 
 
 def _trainer_kwargs(exp: Experiment) -> dict[str, Any]:

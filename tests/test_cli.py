@@ -313,6 +313,18 @@ def test_validate_help_and_set(capsys: pytest.CaptureFixture) -> None:
     assert "no method or task config has the key 'method.no_such_key'" in capsys.readouterr().err
 
 
+def test_progress_bar_refreshes_when_lightning_logs() -> None:
+    """A refresh reads the logged loss back from the device (on a GPU the host waits for it), so the bar refreshes
+    every ``log_every_n_steps`` optimizer steps, not every batch."""
+    from mtbench.config import resolve
+    from mtbench.execute import progress_bar
+
+    assert progress_bar(resolve("lora", "glue", "smoke", sets=["trainer.log_every_n_steps=7"])).refresh_rate == 7
+    accumulating = resolve("lora", "glue", "smoke", sets=["trainer.log_every_n_steps=7",
+                                                          "trainer.accumulate_grad_batches=3"])
+    assert progress_bar(accumulating).refresh_rate == 21  # Lightning's bar counts batches
+
+
 def test_progress_bar_of_a_step_limited_run_shows_no_negative_epoch(tmp_path: Path,
                                                                     capfd: pytest.CaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
