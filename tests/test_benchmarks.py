@@ -1,4 +1,5 @@
-"""The benchmark scripts run; the adapter benchmark's FLOP counts show that its fast paths do the work they promise.
+"""The benchmark scripts run (gpu_check.py: the parts that need no GPU); the adapter benchmark's FLOP counts show that
+its fast paths do the work they promise.
 
 The FLOP counts are exact and independent of the machine, so they can be asserted where step times cannot: a fast
 path that silently fell back to a doubled batch or a dense product over every expert shows up here as extra FLOPs.
@@ -70,3 +71,27 @@ def test_pascal_loader_benchmark_runs(capsys: pytest.CaptureFixture, tmp_path: P
     assert summary[0] == "pascal_loader"
     figures = dict(part.split("=") for part in summary[1:])
     assert float(figures["samples_per_s"]) > 0 and float(figures["read_ms"]) > 0
+
+
+def test_gpu_check_dry_run_lists_every_step(capsys: pytest.CaptureFixture) -> None:
+    assert _script("gpu_check").main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for method in ("lora", "mtlora", "full_ft"):
+        assert f"pascal paper run: {method}: " in out
+    run = next(line for line in out.splitlines() if line.startswith("pascal paper run: lora"))
+    for part in ("--profile paper", "task.source=synthetic", "task.pretrained=false", "trainer.max_steps=40",
+                 "trainer.accelerator=gpu"):
+        assert part in run
+    assert "benchmarks/pascal_loader.py --size 448 --batch 32 --workers 14" in out
+    assert "benchmarks/adapters.py --device cuda" in out
+    assert "-m pytest -m gpu" in out
+
+
+@pytest.mark.slow  # a full mtbench run in a subprocess
+def test_gpu_check_tiny_run_fills_the_table(capsys: pytest.CaptureFixture) -> None:
+    """gpu_check.py at toy sizes: one pascal run on the CPU, read back from its store into the table."""
+    assert _script("gpu_check").main(["--tiny", "--methods", "lora", "--skip", "loader", "adapters", "pytest"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| pascal smoke run: lora"))
+    assert "| FINISHED |" in row and "samples/s end to end" in row and "(cpu_peak_rss)" in row
+    assert "gpu check on " in out and "commit " in out
