@@ -2,8 +2,9 @@
 
 Importing this package is cheap: torch, Lightning and MLflow load only when a command needs them. The names below
 load on first use, each from its module: the user-facing errors (``ConfigError``, ``DataError``, their base
-``MtbenchError``) from :mod:`mtbench.errors` without importing torch, the method and task contracts from
-:mod:`mtbench.interfaces`, the ``register_*`` decorators from :mod:`mtbench.registry`.
+``MtbenchError``) from :mod:`mtbench.errors` without importing torch, the method and task contracts (and
+``task_rows``, for a task's collate) from :mod:`mtbench.interfaces`, the ``register_*`` decorators from
+:mod:`mtbench.registry`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         Task,
         TaskConfig,
         TaskRouting,
+        task_rows,
     )
     from .registry import register_backbone, register_method, register_task
 
@@ -46,6 +48,7 @@ _LAZY = {
     "Task": "interfaces",
     "TaskConfig": "interfaces",
     "TaskRouting": "interfaces",
+    "task_rows": "interfaces",
     "register_backbone": "registry",
     "register_method": "registry",
     "register_task": "registry",
@@ -68,6 +71,7 @@ __all__ = [
     "register_backbone",
     "register_method",
     "register_task",
+    "task_rows",
     "__version__",
 ]
 
