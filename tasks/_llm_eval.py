@@ -257,8 +257,9 @@ def collate(prompter: Prompter, examples: list[dict[str, Any]]) -> dict[str, Any
         raise ValueError(f"a batch mixes example kinds {sorted(kinds)}")
     kind, p = kinds.pop(), prompter
     pad_id = p.tok.pad_token_id if p.tok.pad_token_id is not None else 0
-    task_ids = torch.tensor([ex["task_id"] for ex in examples], dtype=torch.long)
-    by_task = task_rows([ex["task_id"] for ex in examples])  # of examples (choice rows are example-major)
+    ids = [ex["task_id"] for ex in examples]
+    task_ids = torch.tensor(ids, dtype=torch.long)
+    by_task = task_rows(ids)  # of examples (choice rows are example-major)
     example_ids = [str(ex.get("id", "")) for ex in examples]  # per-example predictions (evaluation examples)
     if kind == "lm":
         pairs = [p.train_ids(ex["shots"], ex["user"], ex["response"]) for ex in examples]
