@@ -262,13 +262,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         """
         d_in, d_out, r = self.base.in_features, self.base.out_features, self.task_r
         if routing.stream_tasks is not None:
-            # Every task's factors enter the graph (an absent task gets a zero gradient, not none), as in the
-            # masked product: AdamW then treats a task absent from a batch the same on both paths.
-            a = torch.stack([self.mtlora_tasks_A[t] for t in self.tasks])  # (T, r, in), in routing order
-            b = torch.stack([self.mtlora_tasks_B[t] for t in self.tasks])  # (T, out, r)
-            streams = list(routing.stream_tasks)
-            if streams != list(range(len(self.tasks))):
-                a, b = torch.stack([a[i] for i in streams]), torch.stack([b[i] for i in streams])  # (k, r, in), ...
+            a, b = self._stream_factors(routing.stream_tasks)
             b_t = b.transpose(1, 2)  # (k, r, out)
             if common:  # one down-projection of the shared input for all streams
                 z = F.linear(_as(u, a.dtype), a.reshape(k * r, d_in)).reshape(-1, k, r).transpose(0, 1)
@@ -287,6 +281,63 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         row_ids = routing.ids_for(u)
         assert row_ids is not None
         return torch.cat([pre] * k) + self._mixed_task_delta(u, row_ids).to(pre.dtype)
+
+    def _stream_factors(self, stream_tasks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Each stream's task factors, ``(A (k, r, in), B (k, out, r))``, for streams naming task indices.
+
+        Every task's factors enter the graph (an absent task gets a zero gradient, not none), as in the masked
+        product: AdamW then treats a task absent from a batch the same on both paths.
+        """
+        a = torch.stack([self.mtlora_tasks_A[t] for t in self.tasks])  # (T, r, in), in routing order
+        b = torch.stack([self.mtlora_tasks_B[t] for t in self.tasks])  # (T, out, r)
+        if list(stream_tasks) != list(range(len(self.tasks))):
+            a, b = torch.stack([a[i] for i in stream_tasks]), torch.stack([b[i] for i in stream_tasks])
+        return a, b
+
+    def stream_mlp(self, act: nn.Module, fc2: nn.Module, x: Tensor) -> Tensor | None:
+        """``fc2(act(self(x)))`` on stacked streams with one task each (``interfaces.StreamMLP``), or ``None``.
+
+        Same maths as the two layers called one after the other (§7.3: each frozen matmul on the shared rows, each
+        stream adds its rank-``task_r`` correction of its own input), but a stream's hidden activation
+        ``act(W1 x_sh + b1 + s·B1_t A1_t x_t)``, as wide as the hidden layer, is used only by ``A2_t`` and is not
+        kept: :class:`_StreamHidden` computes it block of rows by block of rows and again in the backward pass, so
+        the streams cost the step neither that memory nor passes over it in main memory. Hooks on ``act`` and
+        ``fc2`` are not called on this path.
+
+        Args:
+            act: the activation between the layers; ``nn.GELU`` (either form) only, whose backward the fused
+                path calls directly.
+            fc2: the MLP's second layer, an :class:`MTLoRALinear` with the same tasks.
+            x: ``((k + 1)·n, ..., in_features)``, ``[shared; stream_1; ...; stream_k]``.
+
+        Returns:
+            ``((k + 1)·n, ..., fc2.out_features)``, or ``None`` outside a stacked forward with one task per stream,
+            or where ``fc2`` or the dtypes do not allow it.
+        """
+        routing = self.routing
+        if (routing is None or routing.stream_tasks is None or not routing.stacked or routing.shared_input
+                or not self.task_input or not isinstance(fc2, MTLoRALinear) or fc2.tasks != self.tasks
+                or not fc2.task_input or self.merged or fc2.merged or type(act) is not nn.GELU):
+            return None
+        k = routing.stacked
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and not x.dtype == self.mtlora_tasks_A[self.tasks[0]].dtype == self.base.weight.dtype:
+            return None  # half-precision weights with fp32 adapters and no autocast: keep the layer-wise rounding
+        n = x.shape[0] // (k + 1)
+        x_shared, x_streams = x.split([n, k * n])
+        pre1, _, y1 = self._shared(x_shared)
+        a1, b1 = self._stream_factors(routing.stream_tasks)
+        a2, b2 = fc2._stream_factors(routing.stream_tasks)
+        hidden = pre1.shape[-1]
+        z1 = torch.bmm(_as(x_streams, a1.dtype).reshape(k, -1, self.base.in_features), a1.transpose(1, 2))
+        z2 = _StreamHidden.apply(pre1.reshape(-1, hidden), z1, b1, a2, self.scale, act)  # (k, M, task_r)
+        pre2, _, y2 = fc2._shared(act(y1))
+        flat = pre2.reshape(1, -1, pre2.shape[-1])
+        if autocast or flat.dtype == z2.dtype:
+            out = torch.baddbmm(flat, z2, b2.transpose(1, 2), alpha=fc2.scale)
+        else:
+            out = flat + (fc2.scale * torch.bmm(z2, b2.transpose(1, 2))).to(flat.dtype)
+        return torch.cat([y2, out.reshape(k * n, *pre2.shape[1:])])
 
     def stream_routing(self) -> TaskRouting | None:
         """The routing of the stacked-stream forward, ``None`` without TS-LoRA (``interfaces.StreamAdapter``)."""
@@ -433,6 +484,65 @@ class MTLoRA(Method):
         for module in model.modules():
             if isinstance(module, MTLoRALinear):
                 module.unmerge()
+
+
+class _StreamHidden(torch.autograd.Function):
+    """``z2_t = A2_t act(pre1 + s·B1_t z1_t)`` for every stream ``t``, keeping no hidden-width activation.
+
+    ``pre1`` ``(M, H)`` is the first layer's frozen output on the shared rows, ``z1`` ``(k, M, r1)`` each stream's
+    down-projection, ``b1`` ``(k, H, r1)`` and ``a2`` ``(k, r2, H)`` the streams' first-layer ``B`` and second-layer
+    ``A``; returns ``(k, M, r2)``. The ``(k, M, H)`` hidden activations exist one block of rows at a time
+    (:data:`STREAM_BLOCK_BYTES`), in the forward pass and again in the backward pass, which differentiates the
+    recomputed block with GELU's own backward kernel; only ``pre1`` and ``z1`` are saved. Everything runs in
+    ``pre1``'s dtype (what autocast gives the products); gradients of ``b1`` and ``a2`` accumulate in float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pre1: Tensor, z1: Tensor, b1: Tensor, a2: Tensor, scale: float, act: nn.GELU) -> Tensor:
+        dtype = pre1.dtype
+        b1t, a2t = b1.to(dtype).transpose(1, 2), a2.to(dtype).transpose(1, 2)  # (k, r1, H), (k, H, r2)
+        z1 = z1.to(dtype)
+        ctx.save_for_backward(pre1, z1, b1t, a2t)
+        ctx.scale, ctx.act, ctx.dtypes = scale, act, (b1.dtype, a2.dtype)
+        with torch.autocast(pre1.device.type, enabled=False):
+            return torch.cat([torch.bmm(act(torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)), a2t)
+                              for rows in _row_blocks(pre1, z1.shape[0])], dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        pre1, z1, b1t, a2t = ctx.saved_tensors
+        scale, act = ctx.scale, ctx.act
+        grad = grad.to(pre1.dtype)
+        a2 = a2t.transpose(1, 2)  # (k, r2, H)
+        g_pre1, g_z1 = torch.empty_like(pre1), []
+        g_b1t = torch.zeros(b1t.shape, dtype=torch.float32, device=b1t.device)
+        g_a2t = torch.zeros(a2t.shape, dtype=torch.float32, device=a2t.device)
+        with torch.autocast(pre1.device.type, enabled=False):
+            for rows in _row_blocks(pre1, z1.shape[0]):
+                f = torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)
+                g_a2t += torch.bmm(act(f).transpose(1, 2), grad[:, rows]).float()
+                g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=act.approximate)
+                torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
+                g_z1.append(torch.bmm(g_f, b1t.transpose(1, 2)).mul_(scale))
+                g_b1t += torch.bmm(z1[:, rows].transpose(1, 2), g_f).float().mul_(scale)
+        dtype_b1, dtype_a2 = ctx.dtypes
+        g_b1, g_a2 = g_b1t.transpose(1, 2).to(dtype_b1), g_a2t.transpose(1, 2).to(dtype_a2)
+        return g_pre1, torch.cat(g_z1, dim=1), g_b1, g_a2, None, None
+
+
+STREAM_BLOCK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
+"""Size of one block of :class:`_StreamHidden`'s hidden activations (all streams), by device type: on a CPU small
+enough for the core's caches, so that the hidden-width passes (update, activation, its backward) read and write
+cache instead of main memory; on a GPU a bound on the transient memory, with few enough blocks that kernel launches
+stay negligible. Other devices take the CUDA value."""
+
+
+def _row_blocks(pre1: Tensor, streams: int) -> list[slice]:
+    """Row slices of ``pre1`` ``(M, H)`` whose ``streams`` hidden activations fit :data:`STREAM_BLOCK_BYTES`."""
+    budget = STREAM_BLOCK_BYTES.get(pre1.device.type, STREAM_BLOCK_BYTES["cuda"])
+    m, h = pre1.shape
+    step = max(1, budget // (streams * h * pre1.element_size()))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:

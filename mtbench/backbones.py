@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError, DataError
-from .interfaces import stream_routings
+from .interfaces import StreamMLP, stream_routings
 from .registry import RegistryError, backbones, register_backbone
 
 
@@ -492,13 +491,6 @@ def swin_feature_channels(model: nn.Module) -> list[int]:
     return [dims[i + 1] if i + 1 < len(dims) else dims[i] for i in range(len(dims))]
 
 
-RECOMPUTE_STAGES = 1
-"""Stages (from the first) whose stream block recomputes its MLP in the backward pass (:func:`_stream_block`): the
-first stage holds as many tokens as the other three together times four, so its k + 1 streams' 4·C-wide MLP
-activations are the bulk of MTLoRA's extra memory, while recomputing costs the same in every stage
-(docs/performance.md: time and memory measured with 0, 1 and 4)."""
-
-
 def swin_stage_features(
     model: nn.Module, images: Tensor, tasks: Sequence[str] | None = None
 ) -> list[Tensor] | dict[str, list[Tensor]]:
@@ -531,7 +523,7 @@ def swin_stage_features(
             blocks = list(stage.blocks)
             for block in blocks[:-1]:
                 x = block(x)
-            out, streamed = _stream_block(blocks[-1], x, tuple(per_task), recompute=i < RECOMPUTE_STAGES)
+            out, streamed = _stream_block(blocks[-1], x, tuple(per_task))
             if i + 1 < len(layers):
                 out = layers[i + 1].downsample(out)  # row-wise, so one call merges the shared rows and every stream
             parts = out.chunk(len(streamed) + 1)
@@ -542,8 +534,22 @@ def swin_stage_features(
     return per_task if tasks is not None else shared
 
 
-def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...], recompute: bool = False
-                  ) -> tuple[Tensor, list[str]]:
+def _mlp(mlp: Any, x: Tensor) -> Tensor:
+    """A timm ``Mlp`` (fc1, act, drop1, norm, fc2, drop2) on stacked streams: through its first layer's
+    :class:`~mtbench.interfaces.StreamMLP` when that layer offers one and nothing sits between the layers but the
+    activation (no hidden norm, no active dropout), else layer by layer."""
+    fc1 = getattr(mlp, "fc1", None)
+    drops = [getattr(mlp, name, None) for name in ("drop1", "drop2")]
+    if (isinstance(fc1, StreamMLP) and isinstance(getattr(mlp, "norm", None), nn.Identity)
+            and all(isinstance(d, nn.Identity) or (isinstance(d, nn.Dropout) and (d.p == 0 or not d.training))
+                    for d in drops)):
+        out = fc1.stream_mlp(mlp.act, mlp.fc2, x)
+        if out is not None:
+            return out
+    return mlp(x)
+
+
+def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor, list[str]]:
     """Run a timm Swin ``block`` on ``x`` plus one stacked stream per task its stream layers serve.
 
     Returns ``(rows, streamed tasks)``: ``[shared; stream_1; ...]`` rows, batch-major. The block's forward
@@ -551,9 +557,8 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...], recompute: bool
     streams runs once: LN1, window attention and ``qkv`` see the shared rows only (§7.4: the attention map is shared),
     and the first stream layer (``proj``) returns every stream from them (``TaskRouting.shared_input``); from there
     on each stream has its own rows. The streams are named by one task index each, Python ints, so the stream layers
-    batch their per-task products without reading the device. With ``recompute`` (and gradients on), the MLP half of
-    the block is recomputed in the backward pass instead of keeping its activations for k + 1 streams
-    (``torch.utils.checkpoint``, which replays the same dropout masks).
+    batch their per-task products without reading the device. The MLP runs through :func:`_mlp`, which lets a
+    stream layer keep the streams' hidden activations (4·C wide, k of them) out of memory.
     """
     routings = stream_routings(block)
     streamed = [t for t in tasks if routings and all(t in r.tasks for r in routings)]
@@ -570,18 +575,14 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...], recompute: bool
             attn = block._attn(block.norm1(x))  # ((k + 1)·b, h, w, c): proj fans the shared rows out to the streams
         # The block input is every stream's shortcut (broadcast, not copied); DropPath draws a mask per stream row.
         y = (x + block.drop_path1(attn).view(k + 1, b, h, w, c)).view((k + 1) * b, h * w, c)
-        y = y + block.drop_path2(checkpoint(mlp, y, use_reentrant=False) if recompute and torch.is_grad_enabled()
-                                 else mlp(y))
+        y = y + block.drop_path2(mlp(y))
         return y.view((k + 1) * b, h, w, c)
 
     def mlp(y: Tensor) -> Tensor:
-        # Recomputed in the backward pass (same routing, same dropout masks) rather than kept: the k + 1 streams'
-        # hidden activations (4·C wide, twice) would otherwise dominate the step's memory, and the recomputation
-        # costs one MLP forward of this block, whose frozen matmuls run on the shared rows only.
         with ExitStack() as context:
             for routing in routings:
                 context.enter_context(routing.stack(ids[id(routing)], k))
-            return block.mlp(block.norm2(y))
+            return _mlp(block.mlp, block.norm2(y))
 
     # Called through the module (an instance-level forward for this call) so that hooks on the block still see its
     # input and output.

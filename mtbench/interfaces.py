@@ -348,6 +348,20 @@ class StreamAdapter(Protocol):
         ...
 
 
+@runtime_checkable
+class StreamMLP(Protocol):
+    """A :class:`StreamAdapter` in the first layer of a two-layer MLP that can run the whole MLP on stacked streams.
+
+    Between the two layers every task stream is as wide as the hidden layer (4·C in Swin) but feeds the second
+    layer's task correction only; a layer that knows its streams' maths can avoid keeping those activations.
+    """
+
+    def stream_mlp(self, act: nn.Module, fc2: nn.Module, x: Tensor) -> Tensor | None:
+        """``fc2(act(self(x)))`` for stacked rows ``x``, or ``None`` where this layer cannot (the caller then runs
+        the layers one by one)."""
+        ...
+
+
 def stream_routings(module: nn.Module) -> list[TaskRouting]:
     """The distinct routings followed by the :class:`StreamAdapter` layers inside ``module`` (empty: none)."""
     found: dict[int, TaskRouting] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from mtbench.backbones import tiny_bert
 from mtbench.errors import ConfigError
-from mtbench.interfaces import ParamRole, adapter_roles
+from mtbench.interfaces import ParamRole, TaskRouting, adapter_roles
 from mtbench.methods.mtlora import MTLoRA, MTLoRAConfig, MTLoRALinear
 
 
@@ -357,6 +358,90 @@ def test_swin_all_tasks_fast_path_matches_per_task_reference() -> None:
             assert gf is None or not gf.any(), name
         else:
             assert gf is not None and torch.allclose(gf, gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item()), name
+
+
+def _mlp_pair(dropout: float) -> tuple[MTLoRALinear, nn.GELU, MTLoRALinear, TaskRouting]:
+    torch.manual_seed(0)
+    routing = TaskRouting(SWIN_TASKS)
+    fc1 = MTLoRALinear(nn.Linear(6, 24), r=3, scale=4.0, dropout=dropout, tasks=SWIN_TASKS, task_r=2,
+                       routing=routing)
+    fc2 = MTLoRALinear(nn.Linear(24, 6), r=3, scale=2.0, dropout=dropout, tasks=SWIN_TASKS, task_r=2,
+                       routing=routing)
+    for layer in (fc1, fc2):
+        _randomise(layer, std=0.3)
+    return fc1, nn.GELU(), fc2, routing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stream_mlp_matches_the_layers_one_by_one(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused stream MLP (hidden activations per block of rows, recomputed in the backward pass) gives the outputs
+    and gradients of ``fc2(act(fc1(x)))`` run layer by layer: in training mode with dropout on the shared inputs,
+    over several row blocks (the last one partial), with streams in an order unlike the tasks', fp32 and bf16
+    autocast (the GPU configuration)."""
+    from mtbench.methods import mtlora
+
+    monkeypatch.setitem(mtlora.STREAM_BLOCK_BYTES, "cpu", 3 * 2 * 24 * 4)  # 3 rows of 2 fp32 streams per block
+    fc1, act, fc2, routing = _mlp_pair(dropout=0.2)
+    x = torch.randn(3 * 2, 5, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)  # k = 2, n = 2
+    params = [x, *fc1.parameters(), *fc2.parameters()]
+    params = [p for p in params if p.requires_grad]
+    weights = torch.linspace(-1, 1, 3 * 2 * 5 * 6).view(6, 5, 6)
+
+    def run(fused: bool) -> tuple[torch.Tensor, tuple]:
+        torch.manual_seed(7)  # the same dropout masks on both paths
+        with routing.stack((2, 0), 2), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fc1.stream_mlp(act, fc2, x) if fused else fc2(act(fc1(x)))
+        assert out is not None
+        return out, torch.autograd.grad((out.float() * weights).sum(), params)
+
+    fast, fast_grads = run(True)
+    slow, slow_grads = run(False)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert fast.dtype == slow.dtype and torch.allclose(fast.float(), slow.float(), **tol)
+    for gf, gs in zip(fast_grads, slow_grads, strict=True):
+        assert gf.dtype == gs.dtype
+        assert torch.allclose(gf.float(), gs.float(), rtol=tol["rtol"], atol=tol["atol"] * gs.abs().max().item())
+    assert not torch.allclose(fast[2:4], fast[4:], atol=1e-3)  # the two streams differ
+
+
+def test_stream_mlp_declines_what_it_cannot_fuse() -> None:
+    fc1, act, fc2, routing = _mlp_pair(dropout=0.0)
+    x = torch.randn(3 * 2, 6)
+    assert fc1.stream_mlp(act, fc2, x) is None  # not stacked
+    with routing.stack((2, 0), 2):
+        assert fc1.stream_mlp(nn.ReLU(), fc2, x) is None  # only GELU's backward is called directly
+        assert fc1.stream_mlp(act, nn.Linear(24, 6), x) is None
+    with routing.stack(torch.tensor([0, 1, 2, 0]), 2):
+        assert fc1.stream_mlp(act, fc2, x) is None  # per-row ids (mixed batches) take the masked product
+
+
+def test_swin_stream_blocks_keep_no_hidden_activation_per_stream() -> None:
+    """Training the all-tasks forward saves no tensor as wide as the MLP's hidden layer for the task streams: the
+    stream rows' hidden activations are recomputed, not kept (docs/performance.md: MTLoRA's memory)."""
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted()).train()
+    images = torch.randn(2, 3, 64, 64)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        features = swin_stage_features(model, images, tasks=SWIN_TASKS)
+    sum(f.sum() for fs in features.values() for f in fs).backward()
+    k = len(SWIN_TASKS)
+    for stage in model.layers:
+        block = stage.blocks[-1]
+        rows = 2 * block.input_resolution[0] * block.input_resolution[1]  # tokens of the shared rows
+        hidden = block.mlp.fc1.base.out_features
+        assert (rows, hidden) in {(s[0] * s[1], s[-1]) for s in saved if len(s) == 3}  # the shared stream's
+        assert not [s for s in saved if s[-1] == hidden and math.prod(s) >= k * rows * hidden], hidden
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
