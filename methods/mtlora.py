@@ -208,7 +208,8 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         return roles
 
     def _low_rank(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return self.scale * F.linear(F.linear(_as(x, a.dtype), a), b)
+        # The scale multiplies the rank-r activations, not the (..., out) result: one pass over the output less.
+        return F.linear(F.linear(_as(x, a.dtype), a) * self.scale, b)
 
     def _shared(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(pre = W0 x + b, drop(x), shared output y)."""
@@ -280,7 +281,10 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
             u = torch.cat([u] * k)
         row_ids = routing.ids_for(u)
         assert row_ids is not None
-        return torch.cat([pre] * k) + self._mixed_task_delta(u, row_ids).to(pre.dtype)
+        delta = self._mixed_task_delta(u, row_ids).to(pre.dtype)
+        if k == 1:
+            return pre + delta
+        return (delta.view(k, *pre.shape) + pre).view(delta.shape)  # pre broadcast to every stream, not copied
 
     def _stream_factors(self, stream_tasks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Each stream's task factors, ``(A (k, r, in), B (k, out, r))``, for streams naming task indices.
@@ -352,8 +356,8 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         # (n, T·r): the row's own task block. A comparison, not F.one_hot, whose range check reads the ids back to the
         # host (a device sync in every adapted layer).
         keep = (ids.long()[:, None] == torch.arange(k, device=ids.device)).to(z.dtype).repeat_interleave(r, dim=1)
-        z = z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)
-        return self.scale * F.linear(z, b)
+        z = z * (keep * self.scale).view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)  # the scale, in rank space
+        return F.linear(z, b)
 
     def forward_tasks(self, x: Tensor, x_tasks: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """All-tasks forward of methods.md §7.3: the shared output and one output per task of this layer.
