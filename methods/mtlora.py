@@ -534,11 +534,13 @@ class _StreamHidden(torch.autograd.Function):
         return g_pre1, torch.cat(g_z1, dim=1), g_b1, g_a2, None, None
 
 
-STREAM_BLOCK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
+STREAM_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
 """Size of one block of :class:`_StreamHidden`'s hidden activations (all streams), by device type: on a CPU small
-enough for the core's caches, so that the hidden-width passes (update, activation, its backward) read and write
+enough for a core's L2 cache, so that the hidden-width passes (update, activation, its backward) read and write
 cache instead of main memory; on a GPU a bound on the transient memory, with few enough blocks that kernel launches
-stay negligible. Other devices take the CUDA value."""
+stay negligible. Other devices take the CUDA value. On the 2-core CPU of docs/performance.md (2 MiB of L2 per
+core), one MTLoRA training step of the PASCAL model (224 px, batch 4, one thread) took 2.71-2.74 s with 1-2 MiB
+blocks, 2.88 s with 128 KiB blocks (the per-block overhead) and 2.82-2.88 s with 32-128 MiB (main memory)."""
 
 
 def _row_blocks(pre1: Tensor, streams: int) -> list[slice]:
