@@ -67,10 +67,12 @@ class Case:
     target: float | None = None
     memory_target: float | None = None
     step: Callable[[], None] | None = None
+    forward_backward: Callable[[], None] | None = None
     times: list[float] = field(default_factory=list)
     peak_mb: float = float("nan")
     saved_mb: float = float("nan")
     gflops: float = float("nan")
+    ops: int = 0
     trainable: int = 0
 
 
@@ -154,7 +156,7 @@ def _prepare_text(case: Case, encoder: nn.Module, inputs: dict[str, torch.Tensor
             aux = method.aux_loss(model) if method is not None else None
         return out + aux if aux is not None else out
 
-    case.step = _training_step(model, loss)
+    _training_step(case, model, loss)
     return model
 
 
@@ -191,7 +193,7 @@ def _prepare_swin(case: Case, args: argparse.Namespace, images: torch.Tensor, de
             outputs = task.forward(model, batch)
             return sum(out.float().pow(2).mean() for out in outputs.values())
 
-    case.step = _training_step(model, loss)
+    _training_step(case, model, loss)
     return model
 
 
@@ -202,7 +204,8 @@ def _peft_extra(task: Any, name: str) -> bool:
         re.search(task.unfrozen_with_peft, name.removeprefix("backbone.")))
 
 
-def _training_step(model: nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def _training_step(case: Case, model: nn.Module, loss: Callable[[], torch.Tensor]) -> None:
+    """Set ``case.step`` (forward, backward, AdamW) and ``case.forward_backward`` (no optimizer step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
@@ -211,7 +214,11 @@ def _training_step(model: nn.Module, loss: Callable[[], torch.Tensor]) -> Callab
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # no gradients held between steps, for every case alike
 
-    return step
+    def forward_backward() -> None:
+        loss().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    case.step, case.forward_backward = step, forward_backward
 
 
 # Measuring -------------------------------------------------------------------------------------------------------
@@ -273,6 +280,35 @@ def _count_flops(case: Case) -> None:
     case.gflops = counter.get_total_flops() / 1e9
 
 
+_NO_KERNEL = {"_unsafe_view", "_reshape_alias", "empty", "empty_like", "empty_strided", "new_empty",
+              "new_empty_strided"}
+
+
+def _count_ops(case: Case) -> None:
+    """ATen operations that compute, dispatched by one forward and backward (views, reshapes and bare allocations
+    excluded; the optimizer too, which on a GPU runs as a few multi-tensor kernels whatever the parameter count).
+
+    On a GPU each is about one kernel launch. Where a step's kernels are small (adapters of rank 8, routers, masks),
+    their launches and the Python that issues them, not their arithmetic, set the step time, so this count is to the
+    host side of a GPU step what the FLOP count is to the device side. Like that count it does not depend on device
+    or load.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    assert case.forward_backward is not None
+    with Counter() as counter:
+        case.forward_backward()
+    case.ops = counter.count
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build the suite's cases, measure them side by side and print the table (``argv``: the command line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -326,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         case.step()  # optimizer state and lazy set-up happen here, outside the memory figures
         _memory(case, models[case.name], device)
         _count_flops(case)
+        _count_ops(case)
     for round_ in range(args.warmup + args.repeats):
         for case in cases:
             elapsed = _timed(case, device)
@@ -355,8 +392,8 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
           f"peft {peft.__version__}; commit {commit}; median of {args.repeats} after {args.warmup} warm-up")
     by_name = {c.name: c for c in cases}
     print("| case | trainable | step ms | reference | time ratio | target | met | GFLOP | ratio | saved act. MiB "
-          "| ratio | peak MiB | ratio | target | met |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio | peak MiB | ratio | target | met | ops | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         ms = statistics.median(case.times) * 1e3
         ref = by_name.get(case.reference or "")
@@ -368,7 +405,8 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
         print(f"| {case.name} | {case.trainable:,} | {ms:.1f} | {case.reference or '–'} | {ratio:.3f} | "
               f"{_target(case.target)} | {_met(ratio, case.target)} | {case.gflops:.1f} | {flops:.3f} | "
               f"{case.saved_mb:.0f} | {saved:.3f} | {case.peak_mb:.0f} | {peak:.3f} | "
-              f"{_target(case.memory_target)} | {_met(mem, case.memory_target)} |")
+              f"{_target(case.memory_target)} | {_met(mem, case.memory_target)} | {case.ops} | "
+              f"{case.ops / ref.ops if ref else float('nan'):.3f} |")
 
 
 def _target(value: float | None) -> str:

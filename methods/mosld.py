@@ -103,8 +103,10 @@ class MoSLDLinear(nn.Module):
         self.mosld_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.mosld_B = nn.Parameter(torch.empty(n_experts, base.out_features, r, device=device, dtype=dtype))
         self.mosld_router = nn.Parameter(torch.empty(n_experts, base.in_features, device=device, dtype=dtype))
-        self.balance_losses: list[Tensor] = []
-        """Balance losses of the training forwards since the method last collected them (one per call)."""
+        self.routed: list[tuple[Tensor, Tensor]] = []
+        """``(router logits, index)`` of each training forward since the method last collected them: the balance
+        loss is computed at collection, for every layer with the same expert count at once
+        (:func:`balance_loss_groups`)."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -130,13 +132,18 @@ class MoSLDLinear(nn.Module):
             ``(gates, index, probs)``: renormalised weights of the selected experts ``(..., K)`` (they sum to 1),
             the experts' indices ``(..., K)`` and the full softmax over all experts ``(..., N)``.
         """
-        return self._select(F.linear(x.to(self.mosld_router.dtype), self.mosld_router))
+        gates, index, logits = self._select(F.linear(x.to(self.mosld_router.dtype), self.mosld_router))
+        return gates, index, logits.softmax(dim=-1)
 
     def _select(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # Softmax in fp32 whatever the activations' dtype: the balance loss and the top-K choice depend on it.
-        probs = logits.float().softmax(dim=-1)
-        top, index = probs.topk(self.top_k, dim=-1)
-        return top / top.sum(dim=-1, keepdim=True), index, probs
+        # In fp32 whatever the activations' dtype: the balance loss and the top-K choice depend on it. Softmax is
+        # monotonic, so the top-K logits name the top-K experts, and the selected probabilities renormalised to sum
+        # to 1 are exactly the softmax of the selected logits: two kernels (and their backward) instead of a softmax
+        # over all experts, a sum and a division. Returns (gates, index, fp32 logits): the full softmax is taken
+        # only where it is used, by the balance loss at collection (for all layers of a group at once).
+        logits = logits.float()
+        top, index = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), index, logits
 
     def forward(self, x: Tensor) -> Tensor:
         """``base(x)`` plus the routed expert mixture; records the balance loss in training.
@@ -150,8 +157,9 @@ class MoSLDLinear(nn.Module):
         y = self.base(x)
         a: Tensor = self.mosld_A
         if self.training and self.dropconnect > 0:
-            keep = 1.0 - self.dropconnect
-            a = a * (torch.rand_like(a) < keep).to(a.dtype) / keep
+            # DropConnect is dropout applied to the weight: keep each entry with probability 1 - p, scaled by
+            # 1 / (1 - p); one fused kernel on a GPU instead of five.
+            a = F.dropout(a, self.dropconnect, training=True)
         router = self.mosld_router
         if isinstance(self.dropout, nn.Identity) and a.dtype == router.dtype:
             # The shared projection and the router read the same input: one GEMM over [Ã; W_r] reads x once (and
@@ -160,14 +168,19 @@ class MoSLDLinear(nn.Module):
         else:
             z = F.linear(self.dropout(x).to(a.dtype), a)
             logits = F.linear(x.to(router.dtype), router)
-        gates, index, probs = self._select(logits)
+        gates, index, logits = self._select(logits)
         if self.training:
-            self.balance_losses.append(self.balance_loss(probs, index))
-        return y + F.linear(self.mix(z, gates, index), self.stacked_B()).to(y.dtype)
+            self.routed.append((logits, index))
+        u, b = self.mix(z, gates, index), self.stacked_B()
+        if y.dtype == u.dtype or torch.is_autocast_enabled(y.device.type):
+            # y + s·u Bᵀ in one kernel: the scale and the addition ride on the GEMM that writes the output.
+            return torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(),
+                               alpha=self.scale).view(y.shape)
+        return y + (self.scale * F.linear(u, b)).to(y.dtype)
 
     def mix(self, z: Tensor, gates: Tensor, index: Tensor) -> Tensor:
-        """The rank-space input of the stacked experts: ``u[..., n·r:(n+1)·r] = s · g_n · z`` for each selected
-        expert ``n``, zero for the others, so that ``stacked_B() u = s Σ_k g_k B_k z``.
+        """The rank-space input of the stacked experts: ``u[..., n·r:(n+1)·r] = g_n · z`` for each selected expert
+        ``n``, zero for the others, so that ``stacked_B() u = Σ_k g_k B_k z`` (the scale ``s`` is applied after).
 
         Args:
             z: the shared projection ``Ã x``, ``(..., r)``.
@@ -177,38 +190,57 @@ class MoSLDLinear(nn.Module):
             ``(..., N·r)``.
         """
         # Why the mixture is formed in rank space, not per expert on the output side: a token's output is written
-        # once, by one GEMM over all experts' B side by side, as LoRA's B writes it; the scale rides on the gates.
+        # once, by one GEMM over all experts' B side by side, as LoRA's B writes it.
         # Grouping the tokens by expert instead (sort, per-expert GEMMs, un-sort and sum the K outputs) writes and
         # re-reads K output rows per token plus the permutations: measured at 1.67x LoRA's layer time against 1.11x
         # for this form (MiniLM shapes, CPU). The price here is N·r instead of K·r multiply-adds per output element,
         # r = 8: far below the d_in of W0 x, and GEMMs this thin are bound by the output write, not the arithmetic.
-        weights = (gates * self.scale).to(z.dtype)
-        dense_gates = z.new_zeros(*gates.shape[:-1], self.n_experts).scatter(-1, index, weights)
+        dense_gates = z.new_zeros(*gates.shape[:-1], self.n_experts).scatter(-1, index, gates.to(z.dtype))
         return (dense_gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
 
     def stacked_B(self) -> Tensor:  # noqa: N802 (the paper's B)
         """Every expert's ``B_k`` side by side, ``(out, N·r)``: column block ``n`` is ``B_n``."""
         return self.mosld_B.permute(1, 0, 2).reshape(self.base.out_features, self.n_experts * self.r)
 
-    def balance_loss(self, probs: Tensor, index: Tensor) -> Tensor:
-        """Switch/MoLA balance loss ``N · Σ_k f_k · P_k`` over every token of the call.
-
-        ``f_k`` is the fraction of the tokens × K top-K assignments that went to expert ``k`` (no gradient), ``P_k``
-        the mean router probability of expert ``k``. Padding tokens count too: the layer never sees the mask.
-
-        Args:
-            probs: router softmax ``(..., N)``.
-            index: selected experts ``(..., K)``.
-        """
-        # A comparison rather than bincount (no deterministic CUDA kernel under use_deterministic_algorithms) or
-        # F.one_hot (its range check reads the indices back to the host: a device sync in every layer).
-        hit = index.reshape(-1, 1) == torch.arange(self.n_experts, device=index.device)
-        f = hit.to(probs.dtype).mean(dim=0)
-        p = probs.reshape(-1, self.n_experts).mean(dim=0)
-        return self.n_experts * (f * p).sum()
+    @property
+    def balance_losses(self) -> list[Tensor]:
+        """The balance loss of each training forward since the method last collected them, in call order."""
+        by_call = {i: loss for members, losses in balance_loss_groups(self.routed)
+                   for i, loss in zip(members, losses, strict=True)}
+        return [by_call[i] for i in range(len(self.routed))]
 
     def extra_repr(self) -> str:
         return f"r={self.r}, experts={self.n_experts}, top_k={self.top_k}, scale={self.scale:g}, p={self.dropconnect}"
+
+
+def balance_loss_groups(routed: list[tuple[Tensor, Tensor]]) -> list[tuple[list[int], Tensor]]:
+    """Switch/MoLA balance loss ``N · Σ_k f_k · P_k`` of every routed call, computed group by group.
+
+    ``f_k`` is the fraction of the call's tokens × K top-K assignments that went to expert ``k`` (no gradient),
+    ``P_k`` its mean router probability over the call's tokens. Padding tokens count too: the layer never sees the
+    mask. Calls with the same expert count, token count and K (the layers of one depth group, in one forward) are
+    computed together: one set of kernels per group instead of one per layer, which on a GPU, where these tiny
+    kernels cost their launch, was about a tenth of a MoSLD step's kernels.
+
+    Args:
+        routed: ``(logits (..., N), index (..., K))`` per call: the router's fp32 logits and the selected experts.
+
+    Returns:
+        ``[(positions in routed, losses (L,))]``, one entry per group.
+    """
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, (logits, index) in enumerate(routed):
+        groups.setdefault((logits.shape[-1], logits.numel(), index.shape[-1]), []).append(i)
+    out = []
+    for (n, numel, k), members in groups.items():
+        probs = torch.stack([routed[i][0].reshape(numel // n, n) for i in members]).softmax(dim=-1)  # (L, T, N)
+        index = torch.stack([routed[i][1].reshape(numel // n, k) for i in members])  # (L, T, K)
+        # A comparison rather than bincount (no deterministic CUDA kernel under use_deterministic_algorithms) or
+        # F.one_hot (its range check reads the indices back to the host: a device sync in every layer).
+        hit = index.flatten(1).unsqueeze(-1) == torch.arange(n, device=index.device)  # (L, T·K, N)
+        f = hit.to(probs.dtype).mean(dim=1)
+        out.append((members, n * (f * probs.mean(dim=1)).sum(dim=-1)))
+    return out
 
 
 def experts_per_block(n_blocks: int, experts: tuple[int, ...]) -> list[int]:
@@ -258,7 +290,7 @@ class MoSLD(Method):
         """
         super().set_task(model, task_ids)
         for layer in _layers(model):
-            layer.balance_losses.clear()
+            layer.routed.clear()
 
     def aux_loss(self, model: nn.Module) -> Tensor | None:
         """``balance_coef · Σ_layers N · Σ_k f_k P_k`` of the last training forward, then cleared.
@@ -266,12 +298,12 @@ class MoSLD(Method):
         Returns:
             A scalar, or ``None`` in eval mode, when nothing was recorded, or when ``balance_coef`` is 0.
         """
-        losses = [loss for layer in _layers(model) for loss in layer.balance_losses]
+        routed = [call for layer in _layers(model) for call in layer.routed]
         for layer in _layers(model):
-            layer.balance_losses.clear()
-        if not losses or not model.training or self.cfg.balance_coef == 0:
+            layer.routed.clear()
+        if not routed or not model.training or self.cfg.balance_coef == 0:
             return None
-        return self.cfg.balance_coef * torch.stack(losses).sum()
+        return self.cfg.balance_coef * torch.cat([losses for _, losses in balance_loss_groups(routed)]).sum()
 
 
 def _layers(model: nn.Module) -> list[MoSLDLinear]:

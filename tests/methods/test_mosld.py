@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtbench.backbones import tiny_bert
 from mtbench.errors import ConfigError
 from mtbench.interfaces import ParamRole, adapter_roles
-from mtbench.methods.mosld import MoSLD, MoSLDConfig, MoSLDLinear, experts_per_block
+from mtbench.methods.mosld import MoSLD, MoSLDConfig, MoSLDLinear, balance_loss_groups, experts_per_block
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -136,6 +137,25 @@ def test_balance_loss_by_hand() -> None:
     assert layer3.balance_losses[0].item() == pytest.approx(3 * 0.5 * (q[0] + q[1]).item(), abs=1e-6)
 
 
+def test_balance_losses_grouped_across_layers_equal_each_call_by_hand() -> None:
+    """Calls of different expert counts, token counts and K, interleaved, computed by group: each call's loss is
+    N · Σ_k f_k P_k of that call alone, and the order of the calls is kept."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, (2, 5), 2), (2, (2, 5), 1), (4, (2, 5), 2), (4, (3, 7), 2), (8, (2, 5), 3)]
+    routed = []
+    for n, lead, k in shapes:
+        logits = torch.randn(*lead, n, generator=gen)
+        routed.append((logits, logits.topk(k, dim=-1).indices))
+    got = {i: loss for members, losses in balance_loss_groups(routed) for i, loss in zip(members, losses)}
+    assert sorted(got) == list(range(len(shapes)))
+    for i, (logits, index) in enumerate(routed):
+        n = logits.shape[-1]
+        probs = torch.softmax(logits, dim=-1)
+        f = torch.tensor([(index == e).sum().item() / index.numel() for e in range(n)])
+        expected = n * (f * probs.reshape(-1, n).mean(dim=0)).sum()
+        assert got[i].item() == pytest.approx(expected.item(), abs=1e-6), i
+
+
 def test_no_balance_loss_recorded_in_eval() -> None:
     layer = _layer().eval()
     layer(torch.randn(3, 6))
@@ -237,8 +257,7 @@ def test_fast_path_equals_the_per_token_reference_with_gradients(dropout: float)
     fast = layer(x)
     grads = torch.autograd.grad(fast.pow(2).sum(), [x, layer.mosld_A, layer.mosld_B, layer.mosld_router])
     torch.manual_seed(7)  # the same DropConnect mask (and input dropout) as the fast path drew
-    keep = 1.0 - layer.dropconnect
-    a = layer.mosld_A * (torch.rand_like(layer.mosld_A) < keep).to(x.dtype) / keep
+    a = F.dropout(layer.mosld_A, layer.dropconnect, training=True)  # DropConnect: dropout on the weight
     inputs = layer.dropout(x)
     flat = inputs.reshape(-1, 12)
     probs = torch.softmax(x.reshape(-1, 12) @ layer.mosld_router.T, dim=-1)  # the router sees x without dropout
