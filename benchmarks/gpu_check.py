@@ -14,7 +14,8 @@ Steps, each in its own process so one failure does not hide the others:
    end-to-end and compute-only training throughput, the share of step time spent waiting for data, peak device
    memory (``memory_kind`` must be ``cuda_max_allocated``) and what the allocator reserved.
 2. ``benchmarks/pascal_loader.py --size 448 --batch 32 --workers 14``: samples/s of the training loader alone.
-3. ``benchmarks/adapters.py --device cuda``: step time of every adapter against ``peft``'s LoRA.
+3. ``benchmarks/adapters.py`` on CUDA in bf16, the PASCAL model (448 px, batch 32) and BERT-base (32 × 256 tokens):
+   step time, FLOPs, memory and operations of every adapter against its reference, each table printed whole.
 4. ``pytest -m gpu``: the tests that need CUDA.
 
 The table gives the device, torch and CUDA versions and the git commit it ran at; paste it into
@@ -82,13 +83,21 @@ def run_commands(args: argparse.Namespace, store: Path) -> dict[str, list[str]]:
 def other_commands(args: argparse.Namespace) -> dict[str, list[str]]:
     if args.tiny:
         loader = ["--size", "64", "--batch", "4", "--workers", "0"]
-        adapters = ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--only", "lora_r8"]
+        once = ["--device", "cpu", "--repeats", "1", "--warmup", "0"]
+        swin = ["--suite", "swin", "--image-size", "224", "--batch", "1", *once, "--only", "lora_r64"]
+        text = ["--suite", "text", "--encoder", "bert-base", "--batch", "2", "--tokens", "16", *once, "--only",
+                "lora_r8"]
     else:
         loader = ["--size", "448", "--batch", "32", "--workers", "14"]
-        adapters = ["--device", "cuda", "--repeats", "30"]
+        # The targets' configurations (docs/performance.md): the PASCAL model at 448 px, batch 32, and BERT-base at
+        # 32 x 256 tokens, both in bf16 autocast; random weights, so nothing is downloaded.
+        swin = ["--suite", "swin", "--device", "cuda", "--dtype", "bf16", "--repeats", "15"]
+        text = ["--suite", "text", "--encoder", "bert-base", "--tokens", "256", "--device", "cuda", "--dtype", "bf16",
+                "--repeats", "30"]
     return {
         "loader": [sys.executable, "benchmarks/pascal_loader.py", *loader],
-        "adapters": [sys.executable, "benchmarks/adapters.py", *adapters],
+        "adapters swin": [sys.executable, "benchmarks/adapters.py", *swin],
+        "adapters text": [sys.executable, "benchmarks/adapters.py", *text],
         "pytest": [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
     }
 
@@ -159,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         store = Path(tmp)
         commands = {f"pascal paper run: {m}" if not args.tiny else f"pascal smoke run: {m}": c
                     for m, c in run_commands(args, store).items()} if "runs" not in args.skip else {}
-        commands.update({k: c for k, c in other_commands(args).items() if k not in args.skip})
+        commands.update({k: c for k, c in other_commands(args).items() if k.split()[0] not in args.skip})
         if args.dry_run:
             for name, command in commands.items():
                 print(f"{name}: {shlex.join(command)}")
             return 0
         print(f"gpu check on {environment()}", flush=True)
-        rows = []
+        rows, tables = [], []
         env = {"MTBENCH_HOME": str(store), "HF_HUB_OFFLINE": "1"}
         for name, command in commands.items():
             print(f"running {name} ...", flush=True)
@@ -177,10 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                     figures = last_lines(out)
             else:
                 status = "ok" if code == 0 else f"exit {code}"
-                figures = last_lines(out, 6 if name == "adapters" else 3)
+                figures = last_lines(out)
+                if name.startswith("adapters") and code == 0:  # its own table, printed whole after the summary
+                    tables.append("\n".join(line for line in out.splitlines() if line.startswith(("#", "|"))))
+                    figures = "table below"
             rows.append(Row(name, status, figures, seconds))
         print()
         print(table(rows))
+        for text in tables:
+            print()
+            print(text)
         failed = [r for r in rows if r.status not in ("ok", "FINISHED")]
         return 1 if failed else 0
 

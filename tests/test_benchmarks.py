@@ -97,7 +97,9 @@ def test_gpu_check_dry_run_lists_every_step(capsys: pytest.CaptureFixture) -> No
                  "trainer.accelerator=gpu"):
         assert part in run
     assert "benchmarks/pascal_loader.py --size 448 --batch 32 --workers 14" in out
-    assert "benchmarks/adapters.py --device cuda" in out
+    assert "adapters swin: " in out and "benchmarks/adapters.py --suite swin --device cuda --dtype bf16" in out
+    assert ("adapters text: " in out and "benchmarks/adapters.py --suite text --encoder bert-base --tokens 256 "
+            "--device cuda --dtype bf16" in out)
     assert "-m pytest -m gpu" in out
 
 
@@ -109,3 +111,13 @@ def test_gpu_check_tiny_run_fills_the_table(capsys: pytest.CaptureFixture) -> No
     row = next(line for line in out.splitlines() if line.startswith("| pascal smoke run: lora"))
     assert "| FINISHED |" in row and "samples/s end to end" in row and "(cpu_peak_rss)" in row
     assert "gpu check on " in out and "commit " in out
+
+
+@pytest.mark.slow  # Swin-T and BERT-base built and stepped once each on the CPU (about 30 s)
+def test_gpu_check_tiny_adapters_print_their_tables(capsys: pytest.CaptureFixture) -> None:
+    """The two adapter benchmarks of the GPU check, at toy sizes on the CPU: each row ok, each table printed whole."""
+    assert _script("gpu_check").main(["--tiny", "--skip", "runs", "loader", "pytest"]) == 0
+    out = capsys.readouterr().out
+    assert "| adapters swin | ok | table below |" in out and "| adapters text | ok | table below |" in out
+    assert "# swin: Swin-T PASCAL model" in out and "# text: bert-base" in out
+    assert "| lora_r64 | 8,068,154 |" in out and "| lora_r8 | 1,327,104 |" in out
