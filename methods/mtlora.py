@@ -524,8 +524,9 @@ class _StreamHidden(torch.autograd.Function):
         with torch.autocast(pre1.device.type, enabled=False):
             for rows in _row_blocks(pre1, z1.shape[0]):
                 f = torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)
-                g_a2t += torch.bmm(act(f).transpose(1, 2), grad[:, rows]).float()
+                g_a2t += torch.bmm(act(f).transpose(1, 2), grad[:, rows]).float()  # act(f) is freed here
                 g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=act.approximate)
+                del f
                 torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
                 g_z1.append(torch.bmm(g_f, b1t.transpose(1, 2)).mul_(scale))
                 g_b1t += torch.bmm(z1[:, rows].transpose(1, 2), g_f).float().mul_(scale)
@@ -534,11 +535,13 @@ class _StreamHidden(torch.autograd.Function):
         return g_pre1, torch.cat(g_z1, dim=1), g_b1, g_a2, None, None
 
 
-STREAM_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
+STREAM_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
 """Size of one block of :class:`_StreamHidden`'s hidden activations (all streams), by device type: on a CPU small
 enough for a core's L2 cache, so that the hidden-width passes (update, activation, its backward) read and write
-cache instead of main memory; on a GPU a bound on the transient memory, with few enough blocks that kernel launches
-stay negligible. Other devices take the CUDA value. On the 2-core CPU of docs/performance.md (2 MiB of L2 per
+cache instead of main memory; on a GPU a bound on the transient memory (the backward pass holds up to three blocks
+at once, so 192 MiB here, about 1 % of LoRA's peak for the PASCAL model at 448 px and batch 32), with blocks large
+enough (tens of thousands of rows) to fill the device. That model's first stage then takes about 20 blocks.
+Other devices take the CUDA value. On the 2-core CPU of docs/performance.md (2 MiB of L2 per
 core), one MTLoRA training step of the PASCAL model (224 px, batch 4, one thread) took 2.71-2.74 s with 1-2 MiB
 blocks, 2.88 s with 128 KiB blocks (the per-block overhead) and 2.82-2.88 s with 32-128 MiB (main memory)."""
 
