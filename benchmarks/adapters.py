@@ -290,8 +290,9 @@ def _count_ops(case: Case) -> None:
 
     On a GPU each is about one kernel launch. Where a step's kernels are small (adapters of rank 8, routers, masks),
     their launches and the Python that issues them, not their arithmetic, set the step time, so this count is to the
-    host side of a GPU step what the FLOP count is to the device side. Like that count it does not depend on device
-    or load.
+    host side of a GPU step what the FLOP count is to the device side. It does not depend on load, and little on the
+    device: a CPU runs some operations as several (dropout: a Bernoulli draw, a division and a product, where CUDA
+    has one fused kernel), and in-place metadata operations count as one each.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 

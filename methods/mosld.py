@@ -203,11 +203,12 @@ class MoSLDLinear(nn.Module):
         return self.mosld_B.permute(1, 0, 2).reshape(self.base.out_features, self.n_experts * self.r)
 
     @property
-    def balance_losses(self) -> list[Tensor]:
-        """The balance loss of each training forward since the method last collected them, in call order."""
+    def balance_losses(self) -> tuple[Tensor, ...]:
+        """The balance loss of each training forward since the method last collected them, in call order (computed
+        on each access from :attr:`routed`, which is what the method clears)."""
         by_call = {i: loss for members, losses in balance_loss_groups(self.routed)
                    for i, loss in zip(members, losses, strict=True)}
-        return [by_call[i] for i in range(len(self.routed))]
+        return tuple(by_call[i] for i in range(len(self.routed)))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, experts={self.n_experts}, top_k={self.top_k}, scale={self.scale:g}, p={self.dropconnect}"

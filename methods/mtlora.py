@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from annotated_types import Gt, Interval
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
 from mtbench.backbones import blocks, downsamplers, find_linears, get_submodule_parent, stages
@@ -305,8 +306,9 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         stream adds its rank-``task_r`` correction of its own input), but a stream's hidden activation
         ``act(W1 x_sh + b1 + s·B1_t A1_t x_t)``, as wide as the hidden layer, is used only by ``A2_t`` and is not
         kept: :class:`_StreamHidden` computes it block of rows by block of rows and again in the backward pass, so
-        the streams cost the step neither that memory nor passes over it in main memory. Hooks on ``act`` and
-        ``fc2`` are not called on this path.
+        the streams cost the step neither that memory nor passes over it in main memory. Module hooks on this
+        layer, ``act`` and ``fc2`` do not see the stream rows on this path (``act`` and ``fc2`` are called on the
+        shared rows only), and double backward is not supported.
 
         Args:
             act: the activation between the layers; ``nn.GELU`` (either form) only, whose backward the fused
@@ -320,12 +322,13 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         """
         routing = self.routing
         if (routing is None or routing.stream_tasks is None or not routing.stacked or routing.shared_input
-                or not self.task_input or not isinstance(fc2, MTLoRALinear) or fc2.tasks != self.tasks
-                or not fc2.task_input or self.merged or fc2.merged or type(act) is not nn.GELU):
+                or not self.tasks or not self.task_input or not isinstance(fc2, MTLoRALinear)
+                or fc2.tasks != self.tasks or not fc2.task_input or self.merged or fc2.merged
+                or type(act) is not nn.GELU):
             return None
         k = routing.stacked
         autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast and not x.dtype == self.mtlora_tasks_A[self.tasks[0]].dtype == self.base.weight.dtype:
+        if not autocast and not x.dtype == self.mtlora_shared_A.dtype == self.base.weight.dtype:
             return None  # half-precision weights with fp32 adapters and no autocast: keep the layer-wise rounding
         n = x.shape[0] // (k + 1)
         x_shared, x_streams = x.split([n, k * n])
@@ -334,7 +337,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         a2, b2 = fc2._stream_factors(routing.stream_tasks)
         hidden = pre1.shape[-1]
         z1 = torch.bmm(_as(x_streams, a1.dtype).reshape(k, -1, self.base.in_features), a1.transpose(1, 2))
-        z2 = _StreamHidden.apply(pre1.reshape(-1, hidden), z1, b1, a2, self.scale, act)  # (k, M, task_r)
+        z2 = _StreamHidden.apply(pre1.reshape(-1, hidden), z1, b1, a2, self.scale, act.approximate)  # (k, M, r2)
         pre2, _, y2 = fc2._shared(act(y1))
         flat = pre2.reshape(1, -1, pre2.shape[-1])
         if autocast or flat.dtype == z2.dtype:
@@ -356,7 +359,8 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         # (n, T·r): the row's own task block. A comparison, not F.one_hot, whose range check reads the ids back to the
         # host (a device sync in every adapted layer).
         keep = (ids.long()[:, None] == torch.arange(k, device=ids.device)).to(z.dtype).repeat_interleave(r, dim=1)
-        z = z * (keep * self.scale).view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)  # the scale, in rank space
+        # The scale in rank space, as a Python number: folded into the (possibly bf16) mask it would be rounded.
+        z = z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r) * self.scale
         return F.linear(z, b)
 
     def forward_tasks(self, x: Tensor, x_tasks: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -498,38 +502,45 @@ class _StreamHidden(torch.autograd.Function):
     ``A``; returns ``(k, M, r2)``. The ``(k, M, H)`` hidden activations exist one block of rows at a time
     (:data:`STREAM_BLOCK_BYTES`), in the forward pass and again in the backward pass, which differentiates the
     recomputed block with GELU's own backward kernel; only ``pre1`` and ``z1`` are saved. Everything runs in
-    ``pre1``'s dtype (what autocast gives the products); gradients of ``b1`` and ``a2`` accumulate in float32.
+    ``pre1``'s dtype (what autocast gives the products); gradients of ``b1`` and ``a2`` accumulate in at least
+    float32.
     """
 
     @staticmethod
-    def forward(ctx: Any, pre1: Tensor, z1: Tensor, b1: Tensor, a2: Tensor, scale: float, act: nn.GELU) -> Tensor:
+    def forward(ctx: Any, pre1: Tensor, z1: Tensor, b1: Tensor, a2: Tensor, scale: float, approximate: str
+                ) -> Tensor:
         dtype = pre1.dtype
         b1t, a2t = b1.to(dtype).transpose(1, 2), a2.to(dtype).transpose(1, 2)  # (k, r1, H), (k, H, r2)
         z1 = z1.to(dtype)
         ctx.save_for_backward(pre1, z1, b1t, a2t)
-        ctx.scale, ctx.act, ctx.dtypes = scale, act, (b1.dtype, a2.dtype)
+        ctx.scale, ctx.approximate, ctx.dtypes = scale, approximate, (b1.dtype, a2.dtype)
         with torch.autocast(pre1.device.type, enabled=False):
-            return torch.cat([torch.bmm(act(torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)), a2t)
+            return torch.cat([torch.bmm(F.gelu(torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale),
+                                               approximate=approximate), a2t)
                               for rows in _row_blocks(pre1, z1.shape[0])], dim=1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         pre1, z1, b1t, a2t = ctx.saved_tensors
-        scale, act = ctx.scale, ctx.act
+        scale, approximate = ctx.scale, ctx.approximate
         grad = grad.to(pre1.dtype)
         a2 = a2t.transpose(1, 2)  # (k, r2, H)
         g_pre1, g_z1 = torch.empty_like(pre1), []
-        g_b1t = torch.zeros(b1t.shape, dtype=torch.float32, device=b1t.device)
-        g_a2t = torch.zeros(a2t.shape, dtype=torch.float32, device=a2t.device)
+        acc = torch.promote_types(pre1.dtype, torch.float32)  # the factors' gradients: at least fp32
+        g_b1t = torch.zeros(b1t.shape, dtype=acc, device=b1t.device)
+        g_a2t = torch.zeros(a2t.shape, dtype=acc, device=a2t.device)
         with torch.autocast(pre1.device.type, enabled=False):
             for rows in _row_blocks(pre1, z1.shape[0]):
                 f = torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)
-                g_a2t += torch.bmm(act(f).transpose(1, 2), grad[:, rows]).float()  # act(f) is freed here
-                g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=act.approximate)
+                h = F.gelu(f, approximate=approximate)
+                g_a2t += torch.bmm(h.transpose(1, 2), grad[:, rows]).to(acc)
+                del h
+                g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=approximate)
                 del f
                 torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
                 g_z1.append(torch.bmm(g_f, b1t.transpose(1, 2)).mul_(scale))
-                g_b1t += torch.bmm(z1[:, rows].transpose(1, 2), g_f).float().mul_(scale)
+                g_b1t += torch.bmm(z1[:, rows].transpose(1, 2), g_f).to(acc).mul_(scale)
         dtype_b1, dtype_a2 = ctx.dtypes
         g_b1, g_a2 = g_b1t.transpose(1, 2).to(dtype_b1), g_a2t.transpose(1, 2).to(dtype_a2)
         return g_pre1, torch.cat(g_z1, dim=1), g_b1, g_a2, None, None
@@ -550,8 +561,8 @@ def _row_blocks(pre1: Tensor, streams: int) -> list[slice]:
     """Row slices of ``pre1`` ``(M, H)`` whose ``streams`` hidden activations fit :data:`STREAM_BLOCK_BYTES`."""
     budget = STREAM_BLOCK_BYTES.get(pre1.device.type, STREAM_BLOCK_BYTES["cuda"])
     m, h = pre1.shape
-    step = max(1, budget // (streams * h * pre1.element_size()))
-    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
+    step = max(1, budget // max(1, streams * h * pre1.element_size()))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)] or [slice(0, 0)]
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:

