@@ -393,8 +393,8 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
           f"peft {peft.__version__}; commit {commit}; median of {args.repeats} after {args.warmup} warm-up")
     by_name = {c.name: c for c in cases}
     print("| case | trainable | step ms | reference | time ratio | target | met | GFLOP | ratio | saved act. MiB "
-          "| ratio | peak MiB | ratio | target | met | ops | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio | peak MiB | ratio | target | met | ops | ratio | time ratio by round |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         ms = statistics.median(case.times) * 1e3
         ref = by_name.get(case.reference or "")
@@ -407,7 +407,17 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
               f"{_target(case.target)} | {_met(ratio, case.target)} | {case.gflops:.1f} | {flops:.3f} | "
               f"{case.saved_mb:.0f} | {saved:.3f} | {case.peak_mb:.0f} | {peak:.3f} | "
               f"{_target(case.memory_target)} | {_met(mem, case.memory_target)} | {case.ops} | "
-              f"{case.ops / ref.ops if ref else float('nan'):.3f} |")
+              f"{case.ops / ref.ops if ref else float('nan'):.3f} | {_round_range(case, ref)} |")
+
+
+def _round_range(case: Case, ref: Case | None) -> str:
+    """``min-max`` of the case's time over its reference's in each round: a round times every case once, one after
+    the other, so its ratio compares steps taken moments apart, and the spread shows how far a single ratio can be
+    trusted on this machine."""
+    if ref is None or not case.times:
+        return "–"
+    ratios = [t / r for t, r in zip(case.times, ref.times, strict=True)]
+    return f"{min(ratios):.3f}-{max(ratios):.3f}"
 
 
 def _target(value: float | None) -> str:
