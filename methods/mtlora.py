@@ -413,9 +413,6 @@ class MTLoRA(Method):
 
     config_cls: ClassVar[type[MethodConfig]] = MTLoRAConfig
     mergeable: ClassVar[bool] = False
-    # The two-stream hooks on a block do not replay the same operations when transformers recomputes that block
-    # (torch.utils.checkpoint stops with a mismatch), so activation checkpointing is refused rather than trusted.
-    checkpointable: ClassVar[bool] = False
     cfg: MTLoRAConfig
 
     def __init__(self, cfg: MethodConfig, tasks: Sequence[str]) -> None:
@@ -475,6 +472,12 @@ class MTLoRA(Method):
                 self.hooks.append(attention.register_forward_hook(self.streams.attention_post, always_call=True))
         refuse_shared_weights(backbone)  # merge_shared writes into base weights: a tied lm_head would move the input
         return backbone
+
+    def checkpoint_exclusions(self, model: nn.Module) -> list[str]:
+        """The block that runs two streams in mixed batches: its hooks stack the streams in the forward pass, which
+        a recomputation in the backward pass would not replay (torch.utils.checkpoint stops with a mismatch), so it
+        keeps its activations while every other layer is recomputed."""
+        return [blocks(model)[-1]] if self.hooks else []
 
     def task_layers(self, model: nn.Module) -> list[list[str]]:
         """Names of the TS-LoRA layers of each stage (``backbones.stages`` order), for an all-tasks caller."""

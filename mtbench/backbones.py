@@ -189,14 +189,19 @@ def build(spec: str, **kwargs: Any) -> Any:
     return hf_text_encoder(spec)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module, exclude: Sequence[str] = ()) -> None:
     """Recompute each layer's activations during the backward pass instead of keeping them (transformers models).
 
     Non-reentrant checkpointing: it needs no input that requires grad (the embeddings are frozen under adapters) and
     it replays dropout with the saved RNG state, so gradients match a plain backward pass.
 
+    Args:
+        model: a transformers model.
+        exclude: module paths of layers to leave alone (``Method.checkpoint_exclusions``).
+
     Raises:
-        ConfigError: the backbone has no layer-level checkpointing (timm backbones, whose stages mtbench runs itself).
+        ConfigError: the backbone has no layer-level checkpointing (timm backbones, whose stages mtbench runs itself),
+            or an excluded path is not one of its checkpointed layers.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.activation_checkpointing: backbone {type(model).__name__} does not support it; "
@@ -206,6 +211,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    for name in exclude:
+        layer = model.get_submodule(name)
+        if not getattr(layer, "gradient_checkpointing", False):
+            raise ConfigError(f"train.activation_checkpointing: {name} is not a checkpointed layer of "
+                              f"{type(model).__name__}")
+        layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads this on every call
 
 
 def hf_text_encoder(name_or_path: str) -> TextBackbone:

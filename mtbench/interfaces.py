@@ -388,6 +388,12 @@ class Method(ABC):
         self.tasks = tuple(tasks)
         self.routing = TaskRouting(self.tasks)
 
+    def checkpoint_exclusions(self, model: nn.Module) -> list[str]:
+        """Module paths of the blocks that activation checkpointing must leave alone (kept, not recomputed), for
+        example a block whose hooks change its inputs, which a recomputation would not replay; every other layer is
+        still recomputed. Called after :meth:`apply`."""
+        return []
+
     @abstractmethod
     def apply(self, backbone: nn.Module) -> nn.Module:
         """Wrap the backbone's target layers in place with adapter layers and return the model."""

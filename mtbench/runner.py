@@ -327,7 +327,7 @@ def build_module(exp: Experiment) -> BenchModule:
         if not method.checkpointable:
             raise ConfigError(f"train.activation_checkpointing: method '{exp.method_name}' does not support it; "
                               "set it to false")
-        enable_activation_checkpointing(backbone)
+        enable_activation_checkpointing(backbone, exclude=method.checkpoint_exclusions(backbone))
     model = MultiTaskModel(backbone, _plugin_result(task.heads(backbone), nn.ModuleDict, "task", exp.task_name,
                                                     "heads()"))
     set_trainable(model, method, task)

@@ -517,6 +517,20 @@ def test_activation_checkpointing_gives_the_same_gradients(method: str) -> None:
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_mtlora_checkpoints_every_layer_but_its_two_stream_block() -> None:
+    """The last decoder layer stacks MTLoRA's two streams with hooks a recomputation would not replay: it keeps its
+    activations, every other layer is recomputed; an exclusion that names no checkpointed layer is an error."""
+    from mtbench.backbones import enable_activation_checkpointing
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+
+    module = build_module(resolve("mtlora", "llm_mixture", "smoke", sets=["train.activation_checkpointing=true"]))
+    flags = [m.gradient_checkpointing for m in module.model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert len(flags) > 1 and all(flags[:-1]) and not flags[-1]
+    with pytest.raises(ConfigError, match="is not a checkpointed layer"):
+        enable_activation_checkpointing(module.model.backbone, exclude=["model.norm"])
+
+
 def test_activation_checkpointing_needs_a_transformers_backbone() -> None:
     from mtbench.config import resolve
     from mtbench.runner import build_module
