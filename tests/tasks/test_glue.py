@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torchmetrics
+from _checkpointing import assert_same_gradients_with_checkpointing
 
 from mtbench import registry
 from mtbench.data import LoaderConfig
@@ -280,25 +281,13 @@ def test_mixed_batch_weighs_every_example_alike() -> None:
 def test_mtlora_mixed_batch_gradients_are_the_same_with_activation_checkpointing() -> None:
     """An encoder (BERT) this time: every layer but MTLoRA's two-stream last one is recomputed, with the same dropout
     masks, so the gradients equal those of a plain backward pass."""
-    from mtbench.config import resolve
-    from mtbench.runner import build_module
 
-    grads = []
-    for checkpointing in (False, True):
-        exp = resolve("mtlora", "glue", "smoke", sets=[f"train.activation_checkpointing={checkpointing}",
-                                                       "method.dropout=0.1"])
-        module = build_module(exp)
+    def check(module: Any, batch: dict, checkpointing: bool) -> None:
         flags = [m.gradient_checkpointing for m in module.model.modules() if hasattr(m, "gradient_checkpointing")]
-        assert any(flags) == checkpointing and not flags[-1]
-        batch = next(iter(module.task.datamodule(exp.train, seed=0).train_dataloader()))
+        assert not flags[-1]  # the two-stream block keeps its activations
         assert len(set(batch["task_ids"].tolist())) > 1  # a mixed batch: the last block runs two streams
-        module.train()
-        torch.manual_seed(0)
-        module.training_step(module.on_before_batch_transfer(batch, 0), 0).backward()
-        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
-    assert grads[0] and grads[0].keys() == grads[1].keys()
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    assert_same_gradients_with_checkpointing("mtlora", "glue", ["method.dropout=0.1"], check)
 
 
 def test_trainable_counts_only_what_receives_a_gradient(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchmetrics
+from _checkpointing import assert_same_gradients_with_checkpointing
 from torch import nn
 
 from mtbench import registry
@@ -501,20 +502,7 @@ def test_activation_checkpointing_gives_the_same_gradients(method: str) -> None:
         with pytest.raises(ConfigError, match=f"activation_checkpointing: method '{method}' does not support it"):
             build_module(resolve(method, "llm_mixture", "smoke", sets=[*sets, "train.activation_checkpointing=true"]))
         return
-    grads = []
-    for checkpointing in (False, True):
-        exp = resolve(method, "llm_mixture", "smoke", sets=[*sets, f"train.activation_checkpointing={checkpointing}"])
-        module = build_module(exp)
-        decoder_layers = [m for m in module.model.modules() if hasattr(m, "gradient_checkpointing")]
-        assert any(m.gradient_checkpointing for m in decoder_layers) == checkpointing
-        batch = next(iter(module.task.datamodule(exp.train, seed=0).train_dataloader()))
-        module.train()
-        torch.manual_seed(0)
-        module.training_step(module.on_before_batch_transfer(batch, 0), 0).backward()
-        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
-    assert grads[0] and grads[0].keys() == grads[1].keys()
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients_with_checkpointing(method, "llm_mixture", sets)
 
 
 def test_mtlora_checkpoints_every_layer_but_its_two_stream_block() -> None:
