@@ -146,7 +146,7 @@ class MoSLDLinear(nn.Module):
         return top.softmax(dim=-1), index, logits
 
     def forward(self, x: Tensor) -> Tensor:
-        """``base(x)`` plus the routed expert mixture; records the balance loss in training.
+        """``base(x)`` plus the routed expert mixture; in training, records its routing for the balance loss.
 
         Args:
             x: input ``(..., in_features)``.

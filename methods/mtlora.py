@@ -262,20 +262,14 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         rank-r pair in one batched product; with per-row ids (mixed batches) every row takes the masked rank-``T·r``
         product of :meth:`_mixed_task_delta`.
         """
-        d_in, d_out, r = self.base.in_features, self.base.out_features, self.task_r
+        d_in, r = self.base.in_features, self.task_r
         if routing.stream_tasks is not None:
             a, b = self._stream_factors(routing.stream_tasks)
-            b_t = b.transpose(1, 2)  # (k, r, out)
             if common:  # one down-projection of the shared input for all streams
                 z = F.linear(_as(u, a.dtype), a.reshape(k * r, d_in)).reshape(-1, k, r).transpose(0, 1)
             else:
                 z = torch.bmm(_as(u, a.dtype).reshape(k, -1, d_in), a.transpose(1, 2))  # (k, M, r)
-            flat = pre.reshape(1, -1, d_out)
-            if torch.is_autocast_enabled(pre.device.type) or flat.dtype == z.dtype:
-                out = torch.baddbmm(flat, z, b_t, alpha=self.scale)  # pre + s·z B_tᵀ in one kernel
-            else:
-                out = flat + (self.scale * torch.bmm(z, b_t)).to(flat.dtype)
-            return out.reshape(k * pre.shape[0], *pre.shape[1:])
+            return _plus_streams(pre, z, b, self.scale)
         if routing.task_ids is None:
             raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
         if common and k > 1:
@@ -339,12 +333,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         z1 = torch.bmm(_as(x_streams, a1.dtype).reshape(k, -1, self.base.in_features), a1.transpose(1, 2))
         z2 = _StreamHidden.apply(pre1.reshape(-1, hidden), z1, b1, a2, self.scale, act.approximate)  # (k, M, r2)
         pre2, _, y2 = fc2._shared(act(y1))
-        flat = pre2.reshape(1, -1, pre2.shape[-1])
-        if autocast or flat.dtype == z2.dtype:
-            out = torch.baddbmm(flat, z2, b2.transpose(1, 2), alpha=fc2.scale)
-        else:
-            out = flat + (fc2.scale * torch.bmm(z2, b2.transpose(1, 2))).to(flat.dtype)
-        return torch.cat([y2, out.reshape(k * n, *pre2.shape[1:])])
+        return torch.cat([y2, _plus_streams(pre2, z2, b2, fc2.scale)])
 
     def stream_routing(self) -> TaskRouting | None:
         """The routing of the stacked-stream forward, ``None`` without TS-LoRA (``interfaces.StreamAdapter``)."""
@@ -566,6 +555,23 @@ def _row_blocks(pre1: Tensor, streams: int) -> list[slice]:
     m, h = pre1.shape
     step = max(1, budget // max(1, streams * h * pre1.element_size()))
     return [slice(i, min(i + step, m)) for i in range(0, m, step)] or [slice(0, 0)]
+
+
+def _plus_streams(pre: Tensor, z: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``pre + s·z_t B_tᵀ`` for every stream ``t``, stream-major ``(k·n, ..., out)``.
+
+    ``pre`` ``(n, ..., out)`` is the frozen output every stream shares, ``z`` ``(k, M, r)`` the streams' rank-space
+    activations (``M`` the rows of ``pre``), ``b`` ``(k, out, r)`` their ``B`` factors. One ``baddbmm`` where the
+    dtypes allow (``pre`` broadcast, not copied); otherwise the product in the factors' dtype, rounded once into
+    ``pre``'s.
+    """
+    flat = pre.reshape(1, -1, pre.shape[-1])
+    b_t = b.transpose(1, 2)  # (k, r, out)
+    if torch.is_autocast_enabled(pre.device.type) or flat.dtype == z.dtype:
+        out = torch.baddbmm(flat, z, b_t, alpha=scale)
+    else:
+        out = flat + (scale * torch.bmm(z, b_t)).to(flat.dtype)
+    return out.reshape(z.shape[0] * pre.shape[0], *pre.shape[1:])
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
