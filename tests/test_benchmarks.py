@@ -62,6 +62,13 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
     assert ops["lorasc_r8"] == pytest.approx(1.0)
     assert 1.0 < ops["mtlora_r8_4tasks_mixed"] < 1.15
     assert 1.0 < ops["mosld_4exp_top2_r8"] < 2.3
+    # The last column: the time ratio's range over the rounds (one round here, so both ends are that round's ratio).
+    for name, row in table.items():
+        if row[3] == "–":
+            assert row[17] == "–", name
+        else:
+            low, high = (float(x) for x in row[17].split("-"))
+            assert 0 < low == high == pytest.approx(float(row[4]), abs=1e-3), name
 
 
 @pytest.mark.slow  # Swin-T at 224 px: about a minute on one thread

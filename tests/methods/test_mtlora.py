@@ -72,6 +72,20 @@ def test_layer_shared_and_task_outputs() -> None:
     assert not torch.allclose(outs["a"], outs["b"])
 
 
+def test_mixed_batch_scale_is_not_rounded_to_bf16() -> None:
+    """Under bf16 autocast the task branch of a mixed batch scales by s itself: 1.3 (bf16 rounds it to 1.296875,
+    which the branch would carry on every row if the scale were folded into the bf16 row mask)."""
+    torch.manual_seed(0)
+    layer = MTLoRALinear(nn.Linear(64, 64), r=4, scale=1.3, tasks=TASKS, task_r=4)
+    _randomise(layer, std=1.0)
+    u, ids = torch.randn(512, 64), torch.arange(512) % 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scaled = layer._mixed_task_delta(u, ids).float()
+        layer.scale = 1.0
+        unit = layer._mixed_task_delta(u, ids).float()
+    assert float((scaled * unit).sum() / (unit * unit).sum()) == pytest.approx(1.3, abs=1e-3)
+
+
 def test_proj_call_is_a_merged_linear_but_fc1_call_is_not() -> None:
     """methods.md §10.3: TS ``proj`` (no task input) = per-task merged ``W0 + s B_t A_t``; ``fc1`` (task input) ≠."""
     layer = _layer()
