@@ -422,6 +422,24 @@ def test_stream_mlp_matches_the_layers_one_by_one(dtype: torch.dtype, monkeypatc
     assert not torch.allclose(fast[2:4], fast[4:], atol=1e-3)  # the two streams differ
 
 
+def test_stream_mlp_float64_gradients_and_no_double_backward() -> None:
+    """In float64 the fused path's factor gradients are float64-exact (not accumulated in fp32), and a second
+    derivative is refused by name rather than failing inside the backward pass."""
+    fc1, act, fc2, routing = _mlp_pair(dropout=0.0)
+    fc1.double(), fc2.double()
+    x = torch.randn(3 * 2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    params = [x, *(p for p in (*fc1.parameters(), *fc2.parameters()) if p.requires_grad)]
+    with routing.stack((2, 0), 2):
+        fast, slow = fc1.stream_mlp(act, fc2, x), fc2(act(fc1(x)))
+    assert fast is not None
+    for gf, gs in zip(torch.autograd.grad(fast.sum(), params, retain_graph=True),
+                      torch.autograd.grad(slow.sum(), params), strict=True):
+        assert torch.allclose(gf, gs, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(fast.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gx.sum().backward()
+
+
 def test_stream_mlp_one_stream_and_empty_rows() -> None:
     """k = 1 and a batch with no rows, against the layers one by one (eval: no dropout)."""
     fc1, act, fc2, routing = _mlp_pair(dropout=0.0)
