@@ -502,40 +502,41 @@ class _StreamHidden(torch.autograd.Function):
     def forward(ctx: Any, pre1: Tensor, z1: Tensor, b1: Tensor, a2: Tensor, scale: float, approximate: str
                 ) -> Tensor:
         dtype = pre1.dtype
-        b1t, a2t = b1.to(dtype).transpose(1, 2), a2.to(dtype).transpose(1, 2)  # (k, r1, H), (k, H, r2)
-        z1 = z1.to(dtype)
-        ctx.save_for_backward(pre1, z1, b1t, a2t)
         ctx.scale, ctx.approximate, ctx.dtypes = scale, approximate, (b1.dtype, a2.dtype)
+        b1t, a2 = b1.to(dtype).transpose(1, 2), a2.to(dtype)  # (k, r1, H), (k, r2, H)
+        z1 = z1.to(dtype)
+        ctx.save_for_backward(pre1, z1, b1t, a2)
         with torch.autocast(pre1.device.type, enabled=False):
-            return torch.cat([torch.bmm(F.gelu(torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale),
-                                               approximate=approximate), a2t)
-                              for rows in _row_blocks(pre1, z1.shape[0])], dim=1)
+            # Rank-space results are formed transposed, (k, r, rows) = (k, r, H) @ (k, H, rows): a GEMM with
+            # r = 4 output rows runs about twice as fast on a CPU as one with r = 4 output columns (MKL, fp32).
+            z2t = torch.cat([torch.bmm(a2, F.gelu(torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale),
+                                                  approximate=approximate).transpose(1, 2))
+                             for rows in _row_blocks(pre1, z1.shape[0])], dim=2)
+        return z2t.transpose(1, 2).contiguous()  # (k, M, r2): the next product takes it as a row-major operand
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        pre1, z1, b1t, a2t = ctx.saved_tensors
+        pre1, z1, b1t, a2 = ctx.saved_tensors
         scale, approximate = ctx.scale, ctx.approximate
         grad = grad.to(pre1.dtype)
-        a2 = a2t.transpose(1, 2)  # (k, r2, H)
-        g_pre1, g_z1 = torch.empty_like(pre1), []
+        grad_t = grad.transpose(1, 2)  # (k, r2, M)
+        g_pre1, g_z1t = torch.empty_like(pre1), []
         acc = torch.promote_types(pre1.dtype, torch.float32)  # the factors' gradients: at least fp32
         g_b1t = torch.zeros(b1t.shape, dtype=acc, device=b1t.device)
-        g_a2t = torch.zeros(a2t.shape, dtype=acc, device=a2t.device)
+        g_a2 = torch.zeros(a2.shape, dtype=acc, device=a2.device)
         with torch.autocast(pre1.device.type, enabled=False):
             for rows in _row_blocks(pre1, z1.shape[0]):
                 f = torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)
-                h = F.gelu(f, approximate=approximate)
-                g_a2t += torch.bmm(h.transpose(1, 2), grad[:, rows]).to(acc)
-                del h
+                g_a2 += torch.bmm(grad_t[:, :, rows], F.gelu(f, approximate=approximate)).to(acc)
                 g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=approximate)
                 del f
                 torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
-                g_z1.append(torch.bmm(g_f, b1t.transpose(1, 2)).mul_(scale))
+                g_z1t.append(torch.bmm(b1t, g_f.transpose(1, 2)).mul_(scale))  # (k, r1, rows), as in forward
                 g_b1t += torch.bmm(z1[:, rows].transpose(1, 2), g_f).to(acc).mul_(scale)
         dtype_b1, dtype_a2 = ctx.dtypes
-        g_b1, g_a2 = g_b1t.transpose(1, 2).to(dtype_b1), g_a2t.transpose(1, 2).to(dtype_a2)
-        return g_pre1, torch.cat(g_z1, dim=1), g_b1, g_a2, None, None
+        g_z1 = torch.cat(g_z1t, dim=2).transpose(1, 2).contiguous()
+        return g_pre1, g_z1, g_b1t.transpose(1, 2).to(dtype_b1), g_a2.to(dtype_a2), None, None
 
 
 STREAM_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}

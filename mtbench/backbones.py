@@ -580,10 +580,20 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
 
     def forward(x: Tensor) -> Tensor:
         b, h, w, c = x.shape
+        # The output projection acts row by row, so it commutes with the window reverse, crop and reverse shift that
+        # follow it in timm's _attn: applied after them, it fans the shared rows out to the streams without those
+        # permutations (and their backward) running on every stream.
+        attention = block.attn
+        proj, proj_drop = attention.proj, attention.proj_drop
+        attention.proj = attention.proj_drop = nn.Identity()
+        try:
+            mixed = block._attn(block.norm1(x))  # (b, h, w, c): the heads' output before the projection
+        finally:
+            attention.proj, attention.proj_drop = proj, proj_drop
         with ExitStack() as context:
             for routing in routings:
                 context.enter_context(routing.stack(ids[id(routing)], k, shared_input=True))
-            attn = block._attn(block.norm1(x))  # ((k + 1)·b, h, w, c): proj fans the shared rows out to the streams
+            attn = proj_drop(proj(mixed))  # ((k + 1)·b, h, w, c): proj fans the shared rows out to the streams
         if attn.shape[0] == b:  # no stream layer in the attention (proj without task LoRA): the streams start equal
             attn = attn.repeat(k + 1, 1, 1, 1)
         # The block input is every stream's shortcut (broadcast, not copied); DropPath draws a mask per stream row.
