@@ -517,6 +517,31 @@ def test_swin_stream_blocks_keep_no_hidden_activation_per_stream() -> None:
     assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
 
 
+def test_swin_stream_blocks_shift_and_partition_the_shared_rows_only() -> None:
+    """The cyclic shifts of a shifted-window stream block, forward and backward, run on the shared rows only (and
+    with them the window partition and reverse between them): the output projection, the first layer with one
+    output per stream, is applied after the reverse shift."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted()).train()
+    batches: list[int] = []
+
+    class Shifts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket is torch.ops.aten.roll:
+                batches.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with Shifts():
+        features = swin_stage_features(model, torch.randn(2, 3, 64, 64), tasks=SWIN_TASKS)
+        sum(f.sum() for fs in features.values() for f in fs).backward()
+    assert 2 in batches and set(batches) == {2}, batches
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_mixed_batch_attention_runs_once_on_the_shared_rows(family: str) -> None:
     """The last block's q/k/v and attention see the n shared rows only (§7.4: the attention map is shared); its
