@@ -566,9 +566,10 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
     Returns ``(rows, streamed tasks)``: ``[shared; stream_1; ...]`` rows, batch-major. The block's forward
     (``x + DropPath(attn(LN1 x))``, then ``+ DropPath(MLP(LN2 ·))``) is spelled out here so that work shared by all
     streams runs once: LN1, window attention and ``qkv`` see the shared rows only (§7.4: the attention map is shared),
-    and the first stream layer (``proj``) returns every stream from them (``TaskRouting.shared_input``); from there
-    on each stream has its own rows. The streams are named by one task index each, Python ints, so the stream layers
-    batch their per-task products without reading the device. The MLP runs through :func:`_mlp`, which lets a
+    and the first stream layer (``proj``, applied after the window reverse and reverse shift, with which it commutes)
+    returns every stream from them (``TaskRouting.shared_input``); from there on each stream has its own rows. The
+    streams are named by one task index each, Python ints, so the stream layers batch their per-task products without
+    reading the device. The MLP runs through :func:`_mlp`, which lets a
     stream layer keep the streams' hidden activations (4·C wide, k of them) out of memory.
     """
     routings = stream_routings(block)
