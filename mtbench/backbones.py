@@ -569,8 +569,8 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
     and the first stream layer (``proj``, applied after the window reverse and reverse shift, with which it commutes)
     returns every stream from them (``TaskRouting.shared_input``); from there on each stream has its own rows. The
     streams are named by one task index each, Python ints, so the stream layers batch their per-task products without
-    reading the device. The MLP runs through :func:`_mlp`, which lets a
-    stream layer keep the streams' hidden activations (4·C wide, k of them) out of memory.
+    reading the device. The MLP runs through :func:`_mlp`, which lets a stream layer keep the streams' hidden
+    activations (4·C wide, k of them) out of memory.
     """
     routings = stream_routings(block)
     streamed = [t for t in tasks if routings and all(t in r.tasks for r in routings)]
