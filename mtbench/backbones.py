@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -570,7 +570,9 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
     returns every stream from them (``TaskRouting.shared_input``); from there on each stream has its own rows. The
     streams are named by one task index each, Python ints, so the stream layers batch their per-task products without
     reading the device. The MLP runs through :func:`_mlp`, which lets a stream layer keep the streams' hidden
-    activations (4·C wide, k of them) out of memory.
+    activations (4·C wide, k of them) out of memory. In such a block, hooks on the attention module see the heads'
+    output before the projection, and hooks on ``proj`` see ``(b, h, w, ·)`` rows (timm's own layouts where the heads
+    are narrower or wider than the block, and ``proj`` stays inside the attention).
     """
     routings = stream_routings(block)
     streamed = [t for t in tasks if routings and all(t in r.tasks for r in routings)]
@@ -579,34 +581,34 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
     k = len(streamed)
     ids = {id(r): tuple(r.tasks.index(t) for t in streamed) for r in routings}
 
-    def forward(x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        # The output projection acts row by row, so it commutes with the window reverse, crop and reverse shift that
-        # follow it in timm's _attn: applied after them, it fans the shared rows out to the streams without those
-        # permutations (and their backward) running on every stream.
-        attention = block.attn
-        proj, proj_drop = attention.proj, attention.proj_drop
-        attention.proj = attention.proj_drop = nn.Identity()
-        try:
-            mixed = block._attn(block.norm1(x))  # (b, h, w, c): the heads' output before the projection
-        finally:
-            attention.proj, attention.proj_drop = proj, proj_drop
+    @contextmanager
+    def stacked(shared_input: bool = False) -> Iterator[None]:
         with ExitStack() as context:
             for routing in routings:
-                context.enter_context(routing.stack(ids[id(routing)], k, shared_input=True))
-            attn = proj_drop(proj(mixed))  # ((k + 1)·b, h, w, c): proj fans the shared rows out to the streams
+                context.enter_context(routing.stack(ids[id(routing)], k, shared_input=shared_input))
+            yield
+
+    def forward(x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        attention = block.attn
+        if _linear_in_features(attention.proj) == c:
+            # The output projection acts row by row, so it commutes with the window reverse, crop and reverse shift
+            # that follow it in timm's _attn: applied after them, it fans the shared rows out to the streams without
+            # those permutations (and their backward) running on every stream. (timm views the heads' output at the
+            # block's width, so this needs heads x head_dim = width, timm's default.)
+            heads = _attention_heads(block, block.norm1(x))  # (b, h, w, c)
+            with stacked(shared_input=True):
+                attn = attention.proj_drop(attention.proj(heads))  # ((k + 1)·b, h, w, c)
+        else:
+            with stacked(shared_input=True):
+                attn = block._attn(block.norm1(x))  # proj inside fans the shared rows out to the streams
         if attn.shape[0] == b:  # no stream layer in the attention (proj without task LoRA): the streams start equal
             attn = attn.repeat(k + 1, 1, 1, 1)
         # The block input is every stream's shortcut (broadcast, not copied); DropPath draws a mask per stream row.
         y = (x + block.drop_path1(attn).view(k + 1, b, h, w, c)).view((k + 1) * b, h * w, c)
-        y = y + block.drop_path2(mlp(y))
+        with stacked():
+            y = y + block.drop_path2(_mlp(block.mlp, block.norm2(y)))
         return y.view((k + 1) * b, h, w, c)
-
-    def mlp(y: Tensor) -> Tensor:
-        with ExitStack() as context:
-            for routing in routings:
-                context.enter_context(routing.stack(ids[id(routing)], k))
-            return _mlp(block.mlp, block.norm2(y))
 
     # Called through the module (an instance-level forward for this call) so that hooks on the block still see its
     # input and output.
@@ -615,3 +617,25 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
         return block(x), streamed
     finally:
         del block.forward
+
+
+def _attention_heads(block: Any, x: Tensor) -> Tensor:
+    """timm's ``block._attn(x)`` without the attention's output projection and its dropout: the heads' output after
+    the window reverse, crop and reverse shift, ``(b, h, w, heads x head_dim)``. The two modules are swapped for
+    identities for the call and always put back."""
+    attention = block.attn
+    proj, proj_drop = attention.proj, attention.proj_drop
+    try:
+        attention.proj = attention.proj_drop = nn.Identity()
+        return block._attn(x)
+    finally:
+        attention.proj, attention.proj_drop = proj, proj_drop
+
+
+def _linear_in_features(module: nn.Module) -> int | None:
+    """Input width of a linear layer, or of the ``nn.Linear`` an adapter wraps (``base``, or peft's ``base_layer``);
+    ``None`` for anything else."""
+    for candidate in (module, getattr(module, "base", None), getattr(module, "base_layer", None)):
+        if isinstance(candidate, nn.Linear):
+            return candidate.in_features
+    return None

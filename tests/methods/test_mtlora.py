@@ -293,13 +293,14 @@ def test_swin_stages_plus_and_mixed_batch() -> None:
 SWIN_TASKS = ("semseg", "sal", "normals")  # not in sorted order: routing order must never be confused with key order
 
 
-def _swin_shifted() -> nn.Module:
-    """Two blocks per stage, so the last block of stages 1-2 uses shifted windows (shift 2 at 16² and 8²)."""
+def _swin_shifted(head_dim: int | None = None) -> nn.Module:
+    """Two blocks per stage, so the last block of stages 1-2 uses shifted windows (shift 2 at 16² and 8²).
+    ``head_dim=16`` makes the heads narrower than the block in stages 3-4 (heads x 16 = 32 and 64 channels)."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     return timm.create_model(
         "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
-        img_size=64, window_size=4, num_classes=0,
+        img_size=64, window_size=4, num_classes=0, head_dim=head_dim,
     ).eval()
 
 
@@ -347,15 +348,17 @@ def _reference_features(model: nn.Module, images: torch.Tensor, tasks: tuple[str
     return out
 
 
-@pytest.mark.parametrize("targets", [("proj", "fc1", "fc2"), ("fc1",), ("proj", "fc2")])
-def test_swin_all_tasks_fast_path_matches_per_task_reference(targets: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("targets", "head_dim"), [(("proj", "fc1", "fc2"), None), (("fc1",), None),
+                                                   (("proj", "fc2"), None), (("proj", "fc1", "fc2"), 16)])
+def test_swin_all_tasks_fast_path_matches_per_task_reference(targets: tuple[str, ...], head_dim: int | None) -> None:
     """Features and gradients of the stacked-stream forward (attention once, per-stream products, the fused stream
     MLP where fc1 and fc2 both have task LoRA) equal the per-task reference, for shifted and unshifted blocks, with
-    streams requested in an order unlike the method's, and with task LoRA on some layers only."""
+    streams requested in an order unlike the method's, with task LoRA on some layers only, and with heads narrower
+    than the block (``proj`` then stays inside timm's attention)."""
     from mtbench.backbones import swin_stage_features
 
     method = MTLoRA(MTLoRAConfig(r=4, task_r=2, task_targets=targets), tasks=SWIN_TASKS)
-    model = method.apply(_swin_shifted())
+    model = method.apply(_swin_shifted(head_dim))
     _randomise(model, std=0.05)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     tasks = ("normals", "semseg")  # a subset, out of the method's order
@@ -540,6 +543,27 @@ def test_swin_stream_blocks_shift_and_partition_the_shared_rows_only() -> None:
         sum(f.sum() for fs in features.values() for f in fs).backward()
     assert 2 in batches and set(batches) == {2}, batches
     assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
+
+
+def test_swin_stream_block_restores_the_attention_after_an_error() -> None:
+    """An error inside the attention of a stream block (here from a hook on ``qkv``) leaves the block as it was: its
+    output projection back in place, no instance-level forward left, and the next forward runs."""
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted())
+    block = model.layers[0].blocks[-1]
+    proj, keys = block.attn.proj, set(model.state_dict())
+
+    def fail(module: nn.Module, args: tuple) -> None:
+        raise RuntimeError("hook failed")
+
+    handle = block.attn.qkv.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        swin_stage_features(model, torch.randn(1, 3, 64, 64), tasks=SWIN_TASKS)
+    handle.remove()
+    assert block.attn.proj is proj and "forward" not in vars(block) and set(model.state_dict()) == keys
+    assert len(swin_stage_features(model, torch.randn(1, 3, 64, 64), tasks=SWIN_TASKS)) == len(SWIN_TASKS)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
