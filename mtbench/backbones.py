@@ -84,11 +84,17 @@ _ROLE_ALIASES = {"qkv": ("q", "k", "v", "qkv")}
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family whose block pattern matches the most module paths of ``model``."""
+    """The family whose role layers (then, where no family's are found, whose blocks) match the most module paths of
+    ``model``. Role layers first: block paths alone can tie (a Swin with one block per stage has as many
+    ``layers.N`` paths, LLaMA's block pattern, as ``layers.N.blocks.M`` ones)."""
     names = [n for n, _ in model.named_modules()]
-    scores = [(sum(bool(re.fullmatch(f.block, n)) for n in names), f) for f in FAMILIES]
-    best, family = max(scores, key=lambda s: s[0])
-    if best == 0:
+
+    def score(f: Family) -> tuple[int, int]:
+        role = re.compile(rf"{f.block}\.(?:{'|'.join(r for rs in f.roles.values() for r in rs)})")
+        return sum(bool(role.fullmatch(n)) for n in names), sum(bool(re.fullmatch(f.block, n)) for n in names)
+
+    best, family = max(((score(f), f) for f in FAMILIES), key=lambda s: s[0])
+    if best[1] == 0:
         known = ", ".join(f.name for f in FAMILIES)
         raise ValueError(f"unknown backbone family for {type(model).__name__}; known families: {known}")
     return family

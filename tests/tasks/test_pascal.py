@@ -590,6 +590,20 @@ def _randomise(model: nn.Module, match: str) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
+def test_a_swin_with_one_block_per_stage_is_a_swin() -> None:
+    """Its four ``layers.N`` paths match LLaMA's block pattern as often as its ``layers.N.blocks.0`` match Swin's; the
+    role layers decide, so its blocks, stages and qkv/proj/fc layers are found."""
+    timm = pytest.importorskip("timm")
+    from mtbench.backbones import blocks, family_of, find_linears, stages, tiny_bert, tiny_llama
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(1, 1, 1, 1),
+                              num_heads=(1, 1, 2, 2), img_size=64, window_size=4, num_classes=0)
+    assert family_of(model).name == "swin"
+    assert blocks(model) == [f"layers.{i}.blocks.0" for i in range(4)] and len(stages(model)) == 4
+    assert len(find_linears(model, ("qkv", "proj", "fc1", "fc2"))) == 16
+    assert family_of(tiny_bert().model).name == "bert" and family_of(tiny_llama().model).name == "llama"
+
+
 def test_mtlora_task_streams_on_swin() -> None:
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
