@@ -18,6 +18,10 @@ is the mean square of every output::
     python benchmarks/adapters.py --suite swin --image-size 224 --batch 4       # CPU
     python benchmarks/adapters.py --suite swin --device cuda --dtype bf16 --repeats 15   # GPU: 448 px, batch 32
 
+``--official PATH`` adds the authors' MTLoRA code to the swin suite: a checkout of github.com/scale-lab/MTLoRA (its
+Python requirements installed), built at its headline configuration with this run's image size and ranks and trained
+as its ``main.py`` trains it, timed against ``lora`` with the same loss. Nothing of it is part of this repository.
+
 Timing rounds are interleaved across the cases (round r times every case once), so drift in machine load hits all of
 them alike; the reported time is the median over rounds after warm-up rounds: wall-clock on CUDA, the process's CPU
 time on CPU (a shared machine's other jobs then do not count; ``--threads 1`` makes it the step's own work). Every
@@ -198,6 +202,68 @@ def _prepare_swin(case: Case, args: argparse.Namespace, images: torch.Tensor, de
     return model
 
 
+def _prepare_official(case: Case, args: argparse.Namespace, images: torch.Tensor, device: torch.device,
+                      autocast: Any) -> nn.Module:
+    """The authors' MTLoRA model from the checkout at ``args.official``: ``models/build.py``'s ``build_model`` and
+    ``build_mtl_model`` on their ``mtlora_tiny_448_r64_scale4_pertask.yaml`` (Swin-T, shared rank 64, task rank 4,
+    HRNet heads) with this run's image size, ranks and the PASCAL subtasks, then ``mark_only_lora_as_trainable`` with
+    the flags their ``main.py`` passes; random weights, the loss of :func:`_prepare_swin`."""
+    import contextlib
+    import io
+    import sys
+    import types
+
+    root = str(Path(args.official).resolve())
+    sys.path.insert(0, root)
+    try:
+        import skimage.morphology  # noqa: F401
+    except ImportError:
+        # Their config module imports their data pipeline, which imports scikit-image for edge thinning; the model
+        # does not use it, and this benchmark runs no data pipeline.
+        print("--official: scikit-image is missing; a placeholder stands in for the data pipeline's import",
+              file=sys.stderr)
+        for name in ("skimage", "skimage.morphology"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["skimage.morphology"].thin = None  # type: ignore[attr-defined]
+    subtasks = ("semseg", "human_parts", "sal", "normals")
+    ranks = [f"MODEL.MTLORA.R_PER_TASK.{t}" for t in subtasks]
+    opts = ["DATA.IMG_SIZE", str(args.image_size), "MODEL.MTLORA.R", str([args.rank] * 4),
+            "MODEL.MTLORA.R_PER_TASK.shared", str([args.rank])]
+    opts += [x for r in ranks for x in (r, str([args.task_rank]))]
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            from config import get_config  # their modules: config.py, models/, data/ at the checkout's root
+            from models import build_model, build_mtl_model
+            from models.lora import mark_only_lora_as_trainable
+        except ImportError as exc:
+            print(f"adapters.py: error: --official: {exc}; install the official code's requirements "
+                  f"(pip install -r {root}/requirements.txt)", file=sys.stderr)
+            raise SystemExit(2) from exc
+        config = get_config(argparse.Namespace(
+            cfg=f"{root}/configs/mtlora/tiny_448/mtlora_tiny_448_r64_scale4_pertask.yaml", opts=opts,
+            tasks=",".join(subtasks), pascal="unused", local_rank=0))
+        torch.manual_seed(0)
+        model = build_mtl_model(build_model(config), config)
+        train = config.TRAIN
+        mark_only_lora_as_trainable(model.backbone, bias=config.MODEL.MTLORA.BIAS,
+                                    freeze_patch_embed=train.FREEZE_PATCH_EMBED, freeze_norm=train.FREEZE_LAYER_NORM,
+                                    free_relative_bias=train.FREEZE_RELATIVE_POSITION_BIAS,
+                                    freeze_downsample_reduction=config.MODEL.MTLORA.DOWNSAMPLER_ENABLED
+                                    or train.FREEZE_DOWNSAMPLE_REDUCTION)
+    model.to(device).train()
+    # The normalisation the pascal task applies on the device (ImageNet statistics), inside the step as there.
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+    def loss() -> torch.Tensor:
+        with autocast():
+            outputs = model((images.float() / 255 - mean) / std)
+            return sum(out.float().pow(2).mean() for out in outputs.values())
+
+    _training_step(case, model, loss)
+    return model
+
+
 def _peft_extra(task: Any, name: str) -> bool:
     import re
 
@@ -329,19 +395,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU threads (0: torch's default); 1 on a machine shared with other jobs, where every "
                              "parallel op waits for a descheduled thread and small ops cost tens of ms each")
     parser.add_argument("--only", nargs="*", help="case names to run (their references are added)")
+    parser.add_argument("--official", metavar="PATH",
+                        help="swin suite: also time the official MTLoRA code, a checkout of "
+                             "github.com/scale-lab/MTLoRA at PATH (its requirements installed)")
     args = parser.parse_args(argv)
+    if args.official and (args.suite != "swin" or not (Path(args.official) / "models" / "swin_mtl.py").is_file()):
+        parser.error(f"--official {args.official}: needs --suite swin and a checkout of github.com/scale-lab/MTLoRA "
+                     "(a folder with models/swin_mtl.py)")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or 32
     registry.discover()
     device = torch.device(args.device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
-    cases = text_cases() if args.suite == "text" else swin_cases(args.rank, args.task_rank)
-    if args.only:
-        wanted = set(args.only)
-        for _ in cases:  # references of references too
-            wanted |= {c.reference for c in cases if c.name in wanted and c.reference}
-        cases = [c for c in cases if c.name in wanted]
+    cases = _selected_cases(args)
     gen = torch.Generator().manual_seed(0)
     models = {}
     if args.suite == "text":
@@ -357,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         shape = (args.batch, 3, args.image_size, args.image_size)
         images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
         for case in cases:
-            models[case.name] = _prepare_swin(case, args, images, device, autocast)
+            prepare = _prepare_official if case.method == "official" else _prepare_swin
+            models[case.name] = prepare(case, args, images, device, autocast)
     for case in cases:
         assert case.step is not None
         case.trainable = sum(p.numel() for p in models[case.name].parameters() if p.requires_grad)
@@ -371,6 +439,20 @@ def main(argv: list[str] | None = None) -> None:
             if round_ >= args.warmup:
                 case.times.append(elapsed)
     _report(cases, args, device)
+
+
+def _selected_cases(args: argparse.Namespace) -> list[Case]:
+    """The suite's cases, the official code's with ``--official``, narrowed to ``--only`` and their references."""
+    cases = text_cases() if args.suite == "text" else swin_cases(args.rank, args.task_rank)
+    if args.official:
+        name = f"official_mtlora_r{args.rank}_t{args.task_rank}"
+        cases.append(Case(name, "official", reference=f"lora_r{args.rank}"))
+    if args.only:
+        wanted = set(args.only)
+        for _ in cases:  # references of references too
+            wanted |= {c.reference for c in cases if c.name in wanted and c.reference}
+        cases = [c for c in cases if c.name in wanted]
+    return cases
 
 
 def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -> None:

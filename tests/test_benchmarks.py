@@ -71,6 +71,21 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
             assert 0 < low == high == pytest.approx(float(row[4]), abs=1e-3), name
 
 
+@pytest.mark.parametrize("argv", [["--suite", "swin", "--official", "{missing}"],
+                                  ["--suite", "text", "--official", "{checkout}"]])
+def test_official_code_option_refuses_what_it_cannot_run(argv: list[str], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """--official needs the swin suite and a folder holding the official code's models/swin_mtl.py: anything else
+    stops before any model is built, with exit status 2 and the option named."""
+    (tmp_path / "checkout" / "models").mkdir(parents=True)
+    (tmp_path / "checkout" / "models" / "swin_mtl.py").write_text("")
+    paths = {"missing": str(tmp_path / "missing"), "checkout": str(tmp_path / "checkout")}
+    with pytest.raises(SystemExit) as exc:
+        _script("adapters").main([a.format(**paths) for a in argv])
+    assert exc.value.code == 2
+    assert "--official" in capsys.readouterr().err.splitlines()[-1]
+
+
 @pytest.mark.slow  # Swin-T at 224 px: about a minute on one thread
 def test_swin_suite_flops(capsys: pytest.CaptureFixture) -> None:
     """The PASCAL model: MTLoRA's task streams run the frozen layers once (its floor is ~1.15x LoRA's FLOPs)."""
