@@ -15,7 +15,8 @@ Steps, each in its own process so one failure does not hide the others:
    memory (``memory_kind`` must be ``cuda_max_allocated``) and what the allocator reserved.
 2. ``benchmarks/pascal_loader.py --size 448 --batch 32 --workers 14``: samples/s of the training loader alone.
 3. ``benchmarks/adapters.py`` on CUDA in bf16, the PASCAL model (448 px, batch 32) and BERT-base (32 × 256 tokens):
-   step time, FLOPs, memory and operations of every adapter against its reference, each table printed whole.
+   step time, FLOPs, memory and operations of every adapter against its reference, each table printed whole; with
+   ``--official PATH`` the PASCAL table also times the authors' MTLoRA code from that checkout.
 4. ``pytest -m gpu``: the tests that need CUDA.
 
 The table gives the device, torch and CUDA versions and the git commit it ran at; record it, with the adapter
@@ -92,6 +93,8 @@ def other_commands(args: argparse.Namespace) -> dict[str, list[str]]:
         # The targets' configurations (docs/performance.md): the PASCAL model at 448 px, batch 32, and BERT-base at
         # 32 x 256 tokens, both in bf16 autocast; random weights, so nothing is downloaded.
         swin = ["--suite", "swin", "--device", "cuda", "--dtype", "bf16", "--repeats", "15"]
+        if args.official:  # the authors' code in the same table, against the same lora
+            swin += ["--official", args.official]
         text = ["--suite", "text", "--encoder", "bert-base", "--tokens", "256", "--device", "cuda", "--dtype", "bf16",
                 "--repeats", "30"]
     return {
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to each command")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks the script, not the GPU")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--official", metavar="PATH",
+                        help="a checkout of github.com/scale-lab/MTLoRA: the swin adapter table then includes it")
     args = parser.parse_args(argv)
     if args.tiny:
         args.steps = min(args.steps, 5)  # the throughput figures skip 3 warm-up steps: 2 are timed

@@ -122,7 +122,10 @@ def test_gpu_check_dry_run_lists_every_step(capsys: pytest.CaptureFixture) -> No
     assert "adapters swin: " in out and "benchmarks/adapters.py --suite swin --device cuda --dtype bf16" in out
     assert ("adapters text: " in out and "benchmarks/adapters.py --suite text --encoder bert-base --tokens 256 "
             "--device cuda --dtype bf16" in out)
-    assert "-m pytest -m gpu" in out
+    assert "-m pytest -m gpu" in out and "--official" not in out
+    assert _script("gpu_check").main(["--dry-run", "--official", "/opt/MTLoRA"]) == 0
+    swin = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("adapters swin: "))
+    assert swin.endswith(" --official /opt/MTLoRA")
 
 
 @pytest.mark.slow  # a full mtbench run in a subprocess
