@@ -59,9 +59,12 @@ class GroupExactMatch(torchmetrics.Metric):
 
     def compute(self) -> Tensor:
         """Exact match over groups (0 when nothing was seen)."""
-        if not self.groups or not len(dim_zero_cat(self.groups)):
+        # A list of batches on one process; one tensor once torchmetrics has gathered the ranks' lists under DDP.
+        if isinstance(self.groups, list) and not self.groups:
             return torch.tensor(0.0, device=self.device)
         groups, correct = dim_zero_cat(self.groups), dim_zero_cat(self.correct)
+        if not groups.numel():
+            return torch.tensor(0.0, device=self.device)
         _, index = torch.unique(groups, return_inverse=True)
         wrong = torch.zeros(int(index.max()) + 1, dtype=torch.long, device=groups.device)
         wrong.scatter_add_(0, index, 1 - correct)

@@ -474,3 +474,27 @@ def test_hub_rows_go_through_the_same_converter(monkeypatch: pytest.MonkeyPatch)
     assert calls == [("aps/super_glue", "multirc", "validation")]
     assert [ex["group"] for ex in examples] == [0, 0, 1, 1, 2, 2]
     assert examples[1]["inputs"] == [("p", "q0 a1")] and examples[1]["label"] == 1.0
+
+
+def test_multirc_exact_match_after_a_ddp_gather() -> None:
+    """Under DDP torchmetrics gathers the ranks' lists of (group, correct) batches into one tensor before
+    ``compute``; the metric reads both forms (two ranks with the same rows: the same share of exact groups)."""
+    from mtbench.tasks._text_metrics import GroupExactMatch
+
+    states: list[type] = []
+
+    def two_ranks(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:  # what all_gather returns
+        return [tensor, tensor]
+
+    class Seen(GroupExactMatch):
+        def compute(self) -> torch.Tensor:
+            states.append(type(self.groups))
+            return super().compute()
+
+    local = GroupExactMatch()
+    gathered = Seen(dist_sync_fn=two_ranks, distributed_available_fn=lambda: True)
+    for metric in (local, gathered):
+        metric.update(torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0]), torch.tensor([0, 0, 1]))
+        metric.update(torch.tensor([1, 1]), torch.tensor([1, 1]), torch.tensor([1, 2]))
+    assert local.compute().item() == gathered.compute().item() == pytest.approx(2 / 3)
+    assert states == [torch.Tensor]  # compute saw the gathered form
