@@ -32,6 +32,19 @@ from .tracking import flatten, protocol_id, safe_params
 SECTIONS = ("method", "task", "train", "trainer")
 # Lightning Trainer arguments mtbench sets itself (logging, callbacks); a user value would be silently lost.
 _RESERVED_TRAINER_KEYS = {"logger", "callbacks", "default_root_dir", "enable_checkpointing"}
+# Lightning's signature types these counts and intervals without their ranges; out of range, they fail mid-run (a
+# division by zero), so the ranges Lightning means are checked with the rest of the configuration.
+_TRAINER_BOUNDS: dict[str, Any] = {
+    "accumulate_grad_batches": Annotated[int, Ge(1)],
+    "log_every_n_steps": Annotated[int, Ge(1)] | None,
+    "check_val_every_n_epoch": Annotated[int, Ge(1)] | None,
+    "val_check_interval": Annotated[int, Ge(1)] | Annotated[float, Interval(gt=0, le=1)] | None,
+    "max_steps": Annotated[int, Ge(-1)],
+    "min_steps": Annotated[int, Ge(0)] | None,
+    "max_epochs": Annotated[int, Ge(-1)] | None,
+    "min_epochs": Annotated[int, Ge(0)] | None,
+    "num_sanity_val_steps": Annotated[int, Ge(-1)] | None,
+}
 DEFAULT_TRAINER: dict[str, Any] = {
     "max_steps": 100,
     "accelerator": "auto",
@@ -331,7 +344,7 @@ def _trainer_schema() -> tuple[TypeAdapter[Any], dict[str, Any]]:
 
     hints = typing.get_type_hints(Trainer.__init__)
     params = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
-    fields = {p: hints.get(p, Any) for p in params if p not in _RESERVED_TRAINER_KEYS}
+    fields = {p: _TRAINER_BOUNDS.get(p, hints.get(p, Any)) for p in params if p not in _RESERVED_TRAINER_KEYS}
     return keyed_adapter(fields, "TrainerOptions"), fields
 
 

@@ -163,9 +163,12 @@ def allowed(hint: Any, path: list[Any]) -> str:
     hint = _at(hint, path)
     base, meta = _strip(hint)
     if typing.get_origin(base) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(base):
-            if arg is not type(None):
-                base, meta = _strip(arg)
+        members = [arg for arg in typing.get_args(base) if arg is not type(None)]
+        if len(members) > 1:  # each kind with its own bounds: "an int >= 1 or a float > 0 and <= 1"
+            kinds = [f"{type_name(_strip(m)[0])} {allowed(m, [])}".strip() for m in members]
+            return " or ".join(kinds) if any(allowed(m, []) for m in members) else ""
+        for arg in members:
+            base, meta = _strip(arg)
     parts = []
     for m in meta:
         items = m if isinstance(m, at.Interval) else [m]

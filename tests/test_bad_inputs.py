@@ -115,6 +115,11 @@ CASES: list[Case] = [
     ("max_steps_string", lambda t: [*RUN, "--set", "trainer.max_steps='5'"], "trainer.max_steps='5' has the wrong"),
     ("max_steps_list", lambda t: [*RUN, "--set", "trainer.max_steps=[5]"], "trainer.max_steps=[5] has the wrong"),
     ("max_steps_bool", lambda t: [*RUN, "--set", "trainer.max_steps=true"], "trainer.max_steps=True has the wrong"),
+    # Counts Lightning types without their ranges; out of range they used to fail mid-run (a modulo by zero).
+    ("zero_val_check_interval", lambda t: [*RUN, "--set", "trainer.val_check_interval=0"],
+     "trainer.val_check_interval must be int >= 1 or float > 0 and <= 1, got 0"),
+    ("zero_accumulation", lambda t: [*RUN, "--set", "trainer.accumulate_grad_batches=0"],
+     "trainer.accumulate_grad_batches must be >= 1, got 0"),
     ("seed_negative", lambda t: [*RUN, "--seed", "-1"], "seed=-1 must be an integer in [0, 4294967295]"),
     ("seed_string", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", "seed: abc\n"))], "seed='abc' must be"),
     ("config_duplicate_key", lambda t: [*RUN, "--config", str(_write(t / "x.yaml", (
