@@ -7,7 +7,9 @@ build a backbone by name: a registered builder (``tiny_bert``, ``minilm_l6``), a
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -225,6 +227,20 @@ def enable_activation_checkpointing(model: nn.Module, exclude: Sequence[str] = (
         layer.gradient_checkpointing = False  # transformers' GradientCheckpointingLayer reads this on every call
 
 
+def _not_found(name: str, gated: bool = False) -> str:
+    """Why a backbone name did not load, in words: the registered names (the closest first), and what to do about
+    the hub: unset an offline switch that is on, or, without a network, set it to stop the download retries."""
+    names = sorted(backbones.names())
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    known = (f"did you mean '{close[0]}'? " if close else "") + f"registered: {', '.join(names)}"
+    offline = [k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
+    hub = (f"{offline[0]} is set: unset it to download, or pass a local folder" if offline else
+           "no network? pass a local folder (HF_HUB_OFFLINE=1 stops the download retries)"
+           + ("; a gated model needs `hf auth login`" if gated else ""))
+    return f"neither registered ({known}) nor loadable from the hub or a local directory ({hub})"
+
+
 def hf_text_encoder(name_or_path: str) -> TextBackbone:
     """A transformers encoder and tokenizer from the hub (online) or a local directory."""
     from transformers import AutoModel, AutoTokenizer
@@ -233,11 +249,8 @@ def hf_text_encoder(name_or_path: str) -> TextBackbone:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModel.from_pretrained(name_or_path)
     except OSError as exc:
-        names = ", ".join(backbones.names())
-        raise RegistryError(
-            f"backbone '{name_or_path}' is neither registered ({names}) nor loadable from the hub or a local "
-            f"directory (offline? set HF_HUB_OFFLINE=0 or pass a local folder): {str(exc).splitlines()[0]}"
-        ) from exc
+        raise RegistryError(f"backbone '{name_or_path}' is {_not_found(name_or_path)}: "
+                            f"{str(exc).splitlines()[0]}") from exc
     return TextBackbone(model, tokenizer, model.config.hidden_size)
 
 
@@ -322,12 +335,8 @@ def hf_causal_lm(name_or_path: str, dtype: str = "float32", **load_kwargs: Any) 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **load_kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype), **load_kwargs)
     except OSError as exc:
-        names = ", ".join(backbones.names())
-        raise RegistryError(
-            f"causal LM '{name_or_path}' is neither registered ({names}) nor loadable from the hub or a local "
-            f"directory (offline or gated? log in, set HF_HUB_OFFLINE=0 or pass a local folder): "
-            f"{str(exc).splitlines()[0]}"
-        ) from exc
+        raise RegistryError(f"causal LM '{name_or_path}' is {_not_found(name_or_path, gated=True)}: "
+                            f"{str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token is None:  # LLaMA tokenizers ship without one; padding is always masked, so EOS serves
         tokenizer.pad_token = tokenizer.eos_token
     return TextBackbone(model, tokenizer, model.config.hidden_size)

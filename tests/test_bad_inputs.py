@@ -434,3 +434,22 @@ def test_leaderboard_and_runs_options_are_one_line_errors(
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("mtbench: error: "), err
     assert expected in err, err
     assert _tree_digest(store) == before
+
+
+@pytest.mark.parametrize("offline", ["1", ""])
+def test_unknown_backbone_names_the_nearest_and_what_to_do_about_the_hub(offline: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt backbone gets the registered name it is closest to; the hub hint follows the offline switch:
+    set, it says to unset it; unset (no network), it names the switch that stops the retries."""
+    from mtbench.backbones import hf_text_encoder
+    from mtbench.registry import RegistryError
+
+    # The hub library read its offline switch when it was imported (on, for the tests): only the hint reads this.
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(RegistryError) as info:
+        hf_text_encoder("minilm-l6")
+    message = str(info.value)
+    assert "did you mean 'minilm_l6'?" in message and "\n" not in message
+    assert ("HF_HUB_OFFLINE is set: unset it" in message) == bool(offline)
+    assert ("HF_HUB_OFFLINE=1 stops the download retries" in message) != bool(offline)
