@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="swin suite: also time the official MTLoRA code, a checkout of "
                              "github.com/scale-lab/MTLoRA at PATH (its requirements installed)")
     args = parser.parse_args(argv)
+    names = [c.name for c in (text_cases() if args.suite == "text" else swin_cases(args.rank, args.task_rank))]
+    if unknown := sorted(set(args.only or ()) - set(names) - {f"official_mtlora_r{args.rank}_t{args.task_rank}"}):
+        parser.error(f"--only {' '.join(unknown)}: not a case of the {args.suite} suite; cases: {', '.join(names)}")
     if args.official and (args.suite != "swin" or not (Path(args.official) / "models" / "swin_mtl.py").is_file()):
         parser.error(f"--official {args.official}: needs --suite swin and a checkout of github.com/scale-lab/MTLoRA "
                      "(a folder with models/swin_mtl.py)")

@@ -72,18 +72,20 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--suite", "swin", "--official", "{missing}"],
-                                  ["--suite", "text", "--official", "{checkout}"]])
-def test_official_code_option_refuses_what_it_cannot_run(argv: list[str], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
-    """--official needs the swin suite and a folder holding the official code's models/swin_mtl.py: anything else
-    stops before any model is built, with exit status 2 and the option named."""
+                                  ["--suite", "text", "--official", "{checkout}"],
+                                  ["--suite", "text", "--only", "lora", "mtlora_r8_4tasks_mixed"]])
+def test_options_refuse_what_they_cannot_run(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--official needs the swin suite and a folder holding the official code's models/swin_mtl.py, --only the
+    suite's case names: anything else stops before any model is built, with exit status 2 and the option named."""
     (tmp_path / "checkout" / "models").mkdir(parents=True)
     (tmp_path / "checkout" / "models" / "swin_mtl.py").write_text("")
     paths = {"missing": str(tmp_path / "missing"), "checkout": str(tmp_path / "checkout")}
     with pytest.raises(SystemExit) as exc:
         _script("adapters").main([a.format(**paths) for a in argv])
     assert exc.value.code == 2
-    assert "--official" in capsys.readouterr().err.splitlines()[-1]
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert ("--official" in message) if "--official" in argv else ("--only lora: not a case" in message
+                                                                   and "lora_r8" in message)
 
 
 @pytest.mark.slow  # Swin-T at 224 px: about a minute on one thread
