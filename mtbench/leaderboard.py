@@ -187,6 +187,7 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
         else:
             statuses.append(result["status"])
     default, per_task = stats.parse_references(references)
+    _check_references(references or [], default, per_task, records)
     counts = Counter(statuses)
     detail = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (-counts[s], s)))
     board = Leaderboard(pd.DataFrame(), len(records), len(statuses), detail, rejected=rejected,
@@ -197,6 +198,28 @@ def build_leaderboard(uri: str | None, result_dirs: Sequence[str | Path] = (),
         board.directions = {k: bool(s.get("higher_is_better", True)) for r in records for k, s in r["specs"].items()}
         board.rows, board.metric_columns = _aggregate(pd.DataFrame.from_records(records), default, per_task)
     return board
+
+
+def _check_references(given: Sequence[str], default: str, per_task: dict[str, str],
+                      records: list[dict[str, Any]]) -> None:
+    """A reference named on the command line must name a task and a method the board has rows of: a misspelt one
+    would silently leave every group without a reference (no difference, interval or p-value column).
+
+    Raises:
+        ConfigError: the first such name, with the nearest one and those available.
+    """
+    from .errors import ConfigError, did_you_mean
+
+    if not records:
+        return
+    methods, tasks = {r["method"] for r in records}, {r["task"] for r in records}
+    named = [(None, default)] if any("=" not in item for item in given) else []
+    for task, method in [*named, *per_task.items()]:
+        if task is not None and task not in tasks:
+            raise ConfigError(f"--reference: {did_you_mean(task, tasks, 'task')} (the tasks with rows on the board)")
+        if method not in methods:
+            raise ConfigError(f"--reference: {did_you_mean(method, methods, 'method')} (the methods with rows on the "
+                              "board)")
 
 
 def _base_record(specs: dict[str, Any], **values: Any) -> dict[str, Any]:

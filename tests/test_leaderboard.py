@@ -27,7 +27,7 @@ import pytest
 
 from mtbench import stats
 from mtbench.cli import main
-from mtbench.errors import MtbenchError
+from mtbench.errors import ConfigError, MtbenchError
 from mtbench.leaderboard import SCHEMA, build_leaderboard, load_runs
 from mtbench.render import fmt, to_markdown
 from mtbench.results import read_result
@@ -440,6 +440,18 @@ def test_reference_option_and_results_only_board(store: dict[str, Any], board: d
     numbers = ["row_id", "n", "quality_mean", "quality_std", "params/trainable_mean", "p_value", "rank"]
     # The store logs val/* through Lightning (float32); result.json keeps the float64 average.
     pd.testing.assert_frame_equal(from_files.rows[numbers], from_store.rows[numbers], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("reference", "message"), [
+    ("lorra", "--reference: unknown method 'lorra'; did you mean 'lora'?"),
+    ("glu=full_ft", "--reference: unknown task 'glu'; did you mean 'glue'?"),
+    ("glue=ful_ft", "--reference: unknown method 'ful_ft'; did you mean 'full_ft'?"),
+])
+def test_a_reference_the_board_has_no_rows_of_is_refused(store: dict[str, Any], reference: str,
+                                                         message: str) -> None:
+    """A misspelt --reference would leave every group without a reference (no difference, interval or p column)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_leaderboard(store["uri"], references=[reference])
 
 
 def test_delta_m_is_the_quality_where_every_run_carries_it(board: dict[str, Any], tmp_path: Path) -> None:
