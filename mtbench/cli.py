@@ -282,14 +282,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     """Write the leaderboard files from the tracking store and any exported result files."""
     from .leaderboard import build_leaderboard
     from .render import write_leaderboard
-    from .tracking import home_dir, tracking_uri
+    from .tracking import home_dir, sqlite_path, tracking_uri
 
-    args.out = args.out or str(home_dir() / "leaderboard")
+    uri = None if getattr(args, "no_store", False) else tracking_uri(args.tracking_uri)
+    # The store's own folder: beside the sqlite database it reads (--tracking-uri, MLFLOW_TRACKING_URI), else home.
+    db = sqlite_path(uri) if uri else None
+    args.out = args.out or str((db.parent if db else home_dir()) / "leaderboard")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         from .errors import ConfigError
 
         raise ConfigError(f"--out {args.out} is a file; name a folder (it is created if missing)")
-    uri = None if getattr(args, "no_store", False) else tracking_uri(args.tracking_uri)
     board = build_leaderboard(uri, getattr(args, "from_results", []), getattr(args, "reference", []))
     for line in board.rejected:
         print(f"mtbench: rejected {line}", file=sys.stderr)

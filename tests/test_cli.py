@@ -126,6 +126,17 @@ def test_artifacts_hold_config_and_valid_result(store: dict[str, Any]) -> None:
     assert result["metrics"]["val/avg"] == pytest.approx(runs.iloc[0]["metrics.val/avg"])
 
 
+def test_leaderboard_goes_beside_the_store_it_reads(store: dict[str, Any], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --out the board is written to the store's own folder, also when --tracking-uri names the store, not
+    to ./mtbench-runs of the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MTBENCH_HOME", raising=False)
+    assert main(["leaderboard", "--tracking-uri", store["uri"]]) == 0
+    assert (store["folder"] / "leaderboard" / "leaderboard.csv").is_file()
+    assert not (tmp_path / "mtbench-runs").exists()
+
+
 def test_leaderboard_aggregates_seeds(store: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["leaderboard", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 0
     board = pd.read_csv(tmp_path / "leaderboard.csv")
