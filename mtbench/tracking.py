@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MtbenchError
+from .errors import ConfigError, MtbenchError
 
 
 if TYPE_CHECKING:
@@ -45,6 +45,12 @@ def tracking_uri(uri: str | None = None) -> str:
     instead of failing with "database is locked" after the driver's default 5 s.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home_dir() / 'mlflow.db'}"
+    scheme = uri.partition("://")[0] if "://" in uri else uri.partition(":")[0] if uri == "databricks" else ""
+    if scheme in ("", "file"):
+        # MLflow would take a bare path or file: URI as its file store, which it no longer develops (and whose
+        # error is a traceback); mtbench's stores are databases or tracking servers.
+        raise ConfigError(f"tracking URI {uri!r}: give a database or server URI, e.g. sqlite:////abs/path/mlflow.db "
+                          "(four slashes for an absolute path) or http://host:5000")
     if uri.startswith("sqlite:///") and "?" not in uri:
         uri += "?timeout=60"
     return uri
@@ -81,7 +87,7 @@ def client(uri: str) -> Any:
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
     elif ("://" in uri or uri.startswith("sqlite:")) and not uri.startswith(
-        ("postgresql", "mysql", "mssql", "databricks", "file:")
+        ("postgresql", "mysql", "mssql", "databricks")
     ):
         raise MtbenchError(f"tracking URI {uri!r} is not supported; use sqlite:///PATH.db or http(s)://HOST:PORT")
     return MlflowClient(tracking_uri=uri)
@@ -148,6 +154,8 @@ def load_runs(uri: str) -> pd.DataFrame:
     import mlflow
     import pandas as pd
 
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
+        return pd.DataFrame()  # reading creates nothing: a mistyped path must not leave an empty store behind
     mlflow_client = client(uri)
     exp = mlflow_client.get_experiment_by_name(EXPERIMENT)
     if exp is None:

@@ -102,6 +102,11 @@ CASES: list[Case] = [
      "cannot create the store folder"),
     ("unreachable_tracking_server", lambda t: [*RUN, "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     ("unsupported_tracking_uri", lambda t: [*RUN, "--tracking-uri", "ftp://example/x"], "is not supported"),
+    # A bare path or file: URI is MLflow's file store, which answers with a traceback.
+    ("tracking_uri_a_path", lambda t: [*RUN, "--tracking-uri", str(t / "store")],
+     "give a database or server URI, e.g. sqlite:////abs/path/mlflow.db"),
+    ("tracking_uri_a_file_uri", lambda t: ["runs", "--tracking-uri", (t / "store").as_uri()],
+     "give a database or server URI"),
     ("resume_unknown_run", lambda t: ["run", "--resume", "f" * 32], "not found"),
     ("check_method_not_python", lambda t: ["check-method", str(_write(t / "m.txt", "x"))], "not a .py file"),
     # Values: non-finite and out-of-range numbers, wrong types, in --set and in config files.

@@ -343,3 +343,12 @@ def test_progress_bar_of_a_step_limited_run_shows_no_negative_epoch(tmp_path: Pa
                  "--set", "task.synthetic_size=8"]) == 0
     out, err = capfd.readouterr()
     assert "Epoch 0" in out + err and "/-" not in out + err, (out + err)[-2000:]
+
+
+def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`runs` (and `leaderboard`, through the same reader) on a mistyped sqlite path report no runs and leave no
+    folder or empty database behind."""
+    missing = tmp_path / "no" / "such" / "mlflow.db"
+    assert main(["runs", "--tracking-uri", f"sqlite:///{missing}"]) == 0
+    assert "no runs" in capsys.readouterr().out
+    assert not (tmp_path / "no").exists()
