@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtbench`` console script."""
     args = _parser().parse_args(argv)
     _quiet_environment()
+    previous = _sigterm_interrupts()
     try:
         if args.command not in _NO_REGISTRY:
             from . import registry
@@ -117,6 +118,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mtbench: error: {exc}".splitlines()[0], file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_interrupts() -> Any:
+    """SIGTERM raises KeyboardInterrupt from here on, as Ctrl-C does: a process terminated while it imports,
+    resolves its configuration or builds a model says ``mtbench: interrupted`` and exits 130 instead of dying
+    silently (a run in training has its own handler, which records it KILLED). Returns the previous handler, or
+    ``None`` off the main thread, where handlers cannot be set."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _quiet_environment() -> None:

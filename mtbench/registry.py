@@ -284,6 +284,9 @@ def load_plugin_file(path: str | os.PathLike[str]) -> None:
     except RegistryError as exc:
         del sys.modules[module_name]
         raise RegistryError(f"plugin {path}: {exc}") from exc
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it imports: the process stops, the plugin is not at fault
+        del sys.modules[module_name]
+        raise
     except BaseException as exc:
         del sys.modules[module_name]
         detail = f"{type(exc).__name__}: {exc}"

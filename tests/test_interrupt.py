@@ -235,6 +235,19 @@ def test_sigterm_while_the_model_is_built_gives_one_line(tmp_path: Path, monkeyp
     assert load_runs(uri).empty
 
 
+def test_sigterm_before_the_run_is_built_gives_one_line_too(tmp_path: Path) -> None:
+    """A SIGTERM that arrives while mtbench is still loading (here: while it imports a plugin, before any
+    configuration or model) ends the process the same way: one line, exit status 130, nothing recorded."""
+    plugin = tmp_path / "stop_on_import.py"
+    plugin.write_text("import os\nimport signal\n\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    db = tmp_path / "m.db"
+    done = subprocess.run([sys.executable, "-m", "mtbench.cli", "run", "--plugin", str(plugin), *BASE,
+                           "--tracking-uri", f"sqlite:///{db}"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert (done.returncode, done.stderr) == (130, "mtbench: interrupted\n")
+    assert not db.exists()
+
+
 def _subprocess(plugin: Path, db: Path, sets: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mtbench.cli", "run", "--plugin", str(plugin), "--method",
                              "lora_ready", "--task", "glue", "--tracking-uri", f"sqlite:///{db}", "--no-progress",
