@@ -174,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """A table of the newest runs: id, status (DEAD for a RUNNING run whose process is gone), start (UTC), duration,
-    method, task, profile, seed and val/avg."""
+    method, task, profile, seed and quality: ``Δm`` where the run logged ``val/delta_m`` (the board's quality for
+    such tasks), else ``val/avg``; a run that did not finish shows the last value it logged, marked ``(partial)``."""
     import time
 
     from .errors import ConfigError
@@ -188,20 +189,26 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     now = time.time()
     rows: list[tuple[str, ...]] = [
-        ("RUN_ID", "STATUS", "STARTED (UTC)", "DURATION", "METHOD", "TASK", "PROFILE", "SEED", "VAL/AVG")]
+        ("RUN_ID", "STATUS", "STARTED (UTC)", "DURATION", "METHOD", "TASK", "PROFILE", "SEED", "QUALITY")]
     for _, r in runs.head(args.limit).iterrows():
         status = liveness(r["status"], r.get("tags.mtbench.host"), r.get("tags.mtbench.pid"),
                           r.get("tags.mtbench.heartbeat"), now)
         start, end = _epoch(r.get("start_time")), _epoch(r.get("end_time"))
         if end is None and status == "RUNNING":
             end = now
-        avg = r.get("metrics.val/avg")
+        delta, avg = r.get("metrics.val/delta_m"), r.get("metrics.val/avg")
+        if delta is not None and delta == delta:
+            quality = f"Δm {delta:+.2f}"
+        else:
+            quality = "-" if avg is None or avg != avg else f"{avg:.4f}"
+        if quality != "-" and status != "FINISHED":
+            quality += " (partial)"
         rows.append((
             str(r["run_id"]), status,
             time.strftime("%Y-%m-%d %H:%M", time.gmtime(start)) if start is not None else "-",
             _duration(end - start) if start is not None and end is not None else "-",
             *(_text(r.get(f"tags.mtbench.{k}")) for k in ("method", "task", "profile", "seed")),
-            "-" if avg is None or avg != avg else f"{avg:.4f}",
+            quality,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -195,6 +195,8 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {short_repr(item)}")
         section, _, sub = key.partition(".")
+        if key in ("seed", "profile"):  # top-level in a config file, options of their own on the command line
+            raise ConfigError(f"--set {key}=...: {key} has its own option, --{key} {key.upper()}")
         if section not in SECTIONS or not sub:
             raise ConfigError(f"--set key {short_repr(key)} must start with one of "
                               f"{', '.join(s + '.' for s in SECTIONS)}")

@@ -123,6 +123,7 @@ CASES: list[Case] = [
     # Counts Lightning types without their ranges; out of range they used to fail mid-run (a modulo by zero).
     ("zero_val_check_interval", lambda t: [*RUN, "--set", "trainer.val_check_interval=0"],
      "trainer.val_check_interval must be int >= 1 or float > 0 and <= 1, got 0"),
+    ("seed_through_set", lambda t: [*RUN, "--set", "seed=1"], "--set seed=...: seed has its own option, --seed SEED"),
     ("zero_accumulation", lambda t: [*RUN, "--set", "trainer.accumulate_grad_batches=0"],
      "trainer.accumulate_grad_batches must be >= 1, got 0"),
     ("seed_negative", lambda t: [*RUN, "--seed", "-1"], "seed=-1 must be an integer in [0, 4294967295]"),

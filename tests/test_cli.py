@@ -84,7 +84,7 @@ def test_runs_prints_a_table_with_start_and_duration(store: dict[str, Any],
     assert main(["runs", "--tracking-uri", store["uri"]]) == 0
     header, *lines = capsys.readouterr().out.splitlines()
     assert header.split() == ["RUN_ID", "STATUS", "STARTED", "(UTC)", "DURATION", "METHOD", "TASK", "PROFILE",
-                              "SEED", "VAL/AVG"]
+                              "SEED", "QUALITY"]
     assert len(lines) == 3
     for line in lines:
         run_id, status, day, clock, duration, method, task, profile, seed, avg = line.split()
@@ -352,3 +352,22 @@ def test_reading_a_store_that_does_not_exist_creates_nothing(tmp_path: Path, cap
     assert main(["runs", "--tracking-uri", f"sqlite:///{missing}"]) == 0
     assert "no runs" in capsys.readouterr().out
     assert not (tmp_path / "no").exists()
+
+
+def test_runs_shows_delta_m_where_logged_and_marks_unfinished_values(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """A task whose quality is Δm (PASCAL) shows it; a run that did not finish shows its last value as partial."""
+    from mtbench.tracking import client, experiment_id, tracking_uri
+
+    uri = tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow_client = client(uri)
+    exp = experiment_id(mlflow_client, uri)
+    for task, metric, value, status in [("pascal", "val/delta_m", -1.7246, "FINISHED"),
+                                        ("glue", "val/avg", 0.5252, "KILLED")]:
+        run = mlflow_client.create_run(exp, tags={"mtbench.task": task, "mtbench.method": "lora"})
+        mlflow_client.log_metric(run.info.run_id, metric, value)
+        mlflow_client.set_terminated(run.info.run_id, status=status)
+    assert main(["runs", "--tracking-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    pascal, glue = (next(line for line in lines if f" {task} " in line) for task in ("pascal", "glue"))
+    assert pascal.endswith("Δm -1.72") and glue.endswith("0.5252 (partial)")
