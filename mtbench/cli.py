@@ -292,6 +292,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if not any(applies(key, m, t) for m in registry.methods.names() for t in registry.tasks.names()):
             raise ConfigError(f"--set {key}: no method or task config has the key {key.partition('=')[0]!r}")
     failures = 0
+    # Counted as built: a run also freezes what its first batch shows gets no gradient (an unused BERT pooler), so
+    # the trainable count it records can be lower.
+    print("trainable: parameters that require a gradient as built, before a run drops those no batch reaches")
     for task in registry.tasks.names():
         wanted = args.profile or ["smoke"]
         profiles = list(registry.tasks.get(task).profiles) if "all" in wanted else wanted
