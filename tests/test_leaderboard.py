@@ -738,8 +738,11 @@ def test_reported_rows_show_beside_measured_rows_and_are_never_ranked(board: dic
     assert len(_html_rows(page).rows) == 2  # reported rows carry no row id, rank or test
 
 
-def test_leaderboard_without_out_writes_to_the_store_home_not_the_checkout(
+def test_leaderboard_without_out_writes_beside_its_store_not_the_checkout(
         board: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store named by --tracking-uri decides, not the working directory nor MTBENCH_HOME's default store."""
+    from mtbench.tracking import sqlite_path
+
     checkout = tmp_path / "checkout"
     (checkout / "leaderboard").mkdir(parents=True)
     committed = checkout / "leaderboard" / "pareto-glue-cpu-committed.png"
@@ -750,7 +753,8 @@ def test_leaderboard_without_out_writes_to_the_store_home_not_the_checkout(
     assert code == 0, err
     assert committed.read_bytes() == b"\x89PNG committed" and sorted(os.listdir(checkout / "leaderboard")) \
         == [committed.name]
-    assert (tmp_path / "home" / "leaderboard" / "index.html").is_file() and str(tmp_path / "home") in out
+    beside = sqlite_path(board["uri"]).parent / "leaderboard"
+    assert (beside / "index.html").is_file() and str(beside) in out and not (tmp_path / "home").exists()
 
 
 # --- per-example predictions and the paired comparison --------------------------------------------------------------
