@@ -39,7 +39,6 @@ import argparse
 import copy
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -52,6 +51,7 @@ from torch import nn
 
 from mtbench import registry
 from mtbench.config import build_dataclass
+from mtbench.tracking import git_state
 
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
@@ -399,19 +399,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="swin suite: also time the official MTLoRA code, a checkout of "
                              "github.com/scale-lab/MTLoRA at PATH (its requirements installed)")
     args = parser.parse_args(argv)
-    names = [c.name for c in (text_cases() if args.suite == "text" else swin_cases(args.rank, args.task_rank))]
-    if unknown := sorted(set(args.only or ()) - set(names) - {f"official_mtlora_r{args.rank}_t{args.task_rank}"}):
-        parser.error(f"--only {' '.join(unknown)}: not a case of the {args.suite} suite; cases: {', '.join(names)}")
     if args.official and (args.suite != "swin" or not (Path(args.official) / "models" / "swin_mtl.py").is_file()):
         parser.error(f"--official {args.official}: needs --suite swin and a checkout of github.com/scale-lab/MTLoRA "
                      "(a folder with models/swin_mtl.py)")
+    cases = _selected_cases(args, parser.error)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or 32
     registry.discover()
     device = torch.device(args.device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
-    cases = _selected_cases(args)
     gen = torch.Generator().manual_seed(0)
     models = {}
     if args.suite == "text":
@@ -444,13 +441,17 @@ def main(argv: list[str] | None = None) -> None:
     _report(cases, args, device)
 
 
-def _selected_cases(args: argparse.Namespace) -> list[Case]:
-    """The suite's cases, the official code's with ``--official``, narrowed to ``--only`` and their references."""
+def _selected_cases(args: argparse.Namespace, error: Callable[[str], Any]) -> list[Case]:
+    """The suite's cases, the official code's with ``--official``, narrowed to ``--only`` and their references;
+    ``error`` (the parser's) is called with the names in ``--only`` that are no case."""
     cases = text_cases() if args.suite == "text" else swin_cases(args.rank, args.task_rank)
     if args.official:
         name = f"official_mtlora_r{args.rank}_t{args.task_rank}"
         cases.append(Case(name, "official", reference=f"lora_r{args.rank}"))
     if args.only:
+        names = [c.name for c in cases]
+        if unknown := sorted(set(args.only) - set(names)):
+            error(f"--only {' '.join(unknown)}: not a case of the {args.suite} suite; cases: {', '.join(names)}")
         wanted = set(args.only)
         for _ in cases:  # references of references too
             wanted |= {c.reference for c in cases if c.name in wanted and c.reference}
@@ -464,7 +465,8 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    commit = _commit()
+    commit, dirty = git_state()  # the mtbench checkout's, whatever the working directory
+    commit = commit[:7] + ("+dirty" if dirty else "")
     shape = (f"{args.encoder}, batch {args.batch} x {args.tokens} tokens" if args.suite == "text" else
              f"Swin-T PASCAL model, 4 subtasks, {args.image_size} px, batch {args.batch}, rank {args.rank}, "
              f"task rank {args.task_rank}")
@@ -509,19 +511,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _commit() -> str:
-    """The repository's short commit, ``+dirty`` when tracked files differ from it, whatever the working directory."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return "?"
-    return (head + ("+dirty" if dirty else "")) if head else "?"
 
 
 def _round_range(case: Case, ref: Case | None) -> str:

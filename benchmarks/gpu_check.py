@@ -141,12 +141,12 @@ def environment() -> str:
         versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
     except ImportError:
         device, versions = "unknown", "torch missing"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    from mtbench.tracking import git_state
+
+    commit, dirty = git_state()  # what runs record as their provenance
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f"{device}; {os.cpu_count()} CPU cores; {versions}; python {platform.python_version()}; commit "
-            f"{commit.stdout.strip() or 'unknown'}{'+dirty' if dirty else ''}; {when}")
+            f"{commit[:7]}{'+dirty' if dirty else ''}; {when}")
 
 
 def table(rows: list[Row]) -> str:

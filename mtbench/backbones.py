@@ -7,7 +7,6 @@ build a backbone by name: a registered builder (``tiny_bert``, ``minilm_l6``), a
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, nearest
 from .interfaces import StreamMLP, stream_routings
 from .registry import RegistryError, backbones, register_backbone
 
@@ -231,8 +230,8 @@ def _not_found(name: str, gated: bool = False) -> str:
     """Why a backbone name did not load, in words: the registered names (the closest first), and what to do about
     the hub: unset an offline switch that is on, or, without a network, set it to stop the download retries."""
     names = sorted(backbones.names())
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    known = (f"did you mean '{close[0]}'? " if close else "") + f"registered: {', '.join(names)}"
+    close = nearest(name, names)
+    known = (f"did you mean '{close}'? " if close else "") + f"registered: {', '.join(names)}"
     offline = [k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
                if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
     hub = (f"{offline[0]} is set: unset it to download, or pass a local folder" if offline else

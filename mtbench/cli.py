@@ -97,49 +97,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtbench`` console script."""
     args = _parser().parse_args(argv)
     _quiet_environment()
-    previous = _sigterm_interrupts()
-    try:
-        if args.command not in _NO_REGISTRY:
-            from . import registry
+    from .errors import MtbenchError, sigterm_as_interrupt
 
-            registry.discover(args.plugin)
-        return int(_COMMANDS[args.command](args))
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        # Ctrl-C or SIGTERM outside a run's training (which records the run KILLED itself), e.g. while the model is
-        # built: nothing was recorded, so one line is all there is to say.
-        print("mtbench: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        from .errors import MtbenchError
+    # From the start of the command, not only once a run is built: a process terminated while it imports, resolves
+    # its configuration or builds a model then says so in one line instead of dying silently.
+    with sigterm_as_interrupt():
+        try:
+            if args.command not in _NO_REGISTRY:
+                from . import registry
 
-        if args.debug or not isinstance(exc, MtbenchError):
-            raise
-        print(f"mtbench: error: {exc}".splitlines()[0], file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        if previous is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _sigterm_interrupts() -> Any:
-    """SIGTERM raises KeyboardInterrupt from here on, as Ctrl-C does: a process terminated while it imports,
-    resolves its configuration or builds a model says ``mtbench: interrupted`` and exits 130 instead of dying
-    silently (a run in training has its own handler, which records it KILLED). Returns the previous handler, or
-    ``None`` off the main thread, where handlers cannot be set."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, interrupt)
+                registry.discover(args.plugin)
+            return int(_COMMANDS[args.command](args))
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            # Ctrl-C or SIGTERM outside a run's training (which records the run KILLED itself), e.g. while the
+            # model is built: nothing was recorded, so one line is all there is to say.
+            print("mtbench: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if args.debug or not isinstance(exc, MtbenchError):
+                raise
+            print(f"mtbench: error: {exc}".splitlines()[0], file=sys.stderr)
+            return EXIT_USAGE
 
 
 def _quiet_environment() -> None:

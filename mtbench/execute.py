@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import os
-import signal
 import socket
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import yaml
 
 from .config import Experiment
-from .errors import ConfigError, MtbenchError
+from .errors import ConfigError, MtbenchError, sigterm_as_interrupt
 from .results import SCHEMA, write_result
 from .tracking import (
     EXPERIMENT,
@@ -59,20 +58,6 @@ class Outcome:
     error: str | None = None
     interrupted: bool = False
     """A stop signal arrived (the run may still be FINISHED if it came after the evaluation); a sweep stops."""
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so a terminated run is recorded as KILLED, like Ctrl-C."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_experiment(exp: Experiment, uri: str | None = None, progress: bool = True) -> Outcome:
@@ -243,7 +228,7 @@ def _build(exp: Experiment) -> tuple[Any, Any]:
                    enable_checkpointing=False, enable_progress_bar=False)
     except Exception as exc:
         raise ConfigError(f"trainer options rejected by Lightning: {str(exc).splitlines()[0]}") from exc
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         module = build_module(exp)
         return module, module.task.datamodule(exp.train, seed=exp.seed)
 

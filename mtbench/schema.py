@@ -164,9 +164,10 @@ def allowed(hint: Any, path: list[Any]) -> str:
     base, meta = _strip(hint)
     if typing.get_origin(base) in (typing.Union, types.UnionType):
         members = [arg for arg in typing.get_args(base) if arg is not type(None)]
-        if len(members) > 1:  # each kind with its own bounds: "an int >= 1 or a float > 0 and <= 1"
-            kinds = [f"{type_name(_strip(m)[0])} {allowed(m, [])}".strip() for m in members]
-            return " or ".join(kinds) if any(allowed(m, []) for m in members) else ""
+        if len(members) > 1:  # each kind with its own bounds: "int >= 1 or float > 0 and <= 1"
+            bounds = [allowed(m, []) for m in members]
+            kinds = [f"{type_name(_strip(m)[0])} {b}".strip() for m, b in zip(members, bounds, strict=True)]
+            return " or ".join(kinds) if any(bounds) else ""
         for arg in members:
             base, meta = _strip(arg)
     parts = []

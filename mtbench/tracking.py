@@ -45,8 +45,7 @@ def tracking_uri(uri: str | None = None) -> str:
     instead of failing with "database is locked" after the driver's default 5 s.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home_dir() / 'mlflow.db'}"
-    scheme = uri.partition("://")[0] if "://" in uri else uri.partition(":")[0] if uri == "databricks" else ""
-    if scheme in ("", "file"):
+    if uri != "databricks" and ("://" not in uri or uri.startswith("file:")):
         # MLflow would take a bare path or file: URI as its file store, which it no longer develops (and whose
         # error is a traceback); mtbench's stores are databases or tracking servers.
         raise ConfigError(f"tracking URI {uri!r}: give a database or server URI, e.g. sqlite:////abs/path/mlflow.db "
