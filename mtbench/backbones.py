@@ -8,6 +8,7 @@ build a backbone by name: a registered builder (``tiny_bert``, ``minilm_l6``), a
 from __future__ import annotations
 
 import importlib.resources
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -541,7 +542,7 @@ def swin_stage_features(
     with ExitStack() as context:
         for routing in stream_routings(model):
             context.enter_context(routing.stack(None, 0))
-        x = layers[0].downsample(patch_embed(images))
+        x = _merge_patches(layers[0].downsample, patch_embed(images))
         shared: list[Tensor] = []
         per_task: dict[str, list[Tensor]] = {t: [] for t in tasks or ()}
         for i, stage in enumerate(layers):
@@ -550,13 +551,56 @@ def swin_stage_features(
                 x = block(x)
             out, streamed = _stream_block(blocks[-1], x, tuple(per_task))
             if i + 1 < len(layers):
-                out = layers[i + 1].downsample(out)  # row-wise, so one call merges the shared rows and every stream
+                # Row-wise, so one call merges the shared rows and every stream.
+                out = _merge_patches(layers[i + 1].downsample, out)
             parts = out.chunk(len(streamed) + 1)
             x = parts[0]
             shared.append(x.permute(0, 3, 1, 2))
             for task, feats in per_task.items():
                 feats.append(parts[1 + streamed.index(task)].permute(0, 3, 1, 2) if task in streamed else shared[-1])
     return per_task if tasks is not None else shared
+
+
+def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:
+    """``downsample(x)`` for a timm stage's downsampling module, ``(B, H, W, C)`` in, ``(B, H/2, W/2, C')`` out.
+
+    timm's ``PatchMerging`` pads ``H`` and ``W`` to even sizes with ``F.pad``, which copies its whole input even when
+    there is nothing to pad, and copies the gradient back in the backward pass; in MTLoRA's stream blocks that input
+    holds every task stream. Where ``H`` and ``W`` are even, its forward (2×2 neighbours concatenated in timm's
+    order, LayerNorm, reduction) runs here without the pad, called through the module so that its hooks still run.
+    Anything else (odd sizes, other modules: ``nn.Identity`` before the first stage) is called as it is.
+    """
+    from timm.models.swin_transformer import PatchMerging
+
+    b, h, w, c = x.shape
+    if type(downsample) is not PatchMerging or h % 2 or w % 2:
+        return downsample(x)
+    merging: Any = downsample
+
+    def forward(x: Tensor) -> Tensor:
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return merging.reduction(merging.norm(x))
+
+    merging.forward = forward
+    try:
+        return merging(x)
+    finally:
+        del merging.forward
+
+
+def _residual(x: Tensor, branch: Tensor, drop_path: nn.Module, batch_dims: int = 1) -> Tensor:
+    """``x + drop_path(branch)`` (``x`` broadcast to ``branch``), in one pass where ``drop_path`` is timm's active
+    ``DropPath``: the module draws its per-example mask from a tensor of ones (the same random draws as on
+    ``branch``), and ``torch.addcmul`` applies it in the addition instead of in a pass of its own over every stream.
+    The leading ``batch_dims`` dimensions of ``branch`` index the examples that draw a mask each."""
+    from timm.layers import DropPath
+
+    if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
+        # DropPath draws one value per entry of its input's first dimension: the examples, flattened.
+        examples = branch.shape[:batch_dims]
+        mask = drop_path(branch.new_ones(math.prod(examples), *[1] * (branch.ndim - 1)))
+        return torch.addcmul(x, branch, mask.view(*examples, *[1] * (branch.ndim - batch_dims)))
+    return x + drop_path(branch)
 
 
 def _mlp(mlp: Any, x: Tensor) -> Tensor:
@@ -619,9 +663,9 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
         if attn.shape[0] == b:  # no stream layer in the attention (proj without task LoRA): the streams start equal
             attn = attn.repeat(k + 1, 1, 1, 1)
         # The block input is every stream's shortcut (broadcast, not copied); DropPath draws a mask per stream row.
-        y = (x + block.drop_path1(attn).view(k + 1, b, h, w, c)).view((k + 1) * b, h * w, c)
+        y = _residual(x, attn.view(k + 1, b, h, w, c), block.drop_path1, batch_dims=2).view((k + 1) * b, h * w, c)
         with stacked():
-            y = y + block.drop_path2(_mlp(block.mlp, block.norm2(y)))
+            y = _residual(y, _mlp(block.mlp, block.norm2(y)), block.drop_path2)
         return y.view((k + 1) * b, h, w, c)
 
     # Called through the module (an instance-level forward for this call) so that hooks on the block still see its

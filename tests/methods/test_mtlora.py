@@ -545,6 +545,78 @@ def test_swin_stream_blocks_shift_and_partition_the_shared_rows_only() -> None:
     assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
 
 
+def test_patch_merging_without_the_pad_copy_matches_timm() -> None:
+    """``backbones._merge_patches`` gives timm's ``PatchMerging`` output and gradients; at even sizes it issues no
+    ``F.pad`` (a copy of every stream's rows, forward and backward), at odd sizes it is timm's own padded forward;
+    the module's hooks run either way."""
+    from timm.models.swin_transformer import PatchMerging
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtbench.backbones import _merge_patches
+
+    torch.manual_seed(0)
+    merging = PatchMerging(dim=6, out_dim=12)
+    hooked: list[tuple[int, ...]] = []
+    merging.register_forward_hook(lambda module, args, out: hooked.append(tuple(out.shape)))
+    pads: list[int] = []
+
+    class Pads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket is torch.ops.aten.constant_pad_nd:
+                pads.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    for shape, padded in (((3, 4, 6, 6), False), ((2, 5, 3, 6), True)):
+        x = torch.randn(shape, requires_grad=True)
+        weight = torch.randn(shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 12)
+        (ref,) = torch.autograd.grad((merging(x) * weight).sum(), x)
+        pads.clear()
+        with Pads():
+            out = _merge_patches(merging, x)
+            (grad,) = torch.autograd.grad((out * weight).sum(), x)
+        assert torch.allclose(out, merging(x), atol=1e-6) and torch.allclose(grad, ref, atol=1e-6), shape
+        assert bool(pads) == padded, (shape, pads)
+    assert hooked == [(3, 2, 3, 12)] * 3 + [(2, 3, 2, 12)] * 3
+    assert _merge_patches(nn.Identity(), x) is x
+
+
+def test_residual_draws_timm_drop_path_masks_in_one_pass() -> None:
+    """``backbones._residual`` adds a DropPath branch with the masks timm's module would draw (same random draws, one
+    per example over the leading ``batch_dims``), the same gradients, and in one kernel; inactive DropPath (eval
+    mode, rate 0, ``nn.Identity``) is a plain sum."""
+    from timm.layers import DropPath
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtbench.backbones import _residual
+
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    branch = torch.randn(3, 4, 3, 5, requires_grad=True)  # 3 streams of the 4 examples of x
+    drop = DropPath(0.5).train()
+    torch.manual_seed(3)
+    ref = x + drop(branch.reshape(12, 3, 5)).view_as(branch)
+    ref_grads = torch.autograd.grad((ref * branch.detach()).sum(), (x, branch))
+    ops: list[object] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= branch.numel():  # a pass over the streams
+                ops.append(func.overloadpacket)
+            return out
+
+    torch.manual_seed(3)
+    with Ops():
+        out = _residual(x, branch, drop, batch_dims=2)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)  # one rounding less (fused multiply-add)
+    dropped = (out == x).flatten(2).all(-1)
+    assert dropped.any() and not dropped.all()  # some examples' branches dropped, not all
+    assert ops == [torch.ops.aten.addcmul]  # no separate pass for the mask
+    for g, r in zip(torch.autograd.grad((out * branch.detach()).sum(), (x, branch)), ref_grads, strict=True):
+        assert torch.allclose(g, r)
+    for inactive in (DropPath(0.5).eval(), DropPath(0.0).train(), nn.Identity()):
+        assert torch.equal(_residual(x, branch, inactive, batch_dims=2), x + branch)
+
+
 def test_swin_stream_block_restores_the_attention_after_an_error() -> None:
     """An error inside the attention of a stream block (here from a hook on ``qkv``) leaves the block as it was: its
     output projection back in place, no instance-level forward left, and the next forward runs."""
