@@ -565,19 +565,21 @@ def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:
     """``downsample(x)`` for a timm stage's downsampling module, ``(B, H, W, C)`` in, ``(B, H/2, W/2, C')`` out.
 
     timm's ``PatchMerging`` pads ``H`` and ``W`` to even sizes with ``F.pad``, which copies its whole input even when
-    there is nothing to pad, and copies the gradient back in the backward pass; in MTLoRA's stream blocks that input
-    holds every task stream. Where ``H`` and ``W`` are even, its forward (2×2 neighbours concatenated in timm's
-    order, LayerNorm, reduction) runs here without the pad, called through the module so that its hooks still run.
-    Anything else (odd sizes, other modules: ``nn.Identity`` before the first stage) is called as it is.
+    there is nothing to pad, and copies the gradient back in the backward pass; after a stream block that input holds
+    every stream. Where ``H`` and ``W`` are even, its forward (2×2 neighbours concatenated in timm's order, LayerNorm,
+    reduction) runs here without the pad, called through the module so that its hooks still run. Anything else (odd
+    sizes, other modules: ``nn.Identity`` before the first stage) runs the module's own forward.
     """
     from timm.models.swin_transformer import PatchMerging
 
-    b, h, w, c = x.shape
-    if type(downsample) is not PatchMerging or h % 2 or w % 2:
+    if type(downsample) is not PatchMerging:
         return downsample(x)
     merging: Any = downsample
 
     def forward(x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            return PatchMerging.forward(merging, x)
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return merging.reduction(merging.norm(x))
 
