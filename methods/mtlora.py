@@ -247,6 +247,17 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         # One split, not two slices: its backward joins the two gradients in one copy instead of zero-filling the
         # whole input twice.
         x_shared, x_streams = (x, x) if common else x.split([x.shape[0] // (k + 1), x.shape[0] * k // (k + 1)])
+        if routing.stream_tasks is None:
+            # Per-row task ids (mixed batches): the shared and task sums are written into the stacked rows directly.
+            pre, dropped = self.base(x_shared), self.dropout(x_shared)
+            shared_delta = self._low_rank(dropped, self.mtlora_shared_A, self.mtlora_shared_B).to(pre.dtype)
+            u = x_streams if self.task_input else dropped  # no dropout on task inputs; proj reads drop(x) (§7.3)
+            if (common or not self.task_input) and k > 1:
+                u = torch.cat([u] * k)
+            ids = routing.ids_for(u) if routing.task_ids is not None else None
+            if ids is None:
+                raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
+            return _StackedSums.apply(pre, shared_delta, self._mixed_task_delta(u, ids).to(pre.dtype), k)
         pre, dropped, y = self._shared(x_shared)
         if not self.task_input:
             u, common = dropped, True  # proj: the task branches read drop(x), never a task input (§7.3)
@@ -255,31 +266,20 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         return torch.cat([y, self._streams(pre, u, common, k, routing)])
 
     def _streams(self, pre: Tensor, u: Tensor, common: bool, k: int, routing: TaskRouting) -> Tensor:
-        """The ``k`` stream outputs ``pre + s·B_t A_t u_t``, stream-major ``(k·n, ..., out)``.
+        """The ``k`` stream outputs ``pre + s·B_t A_t u_t`` of streams with one task each
+        (``TaskRouting.stream_tasks``: the all-tasks forward), stream-major ``(k·n, ..., out)``: each stream runs its
+        own rank-r pair, all in one batched product.
 
         ``u`` is the streams' common input ``(n, ..., in)`` (``common``) or their stacked inputs ``(k·n, ..., in)``.
-        With one task per stream (``TaskRouting.stream_tasks``: the all-tasks forward), each stream runs its own
-        rank-r pair in one batched product; with per-row ids (mixed batches) every row takes the masked rank-``T·r``
-        product of :meth:`_mixed_task_delta`.
         """
+        assert routing.stream_tasks is not None
         d_in, r = self.base.in_features, self.task_r
-        if routing.stream_tasks is not None:
-            a, b = self._stream_factors(routing.stream_tasks)
-            if common:  # one down-projection of the shared input for all streams
-                z = F.linear(_as(u, a.dtype), a.reshape(k * r, d_in)).reshape(-1, k, r).transpose(0, 1)
-            else:
-                z = torch.bmm(_as(u, a.dtype).reshape(k, -1, d_in), a.transpose(1, 2))  # (k, M, r)
-            return _plus_streams(pre, z, b, self.scale)
-        if routing.task_ids is None:
-            raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
-        if common and k > 1:
-            u = torch.cat([u] * k)
-        row_ids = routing.ids_for(u)
-        assert row_ids is not None
-        delta = self._mixed_task_delta(u, row_ids).to(pre.dtype)
-        if k == 1:
-            return pre + delta
-        return (delta.view(k, *pre.shape) + pre).view(delta.shape)  # pre broadcast to every stream, not copied
+        a, b = self._stream_factors(routing.stream_tasks)
+        if common:  # one down-projection of the shared input for all streams
+            z = F.linear(_as(u, a.dtype), a.reshape(k * r, d_in)).reshape(-1, k, r).transpose(0, 1)
+        else:
+            z = torch.bmm(_as(u, a.dtype).reshape(k, -1, d_in), a.transpose(1, 2))  # (k, M, r)
+        return _plus_streams(pre, z, b, self.scale)
 
     def _stream_factors(self, stream_tasks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Each stream's task factors, ``(A (k, r, in), B (k, out, r))``, for streams naming task indices.
@@ -556,6 +556,35 @@ def _row_blocks(pre1: Tensor, streams: int) -> list[slice]:
     m, h = pre1.shape
     step = max(1, budget // max(1, streams * h * pre1.element_size()))
     return [slice(i, min(i + step, m)) for i in range(0, m, step)] or [slice(0, 0)]
+
+
+class _StackedSums(torch.autograd.Function):
+    """``cat([pre + shared, pre + streams_1, ..., pre + streams_k])``, each sum written straight into its rows.
+
+    ``pre`` and ``shared`` are ``(n, ...)``, ``streams`` is ``(k·n, ...)`` (stream-major), all of one dtype; returns
+    ``((k + 1)·n, ...)``. The same numbers as adding and then concatenating, without the concatenation's pass over
+    every row: on a mixed text batch that pass copied ``fc1``'s hidden-width output of both streams. Interleaved on
+    MiniLM-L6 (32 × 128 tokens, CPU, one thread, 6 rounds) the mixed step went from 1.087 × LoRA's to 1.051 ×.
+    The backward is made of differentiable operations, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, shared: Tensor, streams: Tensor, k: int) -> Tensor:
+        n = ctx.rows = pre.shape[0]
+        out = pre.new_empty(((k + 1) * n, *pre.shape[1:]))
+        torch.add(pre, shared, out=out[:n])
+        torch.add(pre, streams.reshape(k, *pre.shape), out=out[n:].view(k, *pre.shape))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        n = ctx.rows
+        g_shared, g_streams = grad[:n], grad[n:]
+        g_pre = None
+        if ctx.needs_input_grad[0]:  # pre is every row's: its gradient sums theirs
+            one = g_streams.shape[0] == n  # one stream (mixed batches): no reduction pass
+            g_pre = g_shared + (g_streams if one else g_streams.reshape(-1, *g_shared.shape).sum(0))
+        return g_pre, g_shared, g_streams, None
 
 
 def _plus_streams(pre: Tensor, z: Tensor, b: Tensor, scale: float) -> Tensor:

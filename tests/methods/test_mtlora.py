@@ -177,6 +177,62 @@ def test_mixed_forward_is_vectorised() -> None:
     assert torch.allclose(layer._mixed_task_delta(u, ids), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_stacked_sums_equal_sums_then_concatenation(k: int) -> None:
+    """The stacked rows of a TS layer (``_StackedSums``) are ``cat([pre + shared, pre + stream_t ...])``, with the
+    same gradients, a second-order gradient (float64 gradcheck), and empty inputs."""
+    from torch.autograd import gradcheck
+
+    from mtbench.methods.mtlora import _StackedSums
+
+    gen = torch.Generator().manual_seed(0)
+    pre, shared = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    streams = torch.randn(2 * k, 3, 4, generator=gen)
+    leaves = [t.double().requires_grad_() for t in (pre, shared, streams)]
+    out = _StackedSums.apply(*leaves, k)
+    ref = torch.cat([leaves[0] + leaves[1], (leaves[2].view(k, 2, 3, 4) + leaves[0]).view(2 * k, 3, 4)])
+    assert torch.equal(out, ref)
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads, ref_grads = (torch.autograd.grad((t * weight).sum(), leaves) for t in (out, ref))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r)
+    assert gradcheck(lambda *t: _StackedSums.apply(*t, k), leaves)
+    assert torch.autograd.gradgradcheck(lambda *t: _StackedSums.apply(*t, k), leaves)
+    empty = torch.zeros(0, 4)
+    assert _StackedSums.apply(empty, empty, torch.zeros(0, 4), k).shape == (0, 4)
+
+
+def test_mixed_batch_layer_writes_its_stacked_rows_once() -> None:
+    """On a mixed batch a TS layer writes the shared and task sums into the stacked rows directly: no concatenation
+    pass over its (here hidden-width) output, forward or backward, and the outputs of :meth:`forward_tasks`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    routing = TaskRouting(TASKS)
+    torch.manual_seed(0)
+    layer = MTLoRALinear(nn.Linear(6, 24), r=3, scale=4.0, tasks=TASKS, task_r=2, routing=routing)
+    _randomise(layer)
+    x, ids = torch.randn(4, 5, 6, requires_grad=True), torch.tensor([1, 0, 0, 1])
+    u = torch.randn(4, 5, 6)
+    cats: list[tuple[int, ...]] = []
+
+    class Cats(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.cat:
+                cats.append(tuple(out.shape))
+            return out
+
+    stacked = torch.cat([x, u])
+    with routing.stack(ids, 1), Cats():
+        out = layer(stacked)
+        out.sum().backward()
+    y, per_task = layer.forward_tasks(x.detach(), {t: u for t in TASKS})
+    assert torch.allclose(out[:4], y, atol=1e-5)
+    for i, task_id in enumerate(ids.tolist()):
+        assert torch.allclose(out[4 + i], per_task[TASKS[task_id]][i], atol=1e-5)
+    assert [s for s in cats if s[-1] == 24] == [], cats
+
+
 def test_training_step_reaches_only_the_routed_tasks() -> None:
     method, model = _adapted()
     model.train()
