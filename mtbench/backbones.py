@@ -562,17 +562,18 @@ def swin_stage_features(
 
 
 def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:
-    """``downsample(x)`` for a timm stage's downsampling module, ``(B, H, W, C)`` in, ``(B, H/2, W/2, C')`` out.
+    """``downsample(x)`` for a timm stage's downsampling module, ``(B, H, W, C)`` in, ``(B, ⌈H/2⌉, ⌈W/2⌉, C')`` out.
 
     timm's ``PatchMerging`` pads ``H`` and ``W`` to even sizes with ``F.pad``, which copies its whole input even when
     there is nothing to pad, and copies the gradient back in the backward pass; after a stream block that input holds
     every stream. Where ``H`` and ``W`` are even, its forward (2×2 neighbours concatenated in timm's order, LayerNorm,
     reduction) runs here without the pad, called through the module so that its hooks still run. Anything else (odd
-    sizes, other modules: ``nn.Identity`` before the first stage) runs the module's own forward.
+    sizes, other modules: ``nn.Identity`` before the first stage, a module that already has an instance-level
+    forward, as some wrappers install) runs the module's own forward.
     """
     from timm.models.swin_transformer import PatchMerging
 
-    if type(downsample) is not PatchMerging:
+    if type(downsample) is not PatchMerging or "forward" in vars(downsample):
         return downsample(x)
     merging: Any = downsample
 
@@ -591,13 +592,22 @@ def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:
 
 
 def _residual(x: Tensor, branch: Tensor, drop_path: nn.Module, batch_dims: int = 1) -> Tensor:
-    """``x + drop_path(branch)`` (``x`` broadcast to ``branch``), in one pass where ``drop_path`` is timm's active
-    ``DropPath``: the module draws its per-example mask from a tensor of ones (the same random draws as on
-    ``branch``), and ``torch.addcmul`` applies it in the addition instead of in a pass of its own over every stream.
-    The leading ``batch_dims`` dimensions of ``branch`` index the examples that draw a mask each."""
+    """``x + drop_path(branch)``, in one pass where ``drop_path`` is timm's active ``DropPath``: the module draws its
+    per-example mask from a tensor of ones (the same random draws as on ``branch``; its hooks see that tensor), and
+    ``torch.addcmul`` applies it in the addition instead of in a pass of its own over every stream.
+
+    Args:
+        x: broadcastable to ``branch``, e.g. ``(b, ...)`` against ``(k + 1, b, ...)``.
+        branch: ``(*examples, ...)``, the leading ``batch_dims`` dimensions indexing the examples that draw a mask
+            each.
+
+    Returns:
+        ``branch``'s shape.
+    """
     from timm.layers import DropPath
 
-    if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
+    # Exactly timm's class: a subclass may draw or apply its mask otherwise.
+    if type(drop_path) is DropPath and drop_path.training and drop_path.drop_prob > 0:
         # DropPath draws one value per entry of its input's first dimension: the examples, flattened.
         examples = branch.shape[:batch_dims]
         mask = drop_path(branch.new_ones(math.prod(examples), *[1] * (branch.ndim - 1)))
@@ -631,8 +641,10 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
     streams are named by one task index each, Python ints, so the stream layers batch their per-task products without
     reading the device. The MLP runs through :func:`_mlp`, which lets a stream layer keep the streams' hidden
     activations (4·C wide, k of them) out of memory. In such a block, hooks on the attention module see the heads'
-    output before the projection, and hooks on ``proj`` see ``(b, h, w, ·)`` rows (timm's own layouts where the heads
-    are narrower or wider than the block, and ``proj`` stays inside the attention).
+    output before the projection, hooks on ``proj`` see ``(b, h, w, ·)`` rows (timm's own layouts where the heads
+    are narrower or wider than the block, and ``proj`` stays inside the attention), and hooks on an active timm
+    ``DropPath`` see the tensor of ones it draws its mask from (:func:`_residual`). An instance-level forward the
+    block already has (some wrappers install one) is set aside for the call and put back.
     """
     routings = stream_routings(block)
     streamed = [t for t in tasks if routings and all(t in r.tasks for r in routings)]
@@ -672,11 +684,15 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
 
     # Called through the module (an instance-level forward for this call) so that hooks on the block still see its
     # input and output.
+    own = vars(block).get("forward")
     block.forward = forward
     try:
         return block(x), streamed
     finally:
-        del block.forward
+        if own is None:
+            del block.forward
+        else:
+            block.forward = own
 
 
 def _attention_heads(block: Any, x: Tensor) -> Tensor:

@@ -77,7 +77,7 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
     (["--suite", "text", "--only", "lora", "mtlora_r8_4tasks_mixed"], ["--only lora: not a case", "lora_r8"]),
     # The official code's case exists only with --official.
     (["--suite", "swin", "--only", "official_mtlora_r64_t4"], ["--only official_mtlora_r64_t4: not a case",
-                                                                "mtlora_r64_t4"]),
+                                                                "cases: peft_lora_r64, lora_r64, mtlora_r64_t4"]),
 ])
 def test_options_refuse_what_they_cannot_run(argv: list[str], expected: list[str], tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:

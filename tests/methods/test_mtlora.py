@@ -198,8 +198,10 @@ def test_stacked_sums_equal_sums_then_concatenation(k: int) -> None:
         assert torch.allclose(g, r)
     assert gradcheck(lambda *t: _StackedSums.apply(*t, k), leaves)
     assert torch.autograd.gradgradcheck(lambda *t: _StackedSums.apply(*t, k), leaves)
-    empty = torch.zeros(0, 4)
-    assert _StackedSums.apply(empty, empty, torch.zeros(0, 4), k).shape == (0, 4)
+    empty = [torch.zeros(0, 4, requires_grad=True) for _ in range(3)]
+    out = _StackedSums.apply(*empty, k)
+    assert out.shape == (0, 4)
+    assert all(g.shape == (0, 4) for g in torch.autograd.grad(out.sum(), empty))
 
 
 def test_mixed_batch_layer_writes_its_stacked_rows_once() -> None:
@@ -634,6 +636,17 @@ def test_patch_merging_without_the_pad_copy_matches_timm() -> None:
         assert bool(pads) == padded, (shape, pads)
     assert hooked == [(3, 2, 3, 12)] * 3 + [(2, 3, 2, 12)] * 3
     assert _merge_patches(nn.Identity(), x) is x
+    # A forward some wrapper installed on the instance is what runs, and it stays.
+    calls: list[int] = []
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return PatchMerging.forward(merging, x)
+
+    merging.forward = wrapped
+    x = torch.randn(3, 4, 6, 6)
+    assert torch.equal(_merge_patches(merging, x), PatchMerging.forward(merging, x))
+    assert calls == [1] and vars(merging)["forward"] is wrapped
 
 
 def test_residual_draws_timm_drop_path_masks_in_one_pass() -> None:
@@ -671,6 +684,28 @@ def test_residual_draws_timm_drop_path_masks_in_one_pass() -> None:
         assert torch.allclose(g, r)
     for inactive in (DropPath(0.5).eval(), DropPath(0.0).train(), nn.Identity()):
         assert torch.equal(_residual(x, branch, inactive, batch_dims=2), x + branch)
+
+    class DropAll(DropPath):  # a subclass that applies its rate otherwise: called on the branch itself
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t * 0
+
+    assert torch.equal(_residual(x, branch, DropAll(0.5).train(), batch_dims=2), x + branch * 0)
+
+
+def test_swin_stream_block_puts_back_a_forward_the_block_already_had() -> None:
+    """A stream block whose instance already has a forward (as some wrappers install) gets it back after the call."""
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted())
+    block = model.layers[0].blocks[-1]
+
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        return type(block).forward(block, x)
+
+    block.forward = wrapped
+    features = swin_stage_features(model, torch.randn(1, 3, 64, 64), tasks=SWIN_TASKS)
+    assert vars(block)["forward"] is wrapped and len(features) == len(SWIN_TASKS)
 
 
 def test_swin_stream_block_restores_the_attention_after_an_error() -> None:
