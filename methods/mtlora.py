@@ -525,30 +525,30 @@ class _StreamHidden(torch.autograd.Function):
         acc = torch.promote_types(pre1.dtype, torch.float32)  # the factors' gradients: at least fp32
         g_b1t = torch.zeros(b1t.shape, dtype=acc, device=b1t.device)
         g_a2 = torch.zeros(a2.shape, dtype=acc, device=a2.device)
-        in_place = acc == pre1.dtype  # the factors' gradients accumulate in the blocks' dtype: one kernel each
+        same_dtype = acc == pre1.dtype  # the factors' gradients sum in the blocks' dtype: one kernel each
         with torch.autocast(pre1.device.type, enabled=False):
             b1t_scaled = b1t * scale  # the scale once on the factor, not on every block's product
             for rows in _row_blocks(pre1, z1.shape[0]):
                 f = torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)
-                _accumulate(g_a2, grad_t[:, :, rows], F.gelu(f, approximate=approximate), in_place)
+                g_a2 = _accumulate(g_a2, grad_t[:, :, rows], F.gelu(f, approximate=approximate), same_dtype)
                 g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=approximate)
                 del f
                 torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
                 g_z1t.append(torch.bmm(b1t_scaled, g_f.transpose(1, 2)))  # (k, r1, rows), as in forward
-                _accumulate(g_b1t, z1[:, rows].transpose(1, 2), g_f, in_place)
+                g_b1t = _accumulate(g_b1t, z1[:, rows].transpose(1, 2), g_f, same_dtype)
             g_b1t.mul_(scale)
         dtype_b1, dtype_a2 = ctx.dtypes
         g_z1 = torch.cat(g_z1t, dim=2).transpose(1, 2).contiguous()
         return g_pre1, g_z1, g_b1t.transpose(1, 2).to(dtype_b1), g_a2.to(dtype_a2), None, None
 
 
-def _accumulate(total: Tensor, a: Tensor, b: Tensor, in_place: bool) -> None:
-    """``total += a @ b`` (batched): one ``baddbmm_`` where ``total`` has the operands' dtype, else the product
-    rounded up into ``total``'s (float32 sums of half-precision products)."""
-    if in_place:
-        total.baddbmm_(a, b)
-    else:
-        total += torch.bmm(a, b).to(total.dtype)
+def _accumulate(total: Tensor, a: Tensor, b: Tensor, same_dtype: bool) -> Tensor:
+    """``total + a @ b`` (batched): one ``baddbmm`` where ``total`` has the operands' dtype, else the product
+    rounded up into ``total``'s (float32 sums of half-precision products). Out of place: the sums are rank-sized,
+    and torch's FLOP counter counts ``baddbmm``, not ``baddbmm_``."""
+    if same_dtype:
+        return torch.baddbmm(total, a, b)
+    return total.add_(torch.bmm(a, b).to(total.dtype))
 
 
 STREAM_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
