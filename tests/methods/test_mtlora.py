@@ -515,6 +515,28 @@ def test_stream_mlp_one_stream_and_empty_rows() -> None:
         assert torch.allclose(g_fast, g_slow, atol=1e-5)
 
 
+def test_stream_hidden_flops_are_all_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's FLOP counter (the benchmarks' FLOP column) sees every product of the fused stream MLP, over several
+    row blocks: forward ``f = pre1 + s·z1 B1ᵀ`` and ``A2 GELU(f)``, backward the recomputed ``f`` and five products,
+    ``2·k·M·H·(4·r1 + 3·r2)`` in all. (An in-place ``baddbmm_`` is not counted: summing into a factor's gradient in
+    place would hide its products.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtbench.methods import mtlora
+
+    k, m, hidden, r1, r2 = 3, 40, 16, 2, 5
+    monkeypatch.setitem(mtlora.STREAM_BLOCK_BYTES, "cpu", 10 * k * hidden * 4)  # 10 rows a block: 4 blocks
+    gen = torch.Generator().manual_seed(0)
+    pre1, z1 = torch.randn(m, hidden, generator=gen), torch.randn(k, m, r1, generator=gen)
+    b1, a2 = torch.randn(k, hidden, r1, generator=gen), torch.randn(k, r2, hidden, generator=gen)
+    leaves = [t.requires_grad_() for t in (pre1, z1, b1, a2)]
+    with FlopCounterMode(display=False) as counter:
+        out = mtlora._StreamHidden.apply(*leaves, 2.0, "none")
+        out.backward(torch.randn(out.shape, generator=gen))
+    assert counter.get_total_flops() == 2 * k * m * hidden * (4 * r1 + 3 * r2)
+    assert all(t.grad is not None for t in leaves)
+
+
 def test_stream_mlp_declines_what_it_cannot_fuse() -> None:
     fc1, act, fc2, routing = _mlp_pair(dropout=0.0)
     x = torch.randn(3 * 2, 6)
