@@ -71,6 +71,31 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
             assert 0 < low == high == pytest.approx(float(row[4]), abs=1e-3), name
 
 
+def test_rounds_alternate_the_case_order(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other timing round runs the cases in reverse, starting forward with the first timed round, so that no
+    case always runs right after the same one (a case's place in a round moved its CPU time by about 2 %)."""
+    import torch
+
+    adapters = _script("adapters")
+    order: list[str] = []
+    timed = adapters._timed
+
+    def record(case, device):  # type: ignore[no-untyped-def]
+        order.append(case.name)
+        return timed(case, device)
+
+    monkeypatch.setattr(adapters, "_timed", record)
+    threads = torch.get_num_threads()
+    try:
+        adapters.main(["--suite", "text", "--batch", "2", "--tokens", "8", "--only",
+                       "lora_r8", "--repeats", "3", "--warmup", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    forward = ["peft_lora_r8", "lora_r8"]
+    assert order == forward[::-1] + forward + forward[::-1] + forward  # warm-up, then the three timed rounds
+
+
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--suite", "swin", "--official", "{missing}"], ["--official"]),
     (["--suite", "text", "--official", "{checkout}"], ["--official"]),
