@@ -584,11 +584,22 @@ def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return merging.reduction(merging.norm(x))
 
-    merging.forward = forward
+    return _call_through(merging, forward, x)
+
+
+def _call_through(module: nn.Module, forward: Any, x: Tensor) -> Any:
+    """``module(x)`` with ``forward`` as its forward for this call only, so that the module's hooks still see its
+    input and output. An instance-level forward the module already has (some wrappers install one) is set aside for
+    the call and put back; anything else is removed again, also after an error."""
+    own = vars(module).get("forward")
+    module.forward = forward
     try:
-        return merging(x)
+        return module(x)
     finally:
-        del merging.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _residual(x: Tensor, branch: Tensor, drop_path: nn.Module, batch_dims: int = 1) -> Tensor:
@@ -682,17 +693,7 @@ def _stream_block(block: Any, x: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor
             y = _residual(y, _mlp(block.mlp, block.norm2(y)), block.drop_path2)
         return y.view((k + 1) * b, h, w, c)
 
-    # Called through the module (an instance-level forward for this call) so that hooks on the block still see its
-    # input and output.
-    own = vars(block).get("forward")
-    block.forward = forward
-    try:
-        return block(x), streamed
-    finally:
-        if own is None:
-            del block.forward
-        else:
-            block.forward = own
+    return _call_through(block, forward, x), streamed
 
 
 def _attention_heads(block: Any, x: Tensor) -> Tensor:
