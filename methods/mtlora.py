@@ -214,11 +214,16 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
 
     def _shared(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(pre = W0 x + b, drop(x), shared output y)."""
+        pre, dropped, delta = self._shared_parts(x)
+        return pre, dropped, pre if delta is None else pre + delta
+
+    def _shared_parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(pre = W0 x + b, drop(x), the shared update s·B A drop(x) in ``pre``'s dtype, or ``None`` while merged)."""
         pre = self.base(x)
         if self.merged:
-            return pre, x, pre
+            return pre, x, None
         dropped = self.dropout(x)
-        return pre, dropped, pre + self._low_rank(dropped, self.mtlora_shared_A, self.mtlora_shared_B).to(pre.dtype)
+        return pre, dropped, self._low_rank(dropped, self.mtlora_shared_A, self.mtlora_shared_B).to(pre.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Shared output ``y``; inside a block with ``k`` stacked task streams (``TaskRouting.stacked``),
@@ -249,12 +254,12 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         x_shared, x_streams = (x, x) if common else x.split([x.shape[0] // (k + 1), x.shape[0] * k // (k + 1)])
         if routing.stream_tasks is None:
             # Per-row task ids (mixed batches): the shared and task sums are written into the stacked rows directly.
-            pre, dropped = self.base(x_shared), self.dropout(x_shared)
-            shared_delta = self._low_rank(dropped, self.mtlora_shared_A, self.mtlora_shared_B).to(pre.dtype)
+            pre, dropped, shared_delta = self._shared_parts(x_shared)
+            assert shared_delta is not None  # a layer with task LoRA is never merged
             u = x_streams if self.task_input else dropped  # no dropout on task inputs; proj reads drop(x) (§7.3)
             if (common or not self.task_input) and k > 1:
                 u = torch.cat([u] * k)
-            ids = routing.ids_for(u) if routing.task_ids is not None else None
+            ids = routing.ids_for(u)
             if ids is None:
                 raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
             return _StackedSums.apply(pre, shared_delta, self._mixed_task_delta(u, ids).to(pre.dtype), k)
