@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from _merge_checks import assert_exact_bf16_round_trip
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtbench.backbones import tiny_bert
 from mtbench.errors import ConfigError
@@ -54,6 +55,26 @@ def _layer(tasks: tuple[str, ...] = TASKS, dropout: float = 0.0, seed: int = 0) 
     layer = MTLoRALinear(nn.Linear(6, 5), r=3, scale=4.0, dropout=dropout, tasks=tasks, task_r=2)
     _randomise(layer, seed)
     return layer
+
+
+class _Calls(TorchDispatchMode):
+    """Within the block, every ATen operation that runs, forward and backward, as ``(operation, shape of its first
+    argument, shape of its output)``; a shape is ``None`` where that is not a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, tuple[int, ...] | None, tuple[int, ...] | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        first = args[0] if args else None
+        self.calls.append((func.overloadpacket, *(tuple(t.shape) if isinstance(t, torch.Tensor) else None
+                                                  for t in (first, out))))
+        return out
+
+    def of(self, op: object) -> list[tuple[tuple[int, ...] | None, tuple[int, ...] | None]]:
+        """(first argument's shape, output's shape) of every call of ``op``."""
+        return [(first, out) for called, first, out in self.calls if called is op]
 
 
 # Layer level (methods.md §7.3) ---------------------------------------------------------------------------------------
@@ -207,27 +228,17 @@ def test_stacked_sums_equal_sums_then_concatenation(k: int) -> None:
 def test_mixed_batch_layer_writes_its_stacked_rows_once() -> None:
     """On a mixed batch a TS layer writes the shared and task sums into the stacked rows directly: no concatenation
     pass over its (here hidden-width) output, forward or backward, and the outputs of :meth:`forward_tasks`."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     routing = TaskRouting(TASKS)
     torch.manual_seed(0)
     layer = MTLoRALinear(nn.Linear(6, 24), r=3, scale=4.0, tasks=TASKS, task_r=2, routing=routing)
     _randomise(layer)
     x, ids = torch.randn(4, 5, 6, requires_grad=True), torch.tensor([1, 0, 0, 1])
     u = torch.randn(4, 5, 6)
-    cats: list[tuple[int, ...]] = []
-
-    class Cats(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket is torch.ops.aten.cat:
-                cats.append(tuple(out.shape))
-            return out
-
     stacked = torch.cat([x, u])
-    with routing.stack(ids, 1), Cats():
+    with routing.stack(ids, 1), _Calls() as calls:
         out = layer(stacked)
         out.sum().backward()
+    cats = [shape for _, shape in calls.of(torch.ops.aten.cat)]
     y, per_task = layer.forward_tasks(x.detach(), {t: u for t in TASKS})
     assert torch.allclose(out[:4], y, atol=1e-5)
     for i, task_id in enumerate(ids.tolist()):
@@ -604,23 +615,14 @@ def test_swin_stream_blocks_shift_and_partition_the_shared_rows_only() -> None:
     """The cyclic shifts of a shifted-window stream block, forward and backward, run on the shared rows only (and
     with them the window partition and reverse between them): the output projection, the first layer with one
     output per stream, is applied after the reverse shift."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mtbench.backbones import swin_stage_features
 
     method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
     model = method.apply(_swin_shifted()).train()
-    batches: list[int] = []
-
-    class Shifts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func.overloadpacket is torch.ops.aten.roll:
-                batches.append(args[0].shape[0])
-            return func(*args, **(kwargs or {}))
-
-    with Shifts():
+    with _Calls() as calls:
         features = swin_stage_features(model, torch.randn(2, 3, 64, 64), tasks=SWIN_TASKS)
         sum(f.sum() for fs in features.values() for f in fs).backward()
+    batches = [shape[0] for shape, _ in calls.of(torch.ops.aten.roll)]
     assert 2 in batches and set(batches) == {2}, batches
     assert all(p.grad is not None for n, p in model.named_parameters() if "mtlora_tasks_" in n)
 
@@ -630,7 +632,6 @@ def test_patch_merging_without_the_pad_copy_matches_timm() -> None:
     ``F.pad`` (a copy of every stream's rows, forward and backward), at odd sizes it is timm's own padded forward;
     the module's hooks run either way."""
     from timm.models.swin_transformer import PatchMerging
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from mtbench.backbones import _merge_patches
 
@@ -638,22 +639,14 @@ def test_patch_merging_without_the_pad_copy_matches_timm() -> None:
     merging = PatchMerging(dim=6, out_dim=12)
     hooked: list[tuple[int, ...]] = []
     merging.register_forward_hook(lambda module, args, out: hooked.append(tuple(out.shape)))
-    pads: list[int] = []
-
-    class Pads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            if func.overloadpacket is torch.ops.aten.constant_pad_nd:
-                pads.append(args[0].shape[0])
-            return func(*args, **(kwargs or {}))
-
     for shape, padded in (((3, 4, 6, 6), False), ((2, 5, 3, 6), True)):
         x = torch.randn(shape, requires_grad=True)
         weight = torch.randn(shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, 12)
         (ref,) = torch.autograd.grad((merging(x) * weight).sum(), x)
-        pads.clear()
-        with Pads():
+        with _Calls() as calls:
             out = _merge_patches(merging, x)
             (grad,) = torch.autograd.grad((out * weight).sum(), x)
+        pads = [shape[0] for shape, _ in calls.of(torch.ops.aten.constant_pad_nd)]
         assert torch.allclose(out, merging(x), atol=1e-6) and torch.allclose(grad, ref, atol=1e-6), shape
         assert bool(pads) == padded, (shape, pads)
     assert hooked == [(3, 2, 3, 12)] * 3 + [(2, 3, 2, 12)] * 3
@@ -676,7 +669,6 @@ def test_residual_draws_timm_drop_path_masks_in_one_pass() -> None:
     per example over the leading ``batch_dims``), the same gradients, and in one kernel; inactive DropPath (eval
     mode, rate 0, ``nn.Identity``) is a plain sum."""
     from timm.layers import DropPath
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from mtbench.backbones import _residual
 
@@ -686,18 +678,11 @@ def test_residual_draws_timm_drop_path_masks_in_one_pass() -> None:
     torch.manual_seed(3)
     ref = x + drop(branch.reshape(12, 3, 5)).view_as(branch)
     ref_grads = torch.autograd.grad((ref * branch.detach()).sum(), (x, branch))
-    ops: list[object] = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.numel() >= branch.numel():  # a pass over the streams
-                ops.append(func.overloadpacket)
-            return out
-
     torch.manual_seed(3)
-    with Ops():
+    with _Calls() as calls:
         out = _residual(x, branch, drop, batch_dims=2)
+    # The passes over the streams: operations whose output is as large as the branch.
+    ops = [op for op, _, shape in calls.calls if shape is not None and math.prod(shape) >= branch.numel()]
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)  # one rounding less (fused multiply-add)
     dropped = (out == x).flatten(2).all(-1)
     assert dropped.any() and not dropped.all()  # some examples' branches dropped, not all
