@@ -251,13 +251,12 @@ def _prepare_official(case: Case, args: argparse.Namespace, images: torch.Tensor
                                     freeze_downsample_reduction=config.MODEL.MTLORA.DOWNSAMPLER_ENABLED
                                     or train.FREEZE_DOWNSAMPLE_REDUCTION)
     model.to(device).train()
-    # The normalisation the pascal task applies on the device (ImageNet statistics), inside the step as there.
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    from mtbench.tasks._pascal_data import normalise
 
     def loss() -> torch.Tensor:
         with autocast():
-            outputs = model((images.float() / 255 - mean) / std)
+            # The pascal task's own normalisation, on the device and inside the step as there.
+            outputs = model(normalise(images))
             return sum(out.float().pow(2).mean() for out in outputs.values())
 
     _training_step(case, model, loss)
