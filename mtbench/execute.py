@@ -375,6 +375,7 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
         perf["train_batches"] = module.train_batches
     params = seen.get("params") or (count_parameters(module) if module is not None else {})
     specs = module.specs if module is not None else {}
+    commit, dirty = git_state()  # one look at the checkout (two git processes), not one per field
     result = {
         "schema": SCHEMA, "run_id": run_id, "status": status, "error": error,
         "method": exp.method_name, "task": exp.task_name, "task_version": exp.task_cls.version,
@@ -386,7 +387,7 @@ def _record(exp: Experiment, mlflow: Any, run_id: str, config: dict[str, Any], s
         "params": params, "perf": perf,
         "provenance": {"device": seen.get("device", "not started"),
                        **{k: seen[k] for k in ("precision", "param_dtype", "world_size") if k in seen},
-                       **host_info(), "git_commit": git_state()[0], "git_dirty": git_state()[1],
+                       **host_info(), "git_commit": commit, "git_dirty": dirty,
                        "versions": package_versions(), "started": started, "finished": time.time()},
     }
     result["metric_specs"]["val/avg"] = {"higher_is_better": True, "primary": False,
