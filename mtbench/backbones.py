@@ -36,6 +36,9 @@ class Family:
         roles: canonical role -> regex suffixes of the linear layers (relative to a block) that play it.
         downsample: regex (full match) of the linear layers that merge patches between stages (Swin's PatchMerging
             reductions), or None.
+        closing: regex (full match, relative to a block) of the module that ends a block: it adds the block's last
+            residual itself and its output is the block's output (BERT's ``output``: ``fc2``, dropout,
+            ``LayerNorm(h + input)``); None where the block's own forward adds that residual (LLaMA, Swin).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Family:
     stage: str | None
     roles: dict[str, tuple[str, ...]]
     downsample: str | None = None
+    closing: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -58,6 +62,7 @@ FAMILIES: tuple[Family, ...] = (
             "fc1": (r"intermediate\.dense",),
             "fc2": (r"(?<!attention\.)output\.dense",),
         },
+        closing=r"output",
     ),
     Family(
         "llama",
@@ -124,6 +129,17 @@ def downsamplers(model: nn.Module) -> list[str]:
     if family.downsample is None:
         return []
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(family.downsample, n)]
+
+
+def closing_module(model: nn.Module, block: str) -> str | None:
+    """Path of the module that ends ``block`` (see :attr:`Family.closing`; BERT: ``<block>.output``), or ``None``
+    where the family has none or it is not found exactly once."""
+    family = family_of(model)
+    if family.closing is None:
+        return None
+    pattern = rf"{re.escape(block)}\.(?:{family.closing})"
+    found = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+    return found[0] if len(found) == 1 else None
 
 
 def find_linears(model: nn.Module, targets: Sequence[str] | str, within: Sequence[str] | None = None) -> list[str]:

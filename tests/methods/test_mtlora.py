@@ -189,6 +189,75 @@ def test_last_block_output_is_the_task_stream_of_section_7_4() -> None:
     assert torch.allclose(out, f_t, atol=1e-5)
 
 
+def test_last_block_gradients_are_those_of_section_7_4() -> None:
+    """The gradients of the last block's factors and of its input on a mixed batch, against the same hand computation
+    of §7.4 as above with both streams written out: the task rows' path, and no gradient for the factors whose only
+    use, the shared rows of the block's output, is discarded (fc2's shared update)."""
+    method, model = _adapted()
+    _randomise(model, std=0.1)
+    block = model.encoder.layer[-1]
+    ids = torch.tensor([0, 1, 1, 0])
+    captured = {}
+
+    def keep_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        # A leaf in place of the block's (doubled) input, so both computations start from the same tensor.
+        x = captured["x"] = args[0][: args[0].shape[0] // 2].detach().requires_grad_()
+        captured["mask"] = args[1][: x.shape[0]]
+        return (torch.cat([x, x]), *args[1:])
+
+    handle = block.register_forward_pre_hook(keep_input)
+    method.set_task(model, ids)
+    out = model(**_inputs()).last_hidden_state
+    handle.remove()
+    factors = {n: p for n, p in block.named_parameters() if "mtlora_" in n}
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    x = captured["x"]
+    fast = torch.autograd.grad(out, [x, *factors.values()], cotangent, allow_unused=True)
+
+    method.set_task(model, None)
+    att, fc1, fc2 = block.attention, block.intermediate.dense, block.output.dense
+    proj, act = att.output.dense, block.intermediate.intermediate_act_fn
+    mask = captured["mask"]
+    rows = []
+    for i, task in enumerate(ids.tolist()):  # example by example, each with its own task's stream
+        name, xi = TASKS[task], x[i:i + 1]
+        ctx = att.self(xi, mask[i:i + 1])[0]
+        a_sh = att.output.LayerNorm(proj(ctx) + xi)
+        a_t = att.output.LayerNorm(proj.forward_tasks(ctx)[1][name] + xi)
+        h_t = act(fc1.forward_tasks(a_sh, {name: a_t})[1][name])
+        m_t = fc2.forward_tasks(act(fc1(a_sh)), {name: h_t})[1][name]
+        rows.append(block.output.LayerNorm(m_t + a_t))
+    reference = torch.autograd.grad(torch.cat(rows), [x, *factors.values()], cotangent, allow_unused=True)
+    for name, got, want in zip(["input", *factors], fast, reference, strict=True):
+        if want is None or name.startswith("output.dense.mtlora_shared"):
+            assert want is None and got is None, name
+        else:
+            assert got is not None, name
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("task_targets", [("proj", "fc1", "fc2"), ("proj", "fc1")])
+def test_mixed_batch_closing_module_runs_on_the_task_rows(task_targets: tuple[str, ...]) -> None:
+    """The shared rows of the last block's output are discarded, so BERT's ``output`` module (fc2, dropout,
+    ``LayerNorm(h + input)``) runs on the task rows only, with or without TS-LoRA in it; each row still gets its own
+    task's stream."""
+    method, model = _adapted(task_targets=task_targets)
+    _randomise(model)
+    closing = model.encoder.layer[-1].output
+    rows: list[int] = []
+    closing.LayerNorm.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    mixed = _hidden(method, model, torch.tensor([0, 1, 1, 0]))
+    assert rows == [4]
+    alone = {0: _hidden(method, model, "a"), 1: _hidden(method, model, "b")}
+    for i, task in enumerate([0, 1, 1, 0]):
+        assert torch.allclose(mixed[i], alone[task][i], atol=1e-6)
+        assert not torch.allclose(mixed[i], alone[1 - task][i], atol=1e-4)
+    assert not closing.dense.streams_only  # reset after the call
+    rows.clear()
+    _hidden(method, model, None)  # no task ids: one stream, all rows
+    assert rows == [4]
+
+
 def test_mixed_forward_is_vectorised() -> None:
     """The per-row task update is one masked rank-(T·task_r) product, identical to the per-row reference."""
     layer = _layer(tasks=("a", "b", "c"))
