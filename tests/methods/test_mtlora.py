@@ -236,11 +236,11 @@ def test_last_block_gradients_are_those_of_section_7_4() -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("task_targets", [("proj", "fc1", "fc2"), ("proj", "fc1")])
+@pytest.mark.parametrize("task_targets", [("proj", "fc1", "fc2"), ("proj", "fc1"), ("fc1", "fc2")])
 def test_mixed_batch_closing_module_runs_on_the_task_rows(task_targets: tuple[str, ...]) -> None:
     """The shared rows of the last block's output are discarded, so BERT's ``output`` module (fc2, dropout,
-    ``LayerNorm(h + input)``) runs on the task rows only, with or without TS-LoRA in it; each row still gets its own
-    task's stream."""
+    ``LayerNorm(h + input)``) runs on the task rows only, with or without TS-LoRA in it (and with or without it on
+    ``proj``, where the streams begin); each row still gets its own task's stream."""
     method, model = _adapted(task_targets=task_targets)
     _randomise(model)
     closing = model.encoder.layer[-1].output
