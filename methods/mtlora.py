@@ -78,8 +78,8 @@ class _TwoStreams:
 
     The block's shared output is discarded, so where the block ends in a module that adds the last residual itself
     (``backbones.closing_module``: BERT's ``output``, fc2 → dropout → ``LayerNorm(h + input)``), that module runs on
-    the task rows only (:meth:`closing_pre`): its TS layers (:attr:`closing_layers`) read both streams and return
-    the task rows, and its other batch-aligned arguments (the residual) are cut to their task half. Its dropout,
+    the task rows only (:meth:`closing_pre`): its TS layers read both streams and return the task rows, and its
+    other batch-aligned arguments (the residual) are cut to their task half. Its dropout,
     residual and norm then skip the shared rows, and so do the TS layers' shared updates, whose factors take no part
     in a mixed batch (no gradient) as their rows would be discarded anyway. On MiniLM-L6 those rows were about 1.5 %
     of a training step. Hooks on that module see the task rows only.
@@ -90,7 +90,6 @@ class _TwoStreams:
         self.active = False
         self.batch = 0
         self.rows = 0
-        self.closing_layers: list[MTLoRALinear] = []
 
     def pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # A caller that already stacks task streams (core's all-tasks forward) owns the rows: do not stack again.
@@ -138,9 +137,10 @@ class _TwoStreams:
         if not self.active:
             return None
         rows = 2 * self.batch
-        if not self.closing_layers:  # nothing in it reads the shared rows: every argument takes its task half
+        layers = _task_layers(module)  # found in the module called: one method may serve several models
+        if not layers:  # nothing in it reads the shared rows: every argument takes its task half
             return tuple(_second_half(a, rows) for a in args), {k: _second_half(v, rows) for k, v in kwargs.items()}
-        for layer in self.closing_layers:
+        for layer in layers:
             layer.streams_only = True
         # The hidden states (first argument) keep both streams for the TS layers; everything else takes its task half.
         first = "hidden_states" if not args and "hidden_states" in kwargs else None
@@ -148,8 +148,13 @@ class _TwoStreams:
                 {k: v if k == first else _second_half(v, rows) for k, v in kwargs.items()})
 
     def closing_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        for layer in self.closing_layers:
+        for layer in _task_layers(module):
             layer.streams_only = False
+
+
+def _task_layers(module: nn.Module) -> list[MTLoRALinear]:
+    """The :class:`MTLoRALinear` layers with task LoRA in ``module``."""
+    return [m for m in module.modules() if isinstance(m, MTLoRALinear) and m.tasks]
 
 
 def _second_half(value: Any, rows: int) -> Any:
@@ -511,7 +516,6 @@ class MTLoRA(Method):
                 self.hooks.append(attention.register_forward_hook(self.streams.attention_post, always_call=True))
             if (closing := closing_module(backbone, last)) is not None:
                 module = backbone.get_submodule(closing)
-                self.streams.closing_layers = [m for m in module.modules() if isinstance(m, MTLoRALinear) and m.tasks]
                 self.hooks.append(module.register_forward_pre_hook(self.streams.closing_pre, with_kwargs=True))
                 self.hooks.append(module.register_forward_hook(self.streams.closing_post, always_call=True))
         refuse_shared_weights(backbone)  # merge_shared writes into base weights: a tied lm_head would move the input

@@ -245,17 +245,36 @@ def test_mixed_batch_closing_module_runs_on_the_task_rows(task_targets: tuple[st
     _randomise(model)
     closing = model.encoder.layer[-1].output
     rows: list[int] = []
-    closing.LayerNorm.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
+    handle = closing.LayerNorm.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
     mixed = _hidden(method, model, torch.tensor([0, 1, 1, 0]))
     assert rows == [4]
+    # The same rows as the closing module run on both streams, its shared rows discarded after the block.
+    closing_hooks = [*closing._forward_pre_hooks.items()], [*closing._forward_hooks.items()]
+    closing._forward_pre_hooks.clear()
+    closing._forward_hooks.clear()
+    assert torch.allclose(_hidden(method, model, torch.tensor([0, 1, 1, 0])), mixed, atol=1e-6) and rows == [4, 8]
+    closing._forward_pre_hooks.update(closing_hooks[0])
+    closing._forward_hooks.update(closing_hooks[1])
+    handle.remove()
     alone = {0: _hidden(method, model, "a"), 1: _hidden(method, model, "b")}
     for i, task in enumerate([0, 1, 1, 0]):
         assert torch.allclose(mixed[i], alone[task][i], atol=1e-6)
         assert not torch.allclose(mixed[i], alone[1 - task][i], atol=1e-4)
     assert not closing.dense.streams_only  # reset after the call
-    rows.clear()
-    _hidden(method, model, None)  # no task ids: one stream, all rows
-    assert rows == [4]
+
+
+def test_one_method_serves_two_models_on_mixed_batches() -> None:
+    """The two-stream hooks of each model act on that model's own layers."""
+    method = MTLoRA(MTLoRAConfig(), tasks=TASKS)
+    models = [method.apply(tiny_bert(seed=seed).model).eval() for seed in (0, 1)]
+    for seed, model in enumerate(models):
+        _randomise(model, seed)
+    ids = torch.tensor([0, 1, 1, 0])
+    mixed = [_hidden(method, model, ids) for model in models]
+    for model, out in zip(models, mixed, strict=True):
+        alone = {0: _hidden(method, model, "a"), 1: _hidden(method, model, "b")}
+        for i, task in enumerate(ids.tolist()):
+            assert torch.allclose(out[i], alone[task][i], atol=1e-6)
 
 
 def test_mixed_forward_is_vectorised() -> None:
