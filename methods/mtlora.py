@@ -131,7 +131,9 @@ class _TwoStreams:
         def both(t: Any) -> Any:
             return torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == half else t
 
-        return tuple(both(o) for o in output) if isinstance(output, tuple) else both(output)
+        # Only the hidden rows (the first output) go on through the block; the attention weights that may follow
+        # are the shared map of each example, one per example, as the caller expects.
+        return (both(output[0]), *output[1:]) if isinstance(output, tuple) else both(output)
 
     def closing_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.active:

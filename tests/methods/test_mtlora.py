@@ -263,6 +263,23 @@ def test_mixed_batch_closing_module_runs_on_the_task_rows(task_targets: tuple[st
     assert not closing.dense.streams_only  # reset after the call
 
 
+def test_mixed_batch_attention_weights_have_one_map_per_example() -> None:
+    """``output_attentions``: the last block's (shared) attention map comes back once per example, as every other
+    block's, not repeated for the task rows."""
+    backbone = tiny_bert().model
+    backbone.config._attn_implementation = "eager"  # the attention weights are returned by the eager kernel
+    method = MTLoRA(MTLoRAConfig(), tasks=TASKS)
+    model = method.apply(backbone).eval()
+    method.set_task(model, torch.tensor([0, 1, 1, 0]))
+    with torch.no_grad():
+        out = model(**_inputs(), output_attentions=True)
+    assert [tuple(a.shape) for a in out.attentions] == [(4, 2, 9, 9)] * 2
+    method.set_task(model, None)
+    with torch.no_grad():
+        shared = model(**_inputs(), output_attentions=True).attentions[-1]
+    assert torch.allclose(out.attentions[-1], shared)  # the shared stream's map (§7.4)
+
+
 def test_one_method_serves_two_models_on_mixed_batches() -> None:
     """The two-stream hooks of each model act on that model's own layers."""
     method = MTLoRA(MTLoRAConfig(), tasks=TASKS)
