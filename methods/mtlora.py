@@ -78,11 +78,12 @@ class _TwoStreams:
 
     The block's shared output is discarded, so where the block ends in a module that adds the last residual itself
     (``backbones.closing_module``: BERT's ``output``, fc2 → dropout → ``LayerNorm(h + input)``), that module runs on
-    the task rows only (:meth:`closing_pre`): its TS layers read both streams and return the task rows, and its
-    other batch-aligned arguments (the residual) are cut to their task half. Its dropout,
-    residual and norm then skip the shared rows, and so do the TS layers' shared updates, whose factors take no part
-    in a mixed batch (no gradient) as their rows would be discarded anyway. On MiniLM-L6 those rows were about 1.5 %
-    of a training step. Hooks on that module see the task rows only.
+    the task rows only (:meth:`closing_pre`): its TS layers read both streams and return the task rows
+    (:attr:`MTLoRALinear.streams_only`), and its other batch-aligned arguments (the residual) are cut to their task
+    half. Its dropout, residual and norm then skip the shared rows, and so do the TS layers' shared updates, whose
+    factors take no part in a mixed batch (no gradient) as their rows would be discarded anyway. Interleaved on
+    MiniLM-L6 (32 × 128 tokens, CPU, one thread, 8 rounds) the mixed step went from 1.058 × LoRA's to 1.037 ×.
+    Hooks on that module see the task rows only.
     """
 
     def __init__(self, routing: TaskRouting) -> None:
@@ -233,8 +234,9 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         self.mtlora_tasks_A = nn.ParameterDict({t: nn.Parameter(torch.empty(task_r, d_in, **kw)) for t in tasks})
         self.mtlora_tasks_B = nn.ParameterDict({t: nn.Parameter(torch.empty(d_out, task_r, **kw)) for t in tasks})
         self.merged = False
-        # Set while only the stream rows of this layer's output are read (see _TwoStreams.closing_pre).
         self.streams_only = False
+        """Set while only the stream rows of this layer's output are read (a mixed batch's closing module, see
+        ``_TwoStreams.closing_pre``): the shared rows' update is then skipped and only the stream rows returned."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -282,7 +284,8 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
                 ``N = n`` under ``shared_input``.
 
         Returns:
-            ``(N, ..., out_features)``, or ``((k + 1)·N, ..., out_features)`` under ``shared_input``.
+            ``(N, ..., out_features)``, or ``((k + 1)·N, ..., out_features)`` under ``shared_input``; with per-row
+            task ids and :attr:`streams_only` set, the stream rows alone (``k·n`` of them).
 
         Raises:
             RuntimeError: a stacked-stream forward without task ids.
