@@ -24,9 +24,15 @@ as its ``main.py`` trains it, timed against ``lora`` with the same loss. Nothing
 
 Timing rounds are interleaved across the cases (round r times every case once, every other round in reverse order),
 so drift in machine load hits all of them alike and no case always runs first or last; the reported time is the
-median over rounds after warm-up rounds: wall-clock on CUDA, the process's CPU time on CPU (a shared machine's other
-jobs then do not count; ``--threads 1`` makes it the step's own work). Every case prints its ratio to its reference
-measured in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``) and, where it has one, its target.
+median over rounds after warm-up rounds: wall-clock on CUDA; on CPU the process's user-mode CPU time (a shared
+machine's other jobs then do not count; ``--threads 1`` makes it the step's own work), with the kernel time it took
+in a column of its own. That kernel time is almost all page faults: glibc maps blocks above its mmap threshold (at
+most 32 MiB) afresh and trims its heap, so a step whose temporaries are large takes a fault per 4 KiB it touches
+again, 0-10 ms a step for ``lora`` on MiniLM, 40-100 ms for ``mtlora``'s mixed batch and 90-100 ms for peft's LoRA,
+varying from run to run with the heap's state. A GPU's caching allocator keeps freed blocks, so the user time is
+the closer stand-in for a GPU step; ``--cpu-clock process`` counts both, as the tables before it did. Every case
+prints its ratio to its reference measured in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``) and,
+where it has one, its target.
 
 Memory, per step and above what was held before it: on CUDA the peak ``torch.cuda.max_memory_allocated``; on every
 device the activations saved for the backward pass (the distinct tensor storages packed by autograd, parameters
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -74,6 +81,7 @@ class Case:
     step: Callable[[], None] | None = None
     forward_backward: Callable[[], None] | None = None
     times: list[float] = field(default_factory=list)
+    kernel: list[float] = field(default_factory=list)  # CPU: seconds of kernel time in each timed step
     peak_mb: float = float("nan")
     saved_mb: float = float("nan")
     gflops: float = float("nan")
@@ -295,16 +303,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(case: Case, device: torch.device) -> float:
-    """Seconds of one step: wall-clock on CUDA; on CPU the process's CPU time, which other jobs on a shared machine
-    do not inflate (with one thread, ``--threads 1``, it is the work of the step itself)."""
+def _timed(case: Case, device: torch.device, cpu_clock: str = "user") -> tuple[float, float | None]:
+    """Seconds of one step and, on CPU, of the kernel time within it (``None`` on CUDA).
+
+    The step's seconds: wall-clock on CUDA; on CPU the process's user-mode CPU time (``cpu_clock="user"``) or its
+    user plus kernel time (``"process"``), which other jobs on a shared machine do not inflate (with one thread,
+    ``--threads 1``, it is the work of the step itself).
+    """
     assert case.step is not None
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    _sync(device)
-    start = clock()
+    if device.type == "cuda":
+        _sync(device)
+        start = time.perf_counter()
+        case.step()
+        _sync(device)
+        return time.perf_counter() - start, None
+    before = resource.getrusage(resource.RUSAGE_SELF)
     case.step()
-    _sync(device)
-    return clock() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user, kernel = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return (user if cpu_clock == "user" else user + kernel), kernel
 
 
 def _memory(case: Case, model: nn.Module, device: torch.device) -> None:
@@ -393,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: torch's default); 1 on a machine shared with other jobs, where every "
                              "parallel op waits for a descheduled thread and small ops cost tens of ms each")
+    parser.add_argument("--cpu-clock", choices=("user", "process"), default="user",
+                        help="CPU step time: user-mode CPU time (kernel time, mostly page faults of the C "
+                             "allocator, in its own column) or the process's CPU time, user plus kernel")
     parser.add_argument("--only", nargs="*", help="case names to run (their references are added)")
     parser.add_argument("--official", metavar="PATH",
                         help="swin suite: also time the official MTLoRA code, a checkout of "
@@ -437,9 +457,11 @@ def main(argv: list[str] | None = None) -> None:
         # 2 % (same steps, run first or last; what ran before it changes what the allocator holds and the page
         # faults it takes), so a fixed order biased every ratio; alternating balances the places over the rounds.
         for case in cases if round_ % 2 == 0 else cases[::-1]:
-            elapsed = _timed(case, device)
+            elapsed, kernel = _timed(case, device, args.cpu_clock)
             if round_ >= 0:
                 case.times.append(elapsed)
+                if kernel is not None:
+                    case.kernel.append(kernel)
     _report(cases, args, device)
 
 
@@ -472,15 +494,16 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
     shape = (f"{args.encoder}, batch {args.batch} x {args.tokens} tokens" if args.suite == "text" else
              f"Swin-T PASCAL model, 4 subtasks, {args.image_size} px, batch {args.batch}, rank {args.rank}, "
              f"task rank {args.task_rank}")
-    clock = "wall-clock" if device.type == "cuda" else "process CPU time"
+    clock = ("wall-clock" if device.type == "cuda" else
+             "user CPU time" if args.cpu_clock == "user" else "process CPU time (user + kernel)")
     print(f"# {args.suite}: {shape}, {args.dtype}; device {device.type} {name}, {torch.get_num_threads()} threads, "
           f"{clock}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
           f"peft {peft.__version__}; commit {commit}; median of {args.repeats} after {args.warmup} warm-up")
     by_name = {c.name: c for c in cases}
     print("| case | trainable | step ms | reference | time ratio | target | met | GFLOP | ratio | saved act. MiB "
-          "| ratio | peak MiB | ratio | target | met | ops | ratio | time ratio by round |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio | peak MiB | ratio | target | met | ops | ratio | time ratio by round | kernel ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         ms = statistics.median(case.times) * 1e3
         ref = by_name.get(case.reference or "")
@@ -497,7 +520,8 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
               f"{_target(case.target)} | {_met(ratio, case.target)} | {case.gflops:.1f} | {_ratio(flops)} | "
               f"{case.saved_mb:.0f} | {_ratio(saved)} | {peak_mb} | {_ratio(peak)} | "
               f"{memory_target} | {_met(mem, case.memory_target)} | {case.ops} | "
-              f"{_ratio(case.ops / ref.ops if ref else float('nan'))} | {_round_range(case, ref)} |")
+              f"{_ratio(case.ops / ref.ops if ref else float('nan'))} | {_round_range(case, ref)} | "
+              f"{f'{statistics.median(case.kernel) * 1e3:.0f}' if case.kernel else '–'} |")
 
 
 def _ratio(value: float) -> str:

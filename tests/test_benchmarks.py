@@ -69,6 +69,28 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
         else:
             low, high = (float(x) for x in row[17].split("-"))
             assert 0 < low == high == pytest.approx(float(row[4]), abs=1e-3), name
+        assert float(row[18]) >= 0, name  # kernel ms of the step (CPU), apart from its user time
+
+
+def test_cpu_step_time_is_user_time_with_the_kernel_time_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU a step's time is its user-mode CPU time by default and the kernel time it took comes apart (a step that
+    pages in fresh memory takes kernel time for the faults); ``process`` counts both."""
+    import torch
+
+    adapters = _script("adapters")
+
+    def touch() -> None:
+        # Maps, faults in and frees 64 MiB (above glibc's largest mmap threshold) eight times: about 130,000 page
+        # faults, far more kernel time than the clock's tick, which decides how CPU time splits between the modes.
+        for _ in range(8):
+            torch.ones(1 << 24).sum()
+
+    case = adapters.Case("touch", None, step=touch)
+    cpu = torch.device("cpu")
+    user, kernel = adapters._timed(case, cpu)
+    process, kernel_again = adapters._timed(case, cpu, "process")
+    assert kernel is not None and kernel_again is not None and kernel > 0 and kernel_again > 0
+    assert user > 0 and process >= kernel_again
 
 
 def test_rounds_alternate_the_case_order(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,9 +102,9 @@ def test_rounds_alternate_the_case_order(capsys: pytest.CaptureFixture, monkeypa
     order: list[str] = []
     timed = adapters._timed
 
-    def record(case, device):  # type: ignore[no-untyped-def]
+    def record(case, *args):  # type: ignore[no-untyped-def]
         order.append(case.name)
-        return timed(case, device)
+        return timed(case, *args)
 
     monkeypatch.setattr(adapters, "_timed", record)
     threads = torch.get_num_threads()
