@@ -24,15 +24,16 @@ as its ``main.py`` trains it, timed against ``lora`` with the same loss. Nothing
 
 Timing rounds are interleaved across the cases (round r times every case once, every other round in reverse order),
 so drift in machine load hits all of them alike and no case always runs first or last; the reported time is the
-median over rounds after warm-up rounds: wall-clock on CUDA; on CPU the process's user-mode CPU time (a shared
-machine's other jobs then do not count; ``--threads 1`` makes it the step's own work), with the kernel time it took
-in a column of its own. That kernel time is almost all page faults: glibc maps blocks above its mmap threshold (at
-most 32 MiB) afresh and trims its heap, so a step whose temporaries are large takes a fault per 4 KiB it touches
-again, 0-10 ms a step for ``lora`` on MiniLM, 40-100 ms for ``mtlora``'s mixed batch and 90-100 ms for peft's LoRA,
-varying from run to run with the heap's state. A GPU's caching allocator keeps freed blocks, so the user time is
-the closer stand-in for a GPU step; ``--cpu-clock process`` counts both, as the tables before it did. Every case
-prints its ratio to its reference measured in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``) and,
-where it has one, its target.
+median over rounds after warm-up rounds: wall-clock on CUDA; on CPU the process's CPU time (a shared machine's
+other jobs then do not count; ``--threads 1`` makes it the step's own work), whose kernel part the last column
+shows. That part is almost all page faults: glibc maps blocks above its mmap threshold (at most 32 MiB) afresh and
+trims its heap, so a step whose temporaries are large takes a fault per 4 KiB it touches again. It depends on the
+heap's state as much as on the case (``lora`` on MiniLM took 0-10 ms a step with three models in the process and
+122 ms with the suite's nine), and a GPU's caching allocator has no such cost. User time alone is no cleaner a
+measure, though: in the full text suite ``mtlora``'s user time came out below ``lora``'s (2466 against 2471 ms),
+although it does more work, as cost moves between the modes (a page the kernel has just zeroed is likely still in
+cache when the step first writes it). So the step time counts both. Every case prints its ratio to its reference measured
+in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``) and, where it has one, its target.
 
 Memory, per step and above what was held before it: on CUDA the peak ``torch.cuda.max_memory_allocated``; on every
 device the activations saved for the backward pass (the distinct tensor storages packed by autograd, parameters
@@ -303,12 +304,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(case: Case, device: torch.device, cpu_clock: str = "user") -> tuple[float, float | None]:
+def _timed(case: Case, device: torch.device) -> tuple[float, float | None]:
     """Seconds of one step and, on CPU, of the kernel time within it (``None`` on CUDA).
 
-    The step's seconds: wall-clock on CUDA; on CPU the process's user-mode CPU time (``cpu_clock="user"``) or its
-    user plus kernel time (``"process"``), which other jobs on a shared machine do not inflate (with one thread,
-    ``--threads 1``, it is the work of the step itself).
+    The step's seconds: wall-clock on CUDA; on CPU the process's CPU time, user and kernel, which other jobs on a
+    shared machine do not inflate (with one thread, ``--threads 1``, it is the work of the step itself).
     """
     assert case.step is not None
     if device.type == "cuda":
@@ -321,7 +321,7 @@ def _timed(case: Case, device: torch.device, cpu_clock: str = "user") -> tuple[f
     case.step()
     after = resource.getrusage(resource.RUSAGE_SELF)
     user, kernel = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    return (user if cpu_clock == "user" else user + kernel), kernel
+    return user + kernel, kernel
 
 
 def _memory(case: Case, model: nn.Module, device: torch.device) -> None:
@@ -410,9 +410,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: torch's default); 1 on a machine shared with other jobs, where every "
                              "parallel op waits for a descheduled thread and small ops cost tens of ms each")
-    parser.add_argument("--cpu-clock", choices=("user", "process"), default="user",
-                        help="CPU step time: user-mode CPU time (kernel time, mostly page faults of the C "
-                             "allocator, in its own column) or the process's CPU time, user plus kernel")
     parser.add_argument("--only", nargs="*", help="case names to run (their references are added)")
     parser.add_argument("--official", metavar="PATH",
                         help="swin suite: also time the official MTLoRA code, a checkout of "
@@ -457,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         # 2 % (same steps, run first or last; what ran before it changes what the allocator holds and the page
         # faults it takes), so a fixed order biased every ratio; alternating balances the places over the rounds.
         for case in cases if round_ % 2 == 0 else cases[::-1]:
-            elapsed, kernel = _timed(case, device, args.cpu_clock)
+            elapsed, kernel = _timed(case, device)
             if round_ >= 0:
                 case.times.append(elapsed)
                 if kernel is not None:
@@ -494,8 +491,7 @@ def _report(cases: list[Case], args: argparse.Namespace, device: torch.device) -
     shape = (f"{args.encoder}, batch {args.batch} x {args.tokens} tokens" if args.suite == "text" else
              f"Swin-T PASCAL model, 4 subtasks, {args.image_size} px, batch {args.batch}, rank {args.rank}, "
              f"task rank {args.task_rank}")
-    clock = ("wall-clock" if device.type == "cuda" else
-             "user CPU time" if args.cpu_clock == "user" else "process CPU time (user + kernel)")
+    clock = "wall-clock" if device.type == "cuda" else "process CPU time (its kernel part in the last column)"
     print(f"# {args.suite}: {shape}, {args.dtype}; device {device.type} {name}, {torch.get_num_threads()} threads, "
           f"{clock}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
