@@ -25,7 +25,15 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
-from mtbench.backbones import blocks, closing_module, downsamplers, find_linears, get_submodule_parent, stages
+from mtbench.backbones import (
+    blocks,
+    closing_module,
+    downsamplers,
+    find_linears,
+    gelu_form,
+    get_submodule_parent,
+    stages,
+)
 from mtbench.errors import ConfigError
 from mtbench.interfaces import DeltaMergeable, Method, MethodConfig, ParamRole, TaskRouting, refuse_shared_weights
 from mtbench.registry import register_method
@@ -84,6 +92,15 @@ class _TwoStreams:
     factors take no part in a mixed batch (no gradient) as their rows would be discarded anyway. Interleaved on
     MiniLM-L6 (32 × 128 tokens, CPU, one thread, 8 rounds) the mixed step went from 1.058 × LoRA's to 1.037 ×.
     Hooks on that module see the task rows only.
+
+    Between the block's ``fc1`` and that module's ``fc2`` (where both have TS-LoRA and ``fc1``'s module is
+    ``GELU(fc1(x))``, as BERT's ``intermediate``; :attr:`MTLoRALinear.hand_to`), the task rows' hidden activation,
+    as wide as the hidden layer, feeds nothing but ``fc2``'s task down-projection. ``fc1`` then returns the shared
+    rows only and hands ``fc2`` its frozen output and the task rows' rank-space input; ``fc2`` computes the task
+    rows' hidden activation block by block with :class:`_StreamHidden` (the same maths). No tensor holds both
+    streams at the hidden width: on MiniLM-L6 those were 48 MiB each, above glibc's mmap ceiling, so every step
+    mapped and faulted them in afresh. Interleaved (8 rounds): 1.054 → 1.045 × LoRA, kernel time 54 → 14 ms a step.
+    Hooks on ``fc1``'s module and its activation see the shared rows only.
     """
 
     def __init__(self, routing: TaskRouting) -> None:
@@ -106,6 +123,8 @@ class _TwoStreams:
         if not self.active:
             return None
         self.active = False
+        for layer in _task_layers(module):  # nothing handed over outlives the block, also after an error
+            layer.handed = None
         self.routing.stacked = 0
         self.routing.shared_input = False
         n = self.batch
@@ -237,6 +256,10 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         self.streams_only = False
         """Set while only the stream rows of this layer's output are read (a mixed batch's closing module, see
         ``_TwoStreams.closing_pre``): the shared rows' update is then skipped and only the stream rows returned."""
+        # (next layer, GELU form): a mixed batch's fc1 hands its task rows to the closing fc2 (see _TwoStreams);
+        # a tuple, so that the next layer is not registered as a submodule of this one.
+        self.hand_to: tuple[MTLoRALinear, str] | None = None
+        self.handed: tuple[Tensor, Tensor, Tensor, MTLoRALinear] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -285,7 +308,9 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
 
         Returns:
             ``(N, ..., out_features)``, or ``((k + 1)·N, ..., out_features)`` under ``shared_input``; with per-row
-            task ids and :attr:`streams_only` set, the stream rows alone (``k·n`` of them).
+            task ids and :attr:`streams_only` set, the stream rows alone (``k·n`` of them); with per-row task ids
+            and :attr:`hand_to` set (one stream), the shared rows alone, the task rows being handed to that layer,
+            which then takes the shared rows' activation as ``x`` and returns the task rows.
 
         Raises:
             RuntimeError: a stacked-stream forward without task ids.
@@ -298,7 +323,18 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         common = routing.shared_input  # every stream's input is the shared one
         # One split, not two slices: its backward joins the two gradients in one copy instead of zero-filling the
         # whole input twice.
+        if routing.stream_tasks is None and self.streams_only and self.handed is not None:
+            return self._fused_task_rows(x, routing)
         x_shared, x_streams = (x, x) if common else x.split([x.shape[0] // (k + 1), x.shape[0] * k // (k + 1)])
+        if routing.stream_tasks is None and self._hands_off(x, k, common):
+            # The task rows' hidden activation is left to the next layer (see _TwoStreams): the shared rows only.
+            pre, dropped, y = self._shared(x_shared)
+            ids = routing.ids_for(x_streams)
+            if ids is None:
+                raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
+            assert self.hand_to is not None
+            self.hand_to[0].handed = (pre, self._mixed_down(x_streams, ids), ids, self)
+            return y
         if routing.stream_tasks is None:
             # Per-row task ids (mixed batches): the shared and task sums are written into the stacked rows directly;
             # with streams_only the shared rows' update is not computed and only the stream rows are returned.
@@ -324,6 +360,40 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         else:
             u = x_streams  # no dropout on task inputs (§7.3)
         return torch.cat([y, self._streams(pre, u, common, k, routing)])
+
+    def _hands_off(self, x: Tensor, k: int, common: bool) -> bool:
+        """Whether this layer (a mixed batch's ``fc1`` paired with the closing module's ``fc2``) leaves its task rows
+        to the next layer: one stream, its own input, and dtypes the fused product keeps (as in :meth:`stream_mlp`)."""
+        if self.hand_to is None or k != 1 or common or not self.task_input:
+            return False
+        return torch.is_autocast_enabled(x.device.type) or (
+            x.dtype == self.mtlora_shared_A.dtype == self.base.weight.dtype == self.hand_to[0].base.weight.dtype)
+
+    def _fused_task_rows(self, x: Tensor, routing: TaskRouting) -> Tensor:
+        """The task rows ``W2 act(h_t) + b2 + s·B2_t A2_t act(h_t)`` of a mixed batch's closing ``fc2``, where
+        ``h_t = W1 x_sh + b1 + s·B1_t A1_t x_t`` comes from what ``fc1`` handed over (its frozen output on the shared
+        rows and the task rows' down-projection), never stored: :class:`_StreamHidden` computes it block by block,
+        in the forward and again in the backward pass, with every task's factors side by side and each row's own
+        block kept (§7.3 maths; the same as the layer-by-layer path).
+
+        Args:
+            x: ``act(y_sh)``, the activation of the shared rows, ``(n, ..., hidden)``.
+
+        Returns:
+            ``(n, ..., out_features)``, the task rows.
+        """
+        assert self.handed is not None
+        pre1, z1, ids, fc1 = self.handed
+        self.handed = None
+        hidden, rank = pre1.shape[-1], z1.shape[-1]
+        b1 = fc1._tasks_B().unsqueeze(0)  # (1, hidden, T·r1)
+        a2 = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks]).unsqueeze(0)  # (1, T·r2, hidden)
+        assert fc1.hand_to is not None
+        z2 = _StreamHidden.apply(pre1.reshape(-1, hidden), z1.reshape(1, -1, rank), b1, a2, fc1.scale,
+                                 fc1.hand_to[1])  # (1, M, T·r2)
+        z2 = self._own_block(z2.reshape(*x.shape[:-1], -1), ids)
+        pre2 = self.base(x)
+        return pre2 + F.linear(z2 * self.scale, self._tasks_B()).to(pre2.dtype)
 
     def _streams(self, pre: Tensor, u: Tensor, common: bool, k: int, routing: TaskRouting) -> Tensor:
         """The ``k`` stream outputs ``pre + s·B_t A_t u_t`` of streams with one task each
@@ -401,16 +471,26 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
 
     def _mixed_task_delta(self, u: Tensor, ids: Tensor) -> Tensor:
         """``s · B_{ids[i]} A_{ids[i]} u[i]`` for every row i, vectorised: one-hot mask over the T task blocks."""
-        k, r = len(self.tasks), self.task_r
+        # The scale in rank space, as a Python number: folded into the (possibly bf16) mask it would be rounded.
+        return F.linear(self._mixed_down(u, ids) * self.scale, self._tasks_B())
+
+    def _mixed_down(self, u: Tensor, ids: Tensor) -> Tensor:
+        """``A_{ids[i]} u[i]`` in row i's own task block of the ``T·r`` rank columns, zeros elsewhere:
+        ``(n, ..., T·r)``."""
         a = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks])  # (T·r, in)
-        b = torch.cat([self.mtlora_tasks_B[t] for t in self.tasks], dim=1)  # (out, T·r)
-        z = F.linear(_as(u, a.dtype), a)  # (n, ..., T·r): every task's down-projection of every row
+        return self._own_block(F.linear(_as(u, a.dtype), a), ids)  # every task's down-projection of every row
+
+    def _own_block(self, z: Tensor, ids: Tensor) -> Tensor:
+        """``z`` ``(n, ..., T·r)`` with every row's columns outside its own task's block set to zero."""
+        k, r = len(self.tasks), self.task_r
         # (n, T·r): the row's own task block. A comparison, not F.one_hot, whose range check reads the ids back to the
         # host (a device sync in every adapted layer).
         keep = (ids.long()[:, None] == torch.arange(k, device=ids.device)).to(z.dtype).repeat_interleave(r, dim=1)
-        # The scale in rank space, as a Python number: folded into the (possibly bf16) mask it would be rounded.
-        z = z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r) * self.scale
-        return F.linear(z, b)
+        return z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)
+
+    def _tasks_B(self) -> Tensor:  # noqa: N802 (the paper's B)
+        """Every task's ``B`` side by side, ``(out, T·r)``, in routing order."""
+        return torch.cat([self.mtlora_tasks_B[t] for t in self.tasks], dim=1)
 
     def forward_tasks(self, x: Tensor, x_tasks: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """All-tasks forward of methods.md §7.3: the shared output and one output per task of this layer.
@@ -493,6 +573,7 @@ class MTLoRA(Method):
         if qkv := sorted(ts & set(_maybe_linears(backbone, _QKV_ROLES))):
             raise ConfigError(f"method.task_targets must not select q/k/v layers: {qkv[:3]}")
         no_task_input = set(_maybe_linears(backbone, ("proj",)))
+        mlp = {role: _maybe_linears(backbone, (role,)) for role in ("fc1", "fc2")}  # before the layers are wrapped
         reductions = []
         if cfg.plus:
             reductions = downsamplers(backbone)
@@ -523,8 +604,23 @@ class MTLoRA(Method):
                 module = backbone.get_submodule(closing)
                 self.hooks.append(module.register_forward_pre_hook(self.streams.closing_pre, with_kwargs=True))
                 self.hooks.append(module.register_forward_hook(self.streams.closing_post, always_call=True))
+                self._pair_mlp(backbone, [n for n in mlp["fc1"] if n.startswith(last + ".") and n in ts],
+                               [n for n in mlp["fc2"] if n.startswith(closing + ".") and n in ts])
         refuse_shared_weights(backbone)  # merge_shared writes into base weights: a tied lm_head would move the input
         return backbone
+
+    @staticmethod
+    def _pair_mlp(backbone: nn.Module, fc1s: list[str], fc2s: list[str]) -> None:
+        """Let the last block's ``fc1`` hand its task rows to the closing module's ``fc2`` (see
+        :class:`_TwoStreams`) where there is one of each with TS-LoRA (``fc1s``, ``fc2s``) and ``fc1``'s module is
+        ``act(fc1(x))`` with a GELU."""
+        if len(fc1s) != 1 or len(fc2s) != 1:
+            return
+        fc1, fc2 = backbone.get_submodule(fc1s[0]), backbone.get_submodule(fc2s[0])
+        others = [m for m in backbone.get_submodule(fc1s[0].rpartition(".")[0]).children() if m is not fc1]
+        approximate = gelu_form(others[0]) if len(others) == 1 else None
+        if approximate is not None and isinstance(fc1, MTLoRALinear) and isinstance(fc2, MTLoRALinear):
+            fc1.hand_to = (fc2, approximate)
 
     def checkpoint_exclusions(self, model: nn.Module) -> list[str]:
         """The block that runs two streams in mixed batches: its hooks stack the streams in the forward pass, which
@@ -595,9 +691,14 @@ class _StreamHidden(torch.autograd.Function):
             for rows in _row_blocks(pre1, z1.shape[0]):
                 f = torch.baddbmm(pre1[rows], z1[:, rows], b1t, alpha=scale)
                 g_a2 = _accumulate(g_a2, grad_t[:, :, rows], F.gelu(f, approximate=approximate), same_dtype)
-                g_f = torch.ops.aten.gelu_backward(torch.bmm(grad[:, rows], a2), f, approximate=approximate)
-                del f
-                torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
+                g_act = torch.bmm(grad[:, rows], a2)
+                if z1.shape[0] == 1:  # one stream: its gradient is pre1's, written there directly (no sum pass)
+                    g_f = g_pre1[rows].unsqueeze(0)
+                    torch.ops.aten.gelu_backward.grad_input(g_act, f, approximate=approximate, grad_input=g_f)
+                else:
+                    g_f = torch.ops.aten.gelu_backward(g_act, f, approximate=approximate)
+                    torch.sum(g_f, dim=0, out=g_pre1[rows])  # pre1 is every stream's: its gradient sums theirs
+                del f, g_act
                 g_z1t.append(torch.bmm(b1t_scaled, g_f.transpose(1, 2)))  # (k, r1, rows), as in forward
                 g_b1t = _accumulate(g_b1t, z1[:, rows].transpose(1, 2), g_f, same_dtype)
             g_b1t.mul_(scale)

@@ -142,6 +142,16 @@ def closing_module(model: nn.Module, block: str) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+def gelu_form(module: nn.Module) -> str | None:
+    """The ``approximate`` argument of the ``F.gelu`` that ``module`` computes (``nn.GELU``, or transformers'
+    ``GELUActivation``, BERT's activation, which calls ``F.gelu``), or ``None`` for any other module."""
+    if type(module) is nn.GELU:
+        return module.approximate
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:
+        return "none"
+    return None
+
+
 def find_linears(model: nn.Module, targets: Sequence[str] | str, within: Sequence[str] | None = None) -> list[str]:
     """Names of the ``nn.Linear`` layers selected by ``targets``.
 

@@ -248,19 +248,67 @@ def test_mixed_batch_closing_module_runs_on_the_task_rows(task_targets: tuple[st
     handle = closing.LayerNorm.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]))
     mixed = _hidden(method, model, torch.tensor([0, 1, 1, 0]))
     assert rows == [4]
-    # The same rows as the closing module run on both streams, its shared rows discarded after the block.
+    # The same rows as the closing module run on both streams (and fc1 keeps the task rows' hidden activation), its
+    # shared rows discarded after the block.
     closing_hooks = [*closing._forward_pre_hooks.items()], [*closing._forward_hooks.items()]
     closing._forward_pre_hooks.clear()
     closing._forward_hooks.clear()
+    fc1 = model.encoder.layer[-1].intermediate.dense
+    hand_to, fc1.hand_to = fc1.hand_to, None
     assert torch.allclose(_hidden(method, model, torch.tensor([0, 1, 1, 0])), mixed, atol=1e-6) and rows == [4, 8]
     closing._forward_pre_hooks.update(closing_hooks[0])
     closing._forward_hooks.update(closing_hooks[1])
+    fc1.hand_to = hand_to
     handle.remove()
     alone = {0: _hidden(method, model, "a"), 1: _hidden(method, model, "b")}
     for i, task in enumerate([0, 1, 1, 0]):
         assert torch.allclose(mixed[i], alone[task][i], atol=1e-6)
         assert not torch.allclose(mixed[i], alone[1 - task][i], atol=1e-4)
     assert not closing.dense.streams_only  # reset after the call
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mixed_batch_mlp_keeps_no_task_hidden_activation(autocast: bool) -> None:
+    """On a mixed batch the last block's fc1 hands the task rows to the closing fc2, which computes their hidden
+    activation block by block (``_StreamHidden``): no tensor as wide as the hidden layer holds both streams, and the
+    outputs and every gradient are those of the layer-by-layer path (fp32, and bf16 autocast)."""
+    method, model = _adapted()
+    _randomise(model, std=0.1)
+    block = model.encoder.layer[-1]
+    fc1, hidden = block.intermediate.dense, block.intermediate.dense.base.out_features
+    assert fc1.hand_to is not None and fc1.hand_to[0] is block.output.dense and fc1.hand_to[1] == "none"
+    ids = torch.tensor([0, 1, 1, 0])
+    cotangent = torch.randn(4, 9, 32, generator=torch.Generator().manual_seed(2))
+
+    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor | None], _Calls]:
+        pair, fc1.hand_to = fc1.hand_to, (fc1.hand_to if fused else None)
+        model.zero_grad(set_to_none=True)
+        method.set_task(model, ids)
+        with _Calls() as calls, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(**_inputs()).last_hidden_state
+            out.float().backward(cotangent)
+        fc1.hand_to = pair
+        return out.float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls
+
+    fused, fused_grads, calls = run(True)
+    plain, plain_grads, plain_calls = run(False)
+    def activations(recorded: _Calls) -> list[tuple[int, ...]]:  # (rows, tokens, hidden), arguments and results
+        return [shape for _, first, out in recorded.calls for shape in (first, out)
+                if shape and len(shape) == 3 and shape[1:] == (9, hidden)]
+
+    assert activations(calls) and all(shape[0] == 4 for shape in activations(calls))  # the shared rows only
+    assert (8, 9, hidden) in activations(plain_calls)  # layer by layer: both streams
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+        if not autocast:
+            return torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        # bf16: the two paths round at different places; compare as a whole, relative to the size of the values.
+        return bool((got - want).norm() <= 2e-2 * want.norm() + 1e-6)
+
+    assert close(fused, plain)
+    for name, grad in plain_grads.items():
+        got = fused_grads[name]
+        assert (got is None) == (grad is None), name
+        assert grad is None or close(got, grad), name
 
 
 def test_mixed_batch_attention_weights_have_one_map_per_example() -> None:
