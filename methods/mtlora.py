@@ -100,7 +100,9 @@ class _TwoStreams:
     rows' hidden activation block by block with :class:`_StreamHidden` (the same maths). No tensor holds both
     streams at the hidden width: on MiniLM-L6 those were 48 MiB each, above glibc's mmap ceiling, so every step
     mapped and faulted them in afresh. Interleaved (8 rounds): 1.054 → 1.045 × LoRA, kernel time 54 → 14 ms a step.
-    Hooks on ``fc1``'s module and its activation see the shared rows only.
+    Hooks on ``fc1``'s module and its activation see the shared rows only, and a mixed batch cannot be
+    differentiated twice (``_StreamHidden``'s backward is not differentiable; ``hand_to = None`` on ``fc1`` turns
+    the hand-over off).
     """
 
     def __init__(self, routing: TaskRouting) -> None:
