@@ -75,15 +75,19 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
 def test_cpu_step_time_counts_the_kernel_time_and_shows_it_apart() -> None:
     """On CPU a step's time is the process's CPU time, user and kernel, and the kernel part comes apart (a step that
     pages in fresh memory takes kernel time for the faults)."""
+    import mmap
+
     import torch
 
     adapters = _script("adapters")
 
     def touch() -> None:
-        # Maps, faults in and frees 64 MiB (above glibc's largest mmap threshold) eight times: about 130,000 page
-        # faults, far more kernel time than the clock's tick, which decides how CPU time splits between the modes.
-        for _ in range(8):
-            torch.ones(1 << 24).sum()
+        # Writes four fresh anonymous mappings of 64 MiB: a page fault per 4 KiB, about 65,000 in all, far more
+        # kernel time than the clock's tick, which decides how CPU time splits between the modes. (Through the C
+        # allocator the faults would depend on what its heap already holds.)
+        for _ in range(4):
+            with mmap.mmap(-1, 64 << 20) as memory:
+                memory.write(b"\1" * (64 << 20))
 
     case = adapters.Case("touch", None, step=touch)
     seconds, kernel = adapters._timed(case, torch.device("cpu"))
