@@ -32,8 +32,8 @@ heap's state as much as on the case (``lora`` on MiniLM took 0-10 ms a step with
 122 ms with the suite's nine), and a GPU's caching allocator has no such cost. User time alone is no cleaner a
 measure, though: in the full text suite ``mtlora``'s user time came out below ``lora``'s (2466 against 2471 ms),
 although it does more work, as cost moves between the modes (a page the kernel has just zeroed is likely still in
-cache when the step first writes it). So the step time counts both. Every case prints its ratio to its reference measured
-in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``) and, where it has one, its target.
+cache when the step first writes it). So the step time counts both. Every case prints its ratio to its reference
+measured in the same run (``lora`` for methods, ``peft`` LoRA for ``lora``) and, where it has one, its target.
 
 Memory, per step and above what was held before it: on CUDA the peak ``torch.cuda.max_memory_allocated``; on every
 device the activations saved for the backward pass (the distinct tensor storages packed by autograd, parameters
