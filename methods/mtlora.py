@@ -190,6 +190,18 @@ def _second_half(value: Any, rows: int) -> Any:
     return value
 
 
+def _row_ids(routing: TaskRouting, rows: Tensor) -> Tensor:
+    """Task ids aligned with ``rows``' leading dimension; a stacked-stream forward needs them.
+
+    Raises:
+        RuntimeError: no task ids are set.
+    """
+    ids = routing.ids_for(rows)
+    if ids is None:
+        raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
+    return ids
+
+
 def _first_half(value: Any, rows: int) -> Any:
     """The shared half of ``value`` when it is row-aligned with a ``rows``-row stacked input (tensors of rank ≥ 2)."""
     if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == rows:
@@ -323,17 +335,15 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
             return self._shared(x)[2]
         assert routing is not None
         common = routing.shared_input  # every stream's input is the shared one
+        if routing.stream_tasks is None and self.streams_only and self.handed is not None:
+            return self._fused_task_rows(x)
         # One split, not two slices: its backward joins the two gradients in one copy instead of zero-filling the
         # whole input twice.
-        if routing.stream_tasks is None and self.streams_only and self.handed is not None:
-            return self._fused_task_rows(x, routing)
         x_shared, x_streams = (x, x) if common else x.split([x.shape[0] // (k + 1), x.shape[0] * k // (k + 1)])
         if routing.stream_tasks is None and self._hands_off(x, k, common):
             # The task rows' hidden activation is left to the next layer (see _TwoStreams): the shared rows only.
             pre, dropped, y = self._shared(x_shared)
-            ids = routing.ids_for(x_streams)
-            if ids is None:
-                raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
+            ids = _row_ids(routing, x_streams)
             assert self.hand_to is not None
             self.hand_to[0].handed = (pre, self._mixed_down(x_streams, ids), ids, self)
             return y
@@ -349,10 +359,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
             u = x_streams if self.task_input else dropped  # no dropout on task inputs; proj reads drop(x) (§7.3)
             if (common or not self.task_input) and k > 1:
                 u = torch.cat([u] * k)
-            ids = routing.ids_for(u)
-            if ids is None:
-                raise RuntimeError("MTLoRALinear: stacked-stream forward without task ids")
-            task_delta = self._mixed_task_delta(u, ids).to(pre.dtype)
+            task_delta = self._mixed_task_delta(u, _row_ids(routing, u)).to(pre.dtype)
             if shared_delta is None:
                 return (task_delta.view(k, *pre.shape) + pre).flatten(0, 1)
             return _StackedSums.apply(pre, shared_delta, task_delta, k)
@@ -371,7 +378,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         return torch.is_autocast_enabled(x.device.type) or (
             x.dtype == self.mtlora_shared_A.dtype == self.base.weight.dtype == self.hand_to[0].base.weight.dtype)
 
-    def _fused_task_rows(self, x: Tensor, routing: TaskRouting) -> Tensor:
+    def _fused_task_rows(self, x: Tensor) -> Tensor:
         """The task rows ``W2 act(h_t) + b2 + s·B2_t A2_t act(h_t)`` of a mixed batch's closing ``fc2``, where
         ``h_t = W1 x_sh + b1 + s·B1_t A1_t x_t`` comes from what ``fc1`` handed over (its frozen output on the shared
         rows and the task rows' down-projection), never stored: :class:`_StreamHidden` computes it block by block,
@@ -389,7 +396,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         self.handed = None
         hidden, rank = pre1.shape[-1], z1.shape[-1]
         b1 = fc1._tasks_B().unsqueeze(0)  # (1, hidden, T·r1)
-        a2 = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks]).unsqueeze(0)  # (1, T·r2, hidden)
+        a2 = self._tasks_A().unsqueeze(0)  # (1, T·r2, hidden)
         assert fc1.hand_to is not None
         z2 = _StreamHidden.apply(pre1.reshape(-1, hidden), z1.reshape(1, -1, rank), b1, a2, fc1.scale,
                                  fc1.hand_to[1])  # (1, M, T·r2)
@@ -479,7 +486,7 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
     def _mixed_down(self, u: Tensor, ids: Tensor) -> Tensor:
         """``A_{ids[i]} u[i]`` in row i's own task block of the ``T·r`` rank columns, zeros elsewhere:
         ``(n, ..., T·r)``."""
-        a = torch.cat([self.mtlora_tasks_A[t] for t in self.tasks])  # (T·r, in)
+        a = self._tasks_A()
         return self._own_block(F.linear(_as(u, a.dtype), a), ids)  # every task's down-projection of every row
 
     def _own_block(self, z: Tensor, ids: Tensor) -> Tensor:
@@ -489,6 +496,10 @@ class MTLoRALinear(DeltaMergeable, nn.Module):
         # host (a device sync in every adapted layer).
         keep = (ids.long()[:, None] == torch.arange(k, device=ids.device)).to(z.dtype).repeat_interleave(r, dim=1)
         return z * keep.view(keep.shape[0], *([1] * (z.ndim - 2)), k * r)
+
+    def _tasks_A(self) -> Tensor:  # noqa: N802 (the paper's A)
+        """Every task's ``A`` stacked, ``(T·r, in)``, in routing order."""
+        return torch.cat([self.mtlora_tasks_A[t] for t in self.tasks])
 
     def _tasks_B(self) -> Tensor:  # noqa: N802 (the paper's B)
         """Every task's ``B`` side by side, ``(out, T·r)``, in routing order."""

@@ -250,7 +250,8 @@ def enable_activation_checkpointing(model: nn.Module, exclude: Sequence[str] = (
         if not getattr(layer, "gradient_checkpointing", False):
             raise ConfigError(f"train.activation_checkpointing: {name} is not a checkpointed layer of "
                               f"{type(model).__name__}")
-        layer.gradient_checkpointing = False  # type: ignore[assignment]  # transformers' GradientCheckpointingLayer reads this on every call
+        # transformers' GradientCheckpointingLayer reads this on every call.
+        layer.gradient_checkpointing = False  # type: ignore[assignment]
 
 
 def _not_found(name: str, gated: bool = False) -> str:
