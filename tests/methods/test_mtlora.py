@@ -342,6 +342,14 @@ def test_one_method_serves_two_models_on_mixed_batches() -> None:
             assert torch.allclose(out[i], alone[task][i], atol=1e-6)
 
 
+def test_stacked_forward_without_task_ids_is_refused() -> None:
+    """Stacked rows with neither per-row ids nor per-stream tasks cannot be routed: one clear error."""
+    routing = TaskRouting(TASKS)
+    layer = MTLoRALinear(nn.Linear(6, 5), r=3, scale=4.0, tasks=TASKS, task_r=2, routing=routing)
+    with routing.stack(None, 1), pytest.raises(RuntimeError, match="stacked-stream forward without task ids"):
+        layer(torch.randn(4, 6))
+
+
 def test_mixed_forward_is_vectorised() -> None:
     """The per-row task update is one masked rank-(T·task_r) product, identical to the per-row reference."""
     layer = _layer(tasks=("a", "b", "c"))
