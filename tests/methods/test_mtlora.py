@@ -342,6 +342,19 @@ def test_one_method_serves_two_models_on_mixed_batches() -> None:
             assert torch.allclose(out[i], alone[task][i], atol=1e-6)
 
 
+def test_closing_module_and_gelu_form_per_family() -> None:
+    """The module that ends a block adding its own residual exists in BERT only; the GELU forms the hand-over from fc1
+    to fc2 reproduces exactly, and nothing else."""
+    from mtbench.backbones import blocks, closing_module, gelu_form, swin_micro, tiny_llama
+
+    bert, llama, swin = tiny_bert().model, tiny_llama().model, swin_micro()
+    assert closing_module(bert, blocks(bert)[-1]) == f"{blocks(bert)[-1]}.output"
+    assert closing_module(llama, blocks(llama)[-1]) is None and closing_module(swin, blocks(swin)[-1]) is None
+    assert gelu_form(bert.encoder.layer[-1].intermediate.intermediate_act_fn) == "none"
+    assert gelu_form(nn.GELU()) == "none" and gelu_form(nn.GELU(approximate="tanh")) == "tanh"
+    assert gelu_form(nn.ReLU()) is None and gelu_form(llama.model.layers[-1].mlp.act_fn) is None
+
+
 def test_stacked_forward_without_task_ids_is_refused() -> None:
     """Stacked rows with neither per-row ids nor per-stream tasks cannot be routed: one clear error."""
     routing = TaskRouting(TASKS)
