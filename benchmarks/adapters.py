@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import resource
 import statistics
@@ -100,6 +101,9 @@ def text_cases() -> list[Case]:
         Case("lora_plus_r8", "lora_plus", {"r": 8}, "lora_r8"),
         Case("multilora_n3_r8", "multilora", {"n": 3, "r": 8}, "lora_r24", 1.10),
         Case("mosld_4exp_top2_r8", "mosld", {"r": 8, "experts": (4,), "top_k": 2}, "lora_r8", 1.3),
+        # The same sum in the rank form (every expert's B, unselected blocks zero): the default's alternative.
+        Case("mosld_rank_4exp_top2_r8", "mosld", {"r": 8, "experts": (4,), "top_k": 2, "mixture": "rank"},
+             "lora_r8", 1.3),
         Case("lorasc_r8", "lorasc", {"r": 8}, "lora_r8", 1.05),
         # Dropout 0 like lora_r8 (mtlora's default is 0.05): the ratio then measures the task streams alone.
         Case("mtlora_r8_4tasks_mixed", "mtlora", {"r": 8, "task_r": 4, "dropout": 0.0}, "lora_r8", 1.05),
@@ -351,16 +355,30 @@ def _memory(case: Case, model: nn.Module, device: torch.device) -> None:
 def _count_flops(case: Case) -> None:
     """Floating-point operations of one training step (forward and backward), counted by torch's FlopCounterMode.
 
-    The count covers matrix products, convolutions and attention (what FlopCounterMode registers), not element-wise
-    work. It does not depend on device, load or kernels: its ratio is the cost floor the exact math sets, which a
-    step-time ratio can approach but, for compute-bound steps, not beat.
+    The count covers matrix products, convolutions and attention (what FlopCounterMode registers, plus torch's
+    grouped GEMM, which it does not: :func:`_grouped_mm_flops`), not element-wise work. It does not depend on device,
+    load or kernels: its ratio is the cost floor the exact math sets, which a step-time ratio can approach but, for
+    compute-bound steps, not beat.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    if grouped is not None and grouped not in flop_registry:
+        register_flop_formula(grouped)(_grouped_mm_flops)
     assert case.step is not None
     with FlopCounterMode(display=False) as counter:
         case.step()
     case.gflops = counter.get_total_flops() / 1e9
+
+
+def _grouped_mm_flops(a_shape: tuple[int, ...], b_shape: tuple[int, ...], *args: Any, out_shape: tuple[int, ...],
+                      **kwargs: Any) -> int:
+    """Multiply-adds × 2 of ``torch._grouped_mm``: each output element contracts ``a``'s last dimension, except
+    where both operands are 2-D (the weight gradient) and the groups split the contracted dimension, whose total
+    length then counts once over all groups."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
 
 
 _NO_KERNEL = {"_unsafe_view", "_reshape_alias", "empty", "empty_like", "empty_strided", "new_empty",

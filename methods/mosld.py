@@ -12,9 +12,10 @@ Update rule: ``y = W0 x + b + (α/r) Σ_{k∈TopK(x)} g_k(x) · B_k Ã drop(x)``
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from mtbench.registry import register_method
 
 
 AInit = Literal["kaiming", "gaussian"]
+Mixture = Literal["grouped", "rank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +57,14 @@ class MoSLDConfig(MethodConfig):
     a_init: AInit = "kaiming"
     """Init of ``A``: kaiming (kaiming_uniform_, a=√5, as MoLA's code) or gaussian (N(0, 1/r²), peft-style). The
     paper says "random Gaussian" without a std; we default to kaiming so MoSLD shares LoRA's init (methods.md §5.2)."""
+    mixture: Mixture = "grouped"
+    """How ``Σ_k g_k B_k z`` is computed; the same sum either way (§5.1's "only the K selected ``B_k z``").
+    ``grouped``: tokens sorted by their set of K experts and one grouped GEMM over the sets, ``K·r`` deep, each
+    token's output row written once: no multiply-add for an expert the token does not use. ``rank``: one GEMM over
+    every expert's ``B`` side by side with the unselected blocks of the rank-space input zero (``N·r`` deep, no
+    sort and no gathers), faster on a CPU at 4 experts (docs/performance.md). ``grouped`` needs torch's
+    ``grouped_mm`` (torch ≥ 2.10) and, on CUDA, bfloat16 operands (autocast); elsewhere the layer takes the rank
+    form."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +85,7 @@ class MoSLDLinear(nn.Module):
         dropconnect: DropConnect probability on ``A`` in training.
         dropout: dropout probability on the branch input.
         a_init: ``"kaiming"`` or ``"gaussian"`` init of ``A``.
+        mixture: ``"grouped"`` or ``"rank"`` (:attr:`MoSLDConfig.mixture`).
         name: module path of the layer, used in error messages.
 
     Raises:
@@ -82,7 +93,8 @@ class MoSLDLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, n_experts: int, top_k: int, dropconnect: float = 0.0,
-                 dropout: float = 0.0, a_init: AInit = "kaiming", name: str = "") -> None:
+                 dropout: float = 0.0, a_init: AInit = "kaiming", mixture: Mixture = "grouped",
+                 name: str = "") -> None:
         super().__init__()
         width = min(base.in_features, base.out_features)
         if r > width:
@@ -94,8 +106,15 @@ class MoSLDLinear(nn.Module):
         self.r, self.n_experts, self.top_k = r, n_experts, top_k
         self.scale = alpha / r
         self.dropconnect = dropconnect
-        self.a_init = a_init
+        self.a_init, self.mixture = a_init, mixture
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The expert sets of the grouped mixture, in colexicographic order, so that a sorted set e_1 < ... < e_K has
+        # the index Σ_i C(e_i, i) (the combinatorial number system: no N^K lookup table, no loop).
+        sets = sorted(itertools.combinations(range(n_experts), top_k), key=lambda c: c[::-1])
+        self.register_buffer("expert_sets", torch.tensor(sets, device=base.weight.device), persistent=False)
+        binomials = [[math.comb(e, i) for i in range(1, top_k + 1)] for e in range(n_experts)]
+        self.register_buffer("set_binomials", torch.tensor(binomials, device=base.weight.device), persistent=False)
+        self.register_buffer("set_ends", torch.arange(1, len(sets) + 1, device=base.weight.device), persistent=False)
         weight = base.weight
         # Half-precision adapters lose small early updates and skew the router's softmax; keep them in fp32.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -171,6 +190,11 @@ class MoSLDLinear(nn.Module):
         gates, index, logits = self._select(logits)
         if self.training:
             self.routed.append((logits, index))
+        if self.mixture == "grouped" and self._grouped_mm_takes(z):
+            mixed = self.grouped_mixture(z, gates, index)
+            if mixed.dtype == y.dtype:  # y + s·mixed in one pass
+                return torch.add(y, mixed, alpha=self.scale)
+            return y + (self.scale * mixed).to(y.dtype)
         u, b = self.mix(z, gates, index), self.stacked_B()
         if y.dtype == u.dtype or torch.is_autocast_enabled(y.device.type):
             # y + s·u Bᵀ in one kernel: the scale and the addition ride on the GEMM that writes the output.
@@ -189,14 +213,57 @@ class MoSLDLinear(nn.Module):
         Returns:
             ``(..., N·r)``.
         """
-        # Why the mixture is formed in rank space, not per expert on the output side: a token's output is written
-        # once, by one GEMM over all experts' B side by side, as LoRA's B writes it.
-        # Grouping the tokens by expert instead (sort, per-expert GEMMs, un-sort and sum the K outputs) writes and
-        # re-reads K output rows per token plus the permutations: measured at 1.67x LoRA's layer time against 1.11x
-        # for this form (MiniLM shapes, CPU). The price here is N·r instead of K·r multiply-adds per output element,
-        # r = 8: far below the d_in of W0 x, and GEMMs this thin are bound by the output write, not the arithmetic.
+        # The rank form (mixture="rank"): a token's output row is written once, by one GEMM over all experts' B side
+        # by side, as LoRA's B writes it, with no sort or gather. Its price is N·r instead of K·r multiply-adds per
+        # output element, r = 8: far below the d_in of W0 x, and GEMMs this thin are bound by the output write, not
+        # the arithmetic, so on a CPU it is the faster form (docs/performance.md).
         dense_gates = z.new_zeros(*gates.shape[:-1], self.n_experts).scatter(-1, index, gates.to(z.dtype))
         return (dense_gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+
+    def _grouped_mm_takes(self, z: Tensor) -> bool:
+        """Whether :meth:`grouped_mixture` can run on ``z``: torch has ``grouped_mm`` (2.10 and later); on CUDA the
+        product runs in bfloat16 (autocast), the dtype of its kernel (others take a fallback that waits for the
+        device); the rows of the rank-space input (``K·r`` wide) and of the stacked ``B`` (``out`` wide) are
+        multiples of 16 bytes, which its kernels require; and there are tokens."""
+        if not hasattr(F, "grouped_mm") or z.numel() == 0:
+            return False
+        device = z.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else z.dtype  # z is in the adapters' dtype
+        if device == "cuda" and dtype != torch.bfloat16:
+            return False
+        size = torch.finfo(dtype).bits // 8
+        return self.top_k * self.r * size % 16 == 0 and self.base.out_features * size % 16 == 0
+
+    def grouped_mixture(self, z: Tensor, gates: Tensor, index: Tensor) -> Tensor:
+        """``Σ_k g_k B_k z`` per token, ``K·r`` multiply-adds per output element: the tokens are sorted by their set
+        of selected experts, each set's tokens multiply that set's ``[B_e1 | ... | B_eK]`` in one grouped GEMM
+        (``torch.nn.functional.grouped_mm``, group ends on the device: no host sync, no loop), and every token's
+        row is written once and put back in token order (the scale ``s`` is applied after).
+
+        Args:
+            z: the shared projection ``Ã x``, ``(..., r)``.
+            gates, index: the selected experts' renormalised weights and indices, ``(..., K)`` each.
+
+        Returns:
+            ``(..., out_features)``, in the dtype of the product (autocast's where it is on, else the adapters').
+        """
+        lead, k, r = z.shape[:-1], self.top_k, self.r
+        z, gates, index = z.reshape(-1, r), gates.reshape(-1, k), index.reshape(-1, k)
+        experts, slot = index.sort(dim=-1)  # each set in ascending order, as the sets' B blocks are stacked
+        gates = gates.gather(-1, slot)
+        set_id = self.set_binomials.gather(0, experts).sum(dim=-1)  # (M,): Σ_i C(e_i, i + 1)
+        sorted_ids, order = set_id.sort(stable=True)
+        inverse = order.argsort()
+        n_sets = self.expert_sets.shape[0]
+        # Where each set's tokens end in that order: the offsets of the grouped GEMM, computed on the device.
+        ends = torch.searchsorted(sorted_ids, self.set_ends, out_int32=True)
+        dtype = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
+        u = (gates.to(dtype).unsqueeze(-1) * z.to(dtype).unsqueeze(-2)).flatten(-2)  # (M, K·r)
+        # (sets, K·r, out): row k·r + j of set c is column j of B_{e_k}, matching u's (k, j) columns.
+        b = self.mosld_B[self.expert_sets].transpose(2, 3).reshape(n_sets, k * r, -1).to(dtype)
+        out = F.grouped_mm(_Permute.apply(u, order, inverse), b, offs=ends)  # tokens in set order
+        return _Permute.apply(out, inverse, order).view(*lead, -1)  # back in token order
 
     def stacked_B(self) -> Tensor:  # noqa: N802 (the paper's B)
         """Every expert's ``B_k`` side by side, ``(out, N·r)``: column block ``n`` is ``B_n``."""
@@ -212,6 +279,25 @@ class MoSLDLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, experts={self.n_experts}, top_k={self.top_k}, scale={self.scale:g}, p={self.dropconnect}"
+
+
+class _Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` of ``x``'s rows, whose gradient is the gather ``grad[inverse]``.
+
+    Autograd's own backward of row indexing scatters into a zero-filled tensor of ``x``'s shape (index_put), and
+    index_copy's keeps its ``(rows, width)`` source for the backward pass; with the inverse permutation both passes
+    are gathers, one kernel each, and only the indices are kept. Gathers are deterministic on every device.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def balance_loss_groups(routed: list[tuple[Tensor, Tensor]]) -> list[tuple[list[int], Tensor]]:
@@ -279,7 +365,7 @@ class MoSLD(Method):
             parent, attr = get_submodule_parent(backbone, name)
             layer = MoSLDLinear(getattr(parent, attr), r=cfg.r, alpha=cfg.alpha, n_experts=counts[block],
                                 top_k=cfg.top_k, dropconnect=cfg.dropconnect, dropout=cfg.dropout,
-                                a_init=cfg.a_init, name=name)
+                                a_init=cfg.a_init, mixture=cfg.mixture, name=name)
             setattr(parent, attr, layer)
         return backbone
 

@@ -45,23 +45,28 @@ def test_text_suite_flops(capsys: pytest.CaptureFixture) -> None:
     """MiniLM, 4 examples of 16 tokens: MTLoRA's mixed batch adds only its rank-4 task products to LoRA's work
     (no second pass of any frozen layer), LoRASC none, and peft's LoRA does the same work as ours."""
     table = _table(capsys, ["--suite", "text", "--batch", "4", "--tokens", "16", "--only", "mtlora_r8_4tasks_mixed",
-                            "lorasc_r8", "mosld_4exp_top2_r8"])
+                            "lorasc_r8", "mosld_4exp_top2_r8", "mosld_rank_4exp_top2_r8"])
     flops = {name: float(row[8]) for name, row in table.items() if row[8] != "–"}
-    assert set(flops) == {"lora_r8", "mtlora_r8_4tasks_mixed", "lorasc_r8", "mosld_4exp_top2_r8"}
+    assert set(flops) == {"lora_r8", "mtlora_r8_4tasks_mixed", "lorasc_r8", "mosld_4exp_top2_r8",
+                          "mosld_rank_4exp_top2_r8"}
     assert flops["lora_r8"] == pytest.approx(1.0, abs=1e-3)  # against peft's LoRA
     assert flops["lorasc_r8"] == pytest.approx(1.0, abs=1e-3)
     assert 1.0 < flops["mtlora_r8_4tasks_mixed"] < 1.02
     assert 1.0 < flops["mosld_4exp_top2_r8"] < 1.3
+    # The grouped mixture multiplies K·r = 16 rank columns per output element, the rank form all N·r = 32.
+    assert flops["mosld_4exp_top2_r8"] < flops["mosld_rank_4exp_top2_r8"]
     assert all(float(row[7]) > 0 for row in table.values())
     assert table["peft_lora_r8"][1] == table["lora_r8"][1]  # the same parameters train in both
     # Operations dispatched by forward and backward (about one GPU kernel launch each): LoRASC's stage noise is not
     # re-added in the forward, MoSLD's routing costs a bounded number of kernels per layer (3.28x LoRA's before its
-    # balance loss was batched over layers and its gating fused), MTLoRA's task streams a few.
+    # balance loss was batched over layers and its gating fused; the grouped mixture's sorts and gathers add about
+    # nine per layer to the rank form's), MTLoRA's task streams a few.
     ops = {name: float(row[16]) for name, row in table.items() if row[16] != "–"}
     assert ops["lora_r8"] == pytest.approx(1.0)  # against peft's LoRA
     assert ops["lorasc_r8"] == pytest.approx(1.0)
     assert 1.0 < ops["mtlora_r8_4tasks_mixed"] < 1.15
-    assert 1.0 < ops["mosld_4exp_top2_r8"] < 2.3
+    assert 1.0 < ops["mosld_rank_4exp_top2_r8"] < 2.3
+    assert ops["mosld_rank_4exp_top2_r8"] < ops["mosld_4exp_top2_r8"] < 3.0  # the grouping: sorts, gathers
     # The last column: the time ratio's range over the rounds (one round here, so both ends are that round's ratio).
     for name, row in table.items():
         if row[3] == "–":

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtbench.backbones import tiny_bert
 from mtbench.errors import ConfigError
@@ -242,13 +243,15 @@ def _reference(layer: MoSLDLinear, x: torch.Tensor, a: torch.Tensor) -> torch.Te
     return out.reshape(*x.shape[:-1], -1)
 
 
+@pytest.mark.parametrize("mixture", ["grouped", "rank"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fast_path_equals_the_per_token_reference_with_gradients(dropout: float) -> None:
+def test_fast_path_equals_the_per_token_reference_with_gradients(dropout: float, mixture: str) -> None:
     # Random weights everywhere, 8 experts top-3, a scale that is not a power of two, DropConnect on, a 3-D input;
     # outputs and every gradient must match the reference that touches only each token's selected experts.
     torch.manual_seed(0)
-    layer = MoSLDLinear(nn.Linear(12, 10), r=4, alpha=3.0, n_experts=8, top_k=3, dropconnect=0.3,
-                        dropout=dropout).train()
+    layer = MoSLDLinear(nn.Linear(12, 12), r=4, alpha=3.0, n_experts=8, top_k=3, dropconnect=0.3,
+                        dropout=dropout, mixture=mixture).train()  # type: ignore[arg-type]
+    assert layer._grouped_mm_takes(torch.zeros(1, 4)) == hasattr(F, "grouped_mm")
     with torch.no_grad():
         layer.mosld_B.normal_(0.0, 0.5)
         layer.mosld_router.normal_(0.0, 1.0)
@@ -265,7 +268,7 @@ def test_fast_path_equals_the_per_token_reference_with_gradients(dropout: float)
     selected = layer.mosld_B[index]
     experts = torch.einsum("tkor,tr->tko", selected, flat @ a.T)
     mixture = layer.scale * ((top / top.sum(-1, keepdim=True)).unsqueeze(-1) * experts).sum(1)
-    reference = layer.base(x) + mixture.reshape(3, 5, 10)
+    reference = layer.base(x) + mixture.reshape(3, 5, 12)
     if dropout == 0.0:
         torch.testing.assert_close(reference, _reference(layer, x, a))
     expected = torch.autograd.grad(reference.pow(2).sum(), [x, layer.mosld_A, layer.mosld_B, layer.mosld_router])
@@ -273,3 +276,83 @@ def test_fast_path_equals_the_per_token_reference_with_gradients(dropout: float)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     layer.routed.clear()
+
+
+class _Products(TorchDispatchMode):
+    """The operand shapes of every matrix product that runs (forward and backward)."""
+
+    PRODUCTS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+                torch.ops.aten._grouped_mm}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in self.PRODUCTS:
+            self.calls.append((func.overloadpacket, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs torch >= 2.10")
+def test_grouped_mixture_multiplies_only_the_selected_experts() -> None:
+    """The grouped mixture's products are K·r deep (here 2·4 = 8): none of them spans all N·r = 24 rank columns, as
+    the rank form's stacked product does, forward or backward; the grouped GEMM runs once per forward."""
+    layer = MoSLDLinear(nn.Linear(16, 16), r=4, alpha=8.0, n_experts=6, top_k=2).train()
+    with torch.no_grad():
+        layer.mosld_B.normal_(0.0, 0.5)
+    x = torch.randn(4, 9, 16, requires_grad=True)
+    with _Products() as grouped:
+        layer(x).sum().backward()
+    layer.routed.clear()
+    layer.mixture = "rank"
+    with _Products() as rank:
+        layer(x).sum().backward()
+    widths = {dim for _, shapes in grouped.calls for shape in shapes for dim in shape}
+    assert 6 * 4 not in widths and 2 * 4 in widths, grouped.calls
+    assert [op for op, _ in grouped.calls].count(torch.ops.aten._grouped_mm) >= 1
+    assert any(6 * 4 in shape for _, shapes in rank.calls for shape in shapes)  # the check can fail
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs torch >= 2.10")
+def test_grouped_mixture_under_bf16_autocast_and_where_the_kernel_cannot_run() -> None:
+    """Under bfloat16 autocast the grouped product runs in bfloat16 and agrees with the rank form to bfloat16
+    rounding; widths its kernel cannot take (rows not a multiple of 16 bytes) and empty inputs take the rank form,
+    with the same outputs."""
+    torch.manual_seed(0)
+    layer = MoSLDLinear(nn.Linear(16, 32), r=8, alpha=16.0, n_experts=4, top_k=2).eval()
+    with torch.no_grad():
+        layer.mosld_B.normal_(0.0, 0.5)
+    x = torch.randn(2, 7, 16)
+    outs = {}
+    for mixture in ("grouped", "rank"):
+        layer.mixture = mixture  # type: ignore[assignment]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[mixture] = layer(x)
+    assert outs["grouped"].dtype == outs["rank"].dtype == torch.bfloat16
+    torch.testing.assert_close(outs["grouped"].float(), outs["rank"].float(), rtol=2e-2, atol=2e-2)
+    odd = MoSLDLinear(nn.Linear(16, 10), r=3, alpha=6.0, n_experts=4, top_k=2).eval()
+    assert not odd._grouped_mm_takes(torch.zeros(1, 3)) and not layer._grouped_mm_takes(torch.zeros(0, 8))
+    with torch.no_grad():
+        odd.mosld_B.normal_(0.0, 0.5)
+        grouped = odd(x)
+        odd.mixture = "rank"
+        torch.testing.assert_close(grouped, odd(x), rtol=0, atol=0)
+        layer.mixture = "grouped"
+        assert layer(torch.zeros(0, 16)).shape == (0, 32)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs torch >= 2.10")
+def test_grouped_mixture_keeps_no_output_wide_tensor_for_the_backward_pass() -> None:
+    """Putting the grouped rows back in token order keeps only the permutation for the backward pass, as the rank
+    form keeps nothing as wide as the output: no saved tensor has the layer's output width."""
+    layer = MoSLDLinear(nn.Linear(16, 32), r=4, alpha=8.0, n_experts=4, top_k=2).train()
+    x = torch.randn(10, 20, 16, requires_grad=True)  # 200 tokens: more rows than the 6 expert sets' B have
+    for mixture in ("grouped", "rank"):
+        layer.mixture = mixture  # type: ignore[assignment]
+        saved: list[tuple[int, ...]] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            layer(x).sum().backward()
+        layer.routed.clear()
+        assert saved and not [s for s in saved if s and s[-1] == 32 and math.prod(s) >= 200 * 32], (mixture, saved)
