@@ -41,7 +41,7 @@ HEAD = ["row_id", "rank", "task", "device", "profile", "protocol_id", "task_vers
         "method_config_id", "config_note", "n", "seeds", "failed_seeds", "runs", "quality_metric", "quality_mean",
         "quality_std",
         "quality_ci95", "reference", "ref_config", "ref_diff", "ref_ci_low", "ref_ci_high", "ref_n", "p_value",
-        "significant", "mdd", "ref_test", "mcnemar", "pareto_params",
+        "p_holm", "significant", "mdd", "ref_test", "mcnemar", "pareto_params",
         "pareto_memory", "pareto_throughput"]
 TAIL = ["quality_per_seed", "method_config", "git_commits", "versions", "run_ids"]
 
@@ -343,7 +343,7 @@ def _aggregate(frame: pd.DataFrame, default_ref: str, references: dict[str, str]
         out.append(row)
         runs.append(list(zip(group["seed"], group["predictions"])))
     rows = stats.annotate(pd.DataFrame(out), per_seed, default_ref, references)
-    rows = paired.annotate_examples(rows, runs, per_seed)
+    rows = stats.adjust_multiplicity(paired.annotate_examples(rows, runs, per_seed))
     rows["config_note"] = _config_notes(rows)
     metric_cols = [f"{c}_{s}" for c in measured for s in ("mean", "std", "ci95")]
     rows = rows[[*HEAD, *metric_cols, *TAIL]]

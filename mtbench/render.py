@@ -110,6 +110,8 @@ def _columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
         Column("ref_ci", "Δ 95 % CI", lambda r: _delta_interval(r, qscale(r)), lambda r: r.get("ref_ci_low")),
         Column("p_value", "p", lambda r: "n/a" if math.isnan(_num(r["p_value"])) else f"{r['p_value']:.3f}",
                lambda r: r["p_value"]),
+        Column("p_holm", "p Holm", lambda r: "n/a" if math.isnan(_num(r.get("p_holm"))) else f"{r['p_holm']:.3f}",
+               lambda r: r.get("p_holm")),
         Column("mdd", "MDD", lambda r: _mdd(r, qscale(r)), lambda r: r.get("mdd")),
         Column("n", "n", lambda r: str(r["n"]), lambda r: r["n"]),
         Column("params/trainable", "trainable (M)", lambda r: f"{_num(r.get('params/trainable_mean')) / 1e6:.3f}",
@@ -163,7 +165,9 @@ NOTES = ("Mean ± std over seeds (n = seeds with a finite quality; repeated runs
          "(higher is better) ×100; errors (↓) and deltas as logged. Δ vs ref: mean paired difference to the "
          "reference (mean over shared seeds) with its 95 % interval and p: from a paired bootstrap over examples and "
          "seeds where both rows have per-example predictions, else from a paired t-test over seeds (each group says "
-         "which); (n.s.) p ≥ 0.05, (n/a) fewer than two shared seeds. MDD: the smallest true difference the "
+         "which); p Holm: p adjusted for the group's comparisons by Holm's step-down method, which keeps the "
+         "chance of any false significant row in a group at most 0.05; (n.s.) p Holm ≥ 0.05, (n/a) fewer than two "
+         "shared seeds. MDD: the smallest true difference the "
          "comparison detects at α = 0.05 with 80 % power at the current n; an n.s. Δ with a large MDD means no "
          "evidence either way, not no difference. "
          "Pareto ● : on the front of quality vs trainable params (P), peak memory (M), train throughput (T). Rows "
@@ -586,7 +590,8 @@ def _deciding_columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
                lambda r: fmt(r["quality_mean"], r["quality_ci95"], qscale), lambda r: r["quality_mean"]),
         Column("n", "seeds", lambda r: str(r["n"]), lambda r: r["n"]),
         Column("ref_diff", f"Δ vs {ref} [95 % CI]", lambda r: _delta(r, qscale), lambda r: r["ref_diff"]),
-        Column("p_value", "p", _p_text, lambda r: r["p_value"]),
+        Column("p_value", "p", lambda r: _p_text(r, "p_value", False), lambda r: r["p_value"]),
+        Column("p_holm", "p Holm", lambda r: _p_text(r, "p_holm", True), lambda r: r.get("p_holm")),
         Column("mdd", "MDD", lambda r: _mdd(r, qscale), lambda r: r.get("mdd")),
         Column("params/trainable", "trainable params (% of total)", trainable,
                lambda r: r.get("params/trainable_mean")),
@@ -609,11 +614,12 @@ def _delta(row: pd.Series, scale: float) -> str:
     return f"{diff * scale:+.2f}{interval}"
 
 
-def _p_text(row: pd.Series) -> str:
+def _p_text(row: pd.Series, column: str, star: bool) -> str:
+    """A p-value cell; ``star`` marks a significant row (``significant``, decided on the Holm-adjusted p)."""
     if row["significant"] == "ref":
         return ""
-    p = _num(row["p_value"])
-    return "n/a" if math.isnan(p) else f"{p:.3f}" + (" *" if row["significant"] == "yes" else "")
+    p = _num(row.get(column))
+    return "n/a" if math.isnan(p) else f"{p:.3f}" + (" *" if star and row["significant"] == "yes" else "")
 
 
 def _detail_columns(rows: pd.DataFrame, board: Leaderboard) -> list[Column]:
@@ -669,7 +675,7 @@ def _test_note(rows: pd.DataFrame) -> str:
     if tests:
         return "Δ vs reference, interval and p: " + " | ".join(tests) + ". MDD: minimum detectable difference " \
             "(α 0.05, 80 % power)."
-    return ("Δ vs reference: mean paired difference over shared seeds, paired t-test p (* p < 0.05); "
+    return ("Δ vs reference: mean paired difference over shared seeds, paired t-test p (* Holm-adjusted p < 0.05); "
             "the interval needs per-example predictions.")
 
 

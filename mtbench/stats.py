@@ -7,6 +7,10 @@ statistic is computed over those per-seed values; ``n`` is the number of seeds t
 
 A comparison group is one task, task version, metric versions, profile, protocol and device: numbers measured under
 different definitions, training protocols or hardware are never ranked against each other.
+
+Every row of a group is tested against the group's reference, so a group of m tested rows runs m tests; ``significant``
+follows Holm's step-down adjustment of their p-values (:func:`adjust_multiplicity`), which keeps the chance of any
+false "yes" in the group at most alpha whatever the tests' dependence. The unadjusted p stays in ``p_value``.
 """
 
 from __future__ import annotations
@@ -128,6 +132,43 @@ def paired_test(a: Mapping[str, float], b: Mapping[str, float], alpha: float = A
     else:
         p = float(scipy_stats.ttest_rel(x, y).pvalue)
     return Paired(len(seeds), float(diff.mean()), p, "yes" if p < alpha else "no")
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979, Scand. J. Statist. 6, 65-70), in the input order.
+
+    With the m finite p-values sorted ascending, ``p_(i)`` becomes ``max_{j <= i} min(1, (m - j + 1) · p_(j))``
+    (1-based); a NaN stays NaN and is not counted in m. Rejecting where the adjusted p is below alpha controls the
+    family-wise error rate at alpha under any dependence between the tests. Written here because scipy has no Holm
+    adjustment (``scipy.stats.false_discovery_control`` controls the false discovery rate, a weaker guarantee), and
+    a few lines do not justify a statsmodels dependency.
+    """
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        out[i] = running
+    return out
+
+
+def adjust_multiplicity(rows: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Add ``p_holm``, the Holm-adjusted p-value of each row's test against its group's reference, and set
+    ``significant`` from it (``yes`` below alpha, else ``no``). The family is one comparison group's tested rows:
+    the reference itself (``ref``) and rows without a p-value (``n/a``) are not tests and keep their verdict.
+
+    Raises:
+        KeyError: ``rows`` lacks the group, ``significant`` or ``p_value`` columns (run :func:`annotate` first).
+    """
+    rows = rows.copy()
+    rows["p_holm"] = math.nan
+    for _, group in rows.groupby(GROUP, sort=False, dropna=False):
+        tested = [i for i in group.index
+                  if rows.at[i, "significant"] in ("yes", "no") and math.isfinite(_finite(rows.at[i, "p_value"]))]
+        for i, p in zip(tested, holm([float(rows.at[i, "p_value"]) for i in tested]), strict=True):
+            rows.at[i, "p_holm"] = p
+            rows.at[i, "significant"] = "yes" if p < alpha else "no"
+    return rows
 
 
 def pareto_front(quality: Sequence[float], cost: Sequence[float], lower_cost: bool = True) -> list[bool]:

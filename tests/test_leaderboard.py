@@ -184,6 +184,32 @@ def test_ranks_and_reference_stay_within_a_device_and_protocol(split: str) -> No
     assert list(swapped["significant"]) == ["yes", "ref", "yes", "ref"]
 
 
+def test_holm_adjustment_by_hand() -> None:
+    """Holm (1979): sorted p (0.01, 0.02, 0.04, 0.30) times (4, 3, 2, 1) is (0.04, 0.06, 0.08, 0.30), each at least
+    the one before; a NaN is no test (m = 4, not 5) and stays NaN; input order is kept."""
+    got = stats.holm([0.04, math.nan, 0.01, 0.30, 0.02])
+    assert math.isnan(got[1])
+    assert [round(p, 12) for p in (got[0], got[2], got[3], got[4])] == [0.08, 0.04, 0.30, 0.06]
+    assert stats.holm([0.5, 0.4]) == [0.8, 0.8]  # step-down: never below an earlier adjusted p, capped at 1
+    assert stats.holm([0.9, 0.6]) == [1.0, 1.0]
+    assert stats.holm([]) == []
+
+
+def test_significance_is_decided_on_holm_adjusted_p_within_a_group() -> None:
+    """Two rows tested against one reference at p = 0.03 and 0.04 are each significant alone, neither after Holm
+    (0.06 and 0.06); the same p in a group of its own stays significant; ``ref`` and ``n/a`` rows are not tests."""
+    rows = pd.DataFrame({
+        "task": ["glue"] * 6, "task_version": ["1"] * 6, "metric_versions": ["v"] * 6, "profile": ["cpu"] * 6,
+        "protocol_id": ["p"] * 6, "device": ["cpu", "cpu", "cpu", "cpu", "gpu", "gpu"],
+        "significant": ["ref", "yes", "yes", "n/a", "ref", "yes"],
+        "p_value": [math.nan, 0.03, 0.04, math.nan, math.nan, 0.03],
+    })
+    out = stats.adjust_multiplicity(rows)
+    assert list(out["significant"]) == ["ref", "no", "no", "n/a", "ref", "yes"]
+    assert [round(p, 12) for p in out["p_holm"][[1, 2, 5]]] == [0.06, 0.06, 0.03]
+    assert out["p_holm"][[0, 3, 4]].isna().all() and list(out["p_value"])[1:3] == [0.03, 0.04]  # raw p kept
+
+
 # --- sweep -------------------------------------------------------------------------------------------------------
 
 
@@ -386,8 +412,10 @@ def test_csv_json_markdown_and_html_agree(board: dict[str, Any]) -> None:
         assert float(cells["val/avg"][0]) == row["val/avg_mean"] and cells["val/avg"][1] == avg
         assert cells["method"][1] == row["method"] and cells["rank"][1] == str(row["rank"])
         assert float(cells["params/trainable"][0]) == row["params/trainable_mean"]
-        p = "" if row["significant"] == "ref" else "n/a" if row["p_value"] is None else f"{row['p_value']:.3f}"
-        assert cells["p_value"][1] == p + (" *" if row["significant"] == "yes" else "")
+        for column in ("p_value", "p_holm"):
+            p = "" if row["significant"] == "ref" else "n/a" if row[column] is None else f"{row[column]:.3f}"
+            star = column == "p_holm" and row["significant"] == "yes"  # the verdict follows the adjusted p
+            assert cells[column][1] == p + (" *" if star else ""), column
         assert cells["quality"][1] == fmt(row["quality_mean"], row["quality_ci95"], 100)
         # Provenance per row: device, versions, commits, task and metric versions.
         for column in ("device", "versions", "git_commits", "task_version", "metric_versions"):
