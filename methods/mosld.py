@@ -30,6 +30,12 @@ from mtbench.registry import register_method
 
 AInit = Literal["kaiming", "gaussian"]
 Mixture = Literal["grouped", "rank"]
+MAX_EXPERT_SETS = 64
+"""Most expert sets ``C(N, K)`` a layer computes by the grouped mixture; above it the rank form runs. The grouped
+form's cost grows with the sets (each one a group of the grouped GEMM, and its ``[B_e1 | ... | B_eK]`` a copy of
+``K·r × out``): on this project's CPU, one layer of 1,024 tokens took 9.5 ms at 6 sets against 8.7 ms rank, 34 ms at
+496 sets against 13 ms (forward and backward, 384 → 384, r 8). 64 covers every top-2 routing up to 11 experts and
+the paper's 8 experts up to top-3; torch's CUDA kernel refuses 1,024 groups or more."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +69,9 @@ class MoSLDConfig(MethodConfig):
     token's output row written once: no multiply-add for an expert the token does not use. ``rank``: one GEMM over
     every expert's ``B`` side by side with the unselected blocks of the rank-space input zero (``N·r`` deep, no
     sort and no gathers), faster on a CPU at 4 experts (docs/performance.md). ``grouped`` needs torch's
-    ``grouped_mm`` (torch ≥ 2.10) and, on CUDA, bfloat16 operands (autocast); elsewhere the layer takes the rank
-    form."""
+    ``grouped_mm`` (torch ≥ 2.10), at most ``MAX_EXPERT_SETS`` expert sets ``C(N, K)`` and, on CUDA, bfloat16
+    (autocast) on an H100/H200 (``MoSLDLinear._grouped_mm_takes``); elsewhere the layer takes the rank form. The two
+    differ by float rounding only (the order of the sums)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,12 +116,17 @@ class MoSLDLinear(nn.Module):
         self.a_init, self.mixture = a_init, mixture
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # The expert sets of the grouped mixture, in colexicographic order, so that a sorted set e_1 < ... < e_K has
-        # the index Σ_i C(e_i, i) (the combinatorial number system: no N^K lookup table, no loop).
-        sets = sorted(itertools.combinations(range(n_experts), top_k), key=lambda c: c[::-1])
-        self.register_buffer("expert_sets", torch.tensor(sets, device=base.weight.device), persistent=False)
-        binomials = [[math.comb(e, i) for i in range(1, top_k + 1)] for e in range(n_experts)]
-        self.register_buffer("set_binomials", torch.tensor(binomials, device=base.weight.device), persistent=False)
-        self.register_buffer("set_ends", torch.arange(1, len(sets) + 1, device=base.weight.device), persistent=False)
+        # the index Σ_i C(e_i, i) (the combinatorial number system: no N^K lookup table, no loop). Built only where
+        # the grouped form may run: their number C(N, K) grows fast (735,471 sets at 24 experts, top-8).
+        self.n_sets = math.comb(n_experts, top_k)
+        sets = sorted(itertools.combinations(range(n_experts), top_k), key=lambda c: c[::-1]) \
+            if self.n_sets <= MAX_EXPERT_SETS else []
+        binomials = [[math.comb(e, i) for i in range(1, top_k + 1)] for e in range(n_experts)] if sets else []
+        device = base.weight.device
+        self.register_buffer("expert_sets", torch.tensor(sets, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("set_binomials", torch.tensor(binomials, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("set_ends", torch.arange(1, len(sets) + 1, device=device), persistent=False)
         weight = base.weight
         # Half-precision adapters lose small early updates and skew the router's softmax; keep them in fp32.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -221,16 +233,24 @@ class MoSLDLinear(nn.Module):
         return (dense_gates.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
 
     def _grouped_mm_takes(self, z: Tensor) -> bool:
-        """Whether :meth:`grouped_mixture` can run on ``z``: torch has ``grouped_mm`` (2.10 and later); on CUDA the
-        product runs in bfloat16 (autocast), the dtype of its kernel (others take a fallback that waits for the
-        device); the rows of the rank-space input (``K·r`` wide) and of the stacked ``B`` (``out`` wide) are
-        multiples of 16 bytes, which its kernels require; and there are tokens."""
-        if not hasattr(F, "grouped_mm") or z.numel() == 0:
+        """Whether :meth:`grouped_mixture` runs on ``z`` (else the rank form does; the same sum):
+
+        - torch has ``grouped_mm`` (2.10 and later), and the layer has at most :data:`MAX_EXPERT_SETS` expert sets;
+        - the product's dtype (autocast's, else the adapters') is one its kernels take: float32, bfloat16 or float16;
+          on CUDA only bfloat16 on a compute-capability 9.0 GPU (H100, H200), the one configuration whose kernel
+          neither copies the group offsets to the host (every other GPU loops over the groups on the host) nor,
+          as reported for 10.0 (pytorch/pytorch#172439), writes non-zero weight gradients for empty groups;
+        - the rows of the rank-space input (``K·r`` wide) and of the stacked ``B`` (``out`` wide) are multiples of
+          16 bytes, which its kernels require; and there are tokens.
+        """
+        if not hasattr(F, "grouped_mm") or z.numel() == 0 or not 0 < self.n_sets <= MAX_EXPERT_SETS:
             return False
-        device = z.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else z.dtype  # z is in the adapters' dtype
-        if device == "cuda" and dtype != torch.bfloat16:
+        device = z.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else z.dtype  # z is in the adapters' dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if device.type == "cuda" and (dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) != (9, 0)):
             return False
         size = torch.finfo(dtype).bits // 8
         return self.top_k * self.r * size % 16 == 0 and self.base.out_features * size % 16 == 0
@@ -238,8 +258,9 @@ class MoSLDLinear(nn.Module):
     def grouped_mixture(self, z: Tensor, gates: Tensor, index: Tensor) -> Tensor:
         """``Σ_k g_k B_k z`` per token, ``K·r`` multiply-adds per output element: the tokens are sorted by their set
         of selected experts, each set's tokens multiply that set's ``[B_e1 | ... | B_eK]`` in one grouped GEMM
-        (``torch.nn.functional.grouped_mm``, group ends on the device: no host sync, no loop), and every token's
-        row is written once and put back in token order (the scale ``s`` is applied after).
+        (``torch.nn.functional.grouped_mm``, group ends computed on the device: no Python loop, and on the GPUs
+        :meth:`_grouped_mm_takes` admits no host sync), and every token's row is written once and put back in token
+        order (the scale ``s`` is applied after).
 
         Args:
             z: the shared projection ``Ã x``, ``(..., r)``.
@@ -255,13 +276,14 @@ class MoSLDLinear(nn.Module):
         set_id = self.set_binomials.gather(0, experts).sum(dim=-1)  # (M,): Σ_i C(e_i, i + 1)
         sorted_ids, order = set_id.sort(stable=True)
         inverse = order.argsort()
-        n_sets = self.expert_sets.shape[0]
+        n_sets = self.n_sets
         # Where each set's tokens end in that order: the offsets of the grouped GEMM, computed on the device.
         ends = torch.searchsorted(sorted_ids, self.set_ends, out_int32=True)
         dtype = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
         u = (gates.to(dtype).unsqueeze(-1) * z.to(dtype).unsqueeze(-2)).flatten(-2)  # (M, K·r)
-        # (sets, K·r, out): row k·r + j of set c is column j of B_{e_k}, matching u's (k, j) columns.
-        b = self.mosld_B[self.expert_sets].transpose(2, 3).reshape(n_sets, k * r, -1).to(dtype)
+        # (sets, K·r, out): row k·r + j of set c is column j of B_{e_k}, matching u's (k, j) columns. Cast and
+        # transposed once per expert, then gathered per set (C(N, K)·K blocks, more than N): one copy of that size.
+        b = self.mosld_B.to(dtype).transpose(1, 2).contiguous()[self.expert_sets].view(n_sets, k * r, -1)
         out = F.grouped_mm(_Permute.apply(u, order, inverse), b, offs=ends)  # tokens in set order
         return _Permute.apply(out, inverse, order).view(*lead, -1)  # back in token order
 

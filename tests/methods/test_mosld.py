@@ -315,31 +315,112 @@ def test_grouped_mixture_multiplies_only_the_selected_experts() -> None:
 
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs torch >= 2.10")
-def test_grouped_mixture_under_bf16_autocast_and_where_the_kernel_cannot_run() -> None:
-    """Under bfloat16 autocast the grouped product runs in bfloat16 and agrees with the rank form to bfloat16
-    rounding; widths its kernel cannot take (rows not a multiple of 16 bytes) and empty inputs take the rank form,
-    with the same outputs."""
+def test_grouped_mixture_under_bf16_autocast() -> None:
+    """Under bfloat16 autocast (the GPU setting) the grouped GEMM runs, in bfloat16, and its output and every
+    gradient agree with the rank form's to bfloat16 rounding."""
     torch.manual_seed(0)
-    layer = MoSLDLinear(nn.Linear(16, 32), r=8, alpha=16.0, n_experts=4, top_k=2).eval()
+    layer = MoSLDLinear(nn.Linear(16, 32), r=8, alpha=16.0, n_experts=4, top_k=2).train()
     with torch.no_grad():
         layer.mosld_B.normal_(0.0, 0.5)
-    x = torch.randn(2, 7, 16)
-    outs = {}
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    weight = torch.randn(2, 7, 32)
+    results = {}
     for mixture in ("grouped", "rank"):
         layer.mixture = mixture  # type: ignore[assignment]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[mixture] = layer(x)
-    assert outs["grouped"].dtype == outs["rank"].dtype == torch.bfloat16
-    torch.testing.assert_close(outs["grouped"].float(), outs["rank"].float(), rtol=2e-2, atol=2e-2)
-    odd = MoSLDLinear(nn.Linear(16, 10), r=3, alpha=6.0, n_experts=4, top_k=2).eval()
-    assert not odd._grouped_mm_takes(torch.zeros(1, 3)) and not layer._grouped_mm_takes(torch.zeros(0, 8))
+        with _Products() as products:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x)
+            grads = torch.autograd.grad((out.float() * weight).sum(), [x, layer.mosld_A, layer.mosld_B,
+                                                                        layer.mosld_router])
+        layer.routed.clear()
+        results[mixture] = (out, grads, products.calls)
+    (grouped, grouped_grads, calls), (rank, rank_grads, _) = results["grouped"], results["rank"]
+    assert [op for op, _ in calls].count(torch.ops.aten._grouped_mm) == 3  # forward, and both gradients
+    assert grouped.dtype == rank.dtype == torch.bfloat16
+    torch.testing.assert_close(grouped.float(), rank.float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(grouped_grads, rank_grads, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("n_experts", "top_k", "d_out", "dtype", "grouped"), [
+    (4, 2, 32, torch.float32, True),
+    (5, 5, 32, torch.float32, True),  # top-K of all experts: one set
+    (1, 1, 32, torch.float32, True),  # a single expert
+    (4, 2, 10, torch.float32, False),  # 40-byte output rows: the kernel needs multiples of 16 bytes
+    (4, 2, 32, torch.float64, False),  # grouped_mm takes float32, bfloat16 and float16 only
+    (12, 3, 32, torch.float32, False),  # 220 expert sets, above MAX_EXPERT_SETS
+])
+def test_grouped_mixture_where_it_runs_and_where_the_rank_form_does(n_experts: int, top_k: int, d_out: int,
+                                                                     dtype: torch.dtype, grouped: bool) -> None:
+    """Where the grouped GEMM can take the layer it runs, elsewhere the rank form does; the outputs and gradients are
+    the rank form's either way, and an expert no token selected gets an exactly zero ``B`` gradient."""
+    from mtbench.methods.mosld import MAX_EXPERT_SETS
+
+    torch.manual_seed(0)
+    layer = MoSLDLinear(nn.Linear(16, d_out), r=4, alpha=8.0, n_experts=n_experts, top_k=top_k).to(dtype).train()
     with torch.no_grad():
-        odd.mosld_B.normal_(0.0, 0.5)
-        grouped = odd(x)
-        odd.mixture = "rank"
-        torch.testing.assert_close(grouped, odd(x), rtol=0, atol=0)
-        layer.mixture = "grouped"
-        assert layer(torch.zeros(0, 16)).shape == (0, 32)
+        layer.mosld_B.normal_(0.0, 0.5)
+        layer.mosld_router.zero_()
+        layer.mosld_router[:, 0] = torch.arange(n_experts, dtype=dtype)  # x[..., 0] > 0: the last experts win
+    assert (layer.n_sets <= MAX_EXPERT_SETS) == (len(layer.expert_sets) == layer.n_sets)
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    x[..., 0] = x[..., 0].abs() + 1  # every token picks the top_k last experts: the others are never selected
+    x.requires_grad_()
+    results = {}
+    for mixture in ("grouped", "rank"):
+        layer.mixture = mixture  # type: ignore[assignment]
+        with _Products() as products:
+            out = layer(x)
+            grads = torch.autograd.grad(out.pow(2).sum(), [x, layer.mosld_A, layer.mosld_B, layer.mosld_router])
+        layer.routed.clear()
+        results[mixture] = (out, grads, [op for op, _ in products.calls])
+    ran = torch.ops.aten._grouped_mm in results["grouped"][2]
+    assert ran == (grouped and hasattr(F, "grouped_mm"))
+    torch.testing.assert_close(results["grouped"][0], results["rank"][0])
+    for got, want in zip(results["grouped"][1], results["rank"][1], strict=True):
+        torch.testing.assert_close(got, want)
+    unused = results["grouped"][1][2][: n_experts - top_k]
+    assert torch.count_nonzero(unused) == 0
+
+
+def test_rank_form_for_empty_inputs_and_many_experts() -> None:
+    """An empty input takes the rank form; a layer with far more expert sets than the grouped form serves builds no
+    set tables (C(24, 8) = 735,471 sets) and computes the rank form."""
+    layer = MoSLDLinear(nn.Linear(16, 32), r=8, alpha=16.0, n_experts=4, top_k=2).eval()
+    assert not layer._grouped_mm_takes(torch.zeros(0, 8))
+    assert layer(torch.zeros(0, 16)).shape == (0, 32)
+    many = MoSLDLinear(nn.Linear(16, 32), r=4, alpha=8.0, n_experts=24, top_k=8).eval()
+    assert many.n_sets == 735_471 and len(many.expert_sets) == 0 and not many._grouped_mm_takes(torch.zeros(1, 4))
+    assert many(torch.randn(5, 16)).shape == (5, 32)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs torch >= 2.10")
+def test_grouped_rows_go_back_by_gathers_without_a_zero_filled_buffer() -> None:
+    """Both permutations of the grouped mixture (tokens to set order and back) are gathers forward and backward:
+    no scatter into a zero-filled tensor (autograd's backward of row indexing) runs."""
+    layer = MoSLDLinear(nn.Linear(16, 32), r=4, alpha=8.0, n_experts=4, top_k=2).train()
+    x = torch.randn(10, 20, 16, requires_grad=True)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            self.calls.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor)
+                               else ()))
+            return out
+
+    with Ops() as ops:
+        layer(x).sum().backward()
+    names = [name for name, _ in ops.calls]
+    assert "_grouped_mm" in names and names.count("index_select") == 4
+    # Scatters of the token rows (200 of them, K·r = 8 or 32 wide) would be the indexing backward; the gates' (K = 2
+    # wide) and the expert sets' B (6 sets) are the scatters left.
+    assert not [(n, shape) for n, shape in ops.calls
+                if n.startswith(("index_put", "scatter")) and shape[:1] == (200,) and shape[-1] >= 8]
 
 
 @pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch.nn.functional.grouped_mm needs torch >= 2.10")
