@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .errors import take_pending_signal
 from .interfaces import adapter_roles
 
 
@@ -327,6 +328,10 @@ class GracefulStop(pl.Callback):
             return
         previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         self._installed = True
+        # A stop signal that arrived before, while its KeyboardInterrupt was swallowed (raised inside a finaliser or
+        # a garbage-collection callback while the store was set up), stops the run at its first resumable point.
+        if (pending := take_pending_signal()) is not None and self.received is None:
+            self.received = pending
         try:
             yield
         finally:

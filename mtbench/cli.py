@@ -97,11 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtbench`` console script."""
     args = _parser().parse_args(argv)
     _quiet_environment()
-    from .errors import MtbenchError, sigterm_as_interrupt
+    from .errors import MtbenchError, signals_as_interrupt, take_pending_signal
 
     # From the start of the command, not only once a run is built: a process terminated while it imports, resolves
     # its configuration or builds a model then says so in one line instead of dying silently.
-    with sigterm_as_interrupt():
+    take_pending_signal()  # a signal noted by an earlier command in this process is not this one's
+    with signals_as_interrupt():
         try:
             if args.command not in _NO_REGISTRY:
                 from . import registry

@@ -1,5 +1,5 @@
 """User-facing errors: the CLI prints their message on one line and exits with status 2 (tracebacks with --debug);
-and SIGTERM turned into the KeyboardInterrupt the CLI reports as an interruption (exit 130)."""
+and Ctrl-C and SIGTERM turned into the KeyboardInterrupt the CLI reports as an interruption (exit 130)."""
 
 from __future__ import annotations
 
@@ -37,20 +37,39 @@ def did_you_mean(name: str, choices: Iterable[str], kind: str) -> str:
     return f"unknown {kind} '{name}'{hint} available: {', '.join(choices) or '(none)'}"
 
 
+_pending: list[int] = []
+"""Stop signals the handler of :func:`signals_as_interrupt` received and nothing has yet taken
+(:func:`take_pending_signal`)."""
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a terminated command or run stops the
-    way an interrupted one does (a run in training records itself KILLED; before that, one line and exit 130).
-    The previous handler comes back on exit. Off the main thread, where handlers cannot be set, nothing changes."""
+def signals_as_interrupt() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM raise KeyboardInterrupt, so a terminated command or run stops the way an
+    interrupted one does (a run in training records itself KILLED; before that, one line and exit 130).
+
+    The handler also notes the signal (:func:`take_pending_signal`): a KeyboardInterrupt raised while a finaliser or
+    a garbage-collection callback runs (SQLAlchemy registers one, and MLflow's store sets it up) is printed as
+    "Exception ignored" and lost, and the note is what lets the run stop anyway (``GracefulStop``). The previous
+    handlers come back on exit. Off the main thread, where handlers cannot be set, nothing changes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: Any) -> None:
+        _pending.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def take_pending_signal() -> int | None:
+    """The first stop signal noted since the last call (and forget them all), or ``None``."""
+    first = _pending[0] if _pending else None
+    _pending.clear()
+    return first

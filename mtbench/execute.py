@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .config import Experiment
-from .errors import ConfigError, MtbenchError, sigterm_as_interrupt
+from .errors import ConfigError, MtbenchError, signals_as_interrupt
 from .results import SCHEMA, write_result
 from .tracking import (
     EXPERIMENT,
@@ -228,7 +228,7 @@ def _build(exp: Experiment) -> tuple[Any, Any]:
                    enable_checkpointing=False, enable_progress_bar=False)
     except Exception as exc:
         raise ConfigError(f"trainer options rejected by Lightning: {str(exc).splitlines()[0]}") from exc
-    with sigterm_as_interrupt():
+    with signals_as_interrupt():
         module = build_module(exp)
         return module, module.task.datamodule(exp.train, seed=exp.seed)
 

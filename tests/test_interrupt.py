@@ -235,6 +235,29 @@ def test_sigterm_while_the_model_is_built_gives_one_line(tmp_path: Path, monkeyp
     assert load_runs(uri).empty
 
 
+def test_ctrl_c_lost_in_a_finaliser_before_training_still_stops_the_run(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C whose KeyboardInterrupt is raised while a finaliser runs (SQLAlchemy's garbage-collection callback
+    does, as MLflow's store is set up) is printed as "Exception ignored" and lost. The noted signal still stops the
+    run, at its first resumable point, KILLED with a checkpoint, instead of letting it train to FINISHED."""
+    original = LoRA.apply
+
+    class SignalsWhenCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs inside the finaliser, which swallows its raise
+
+    def apply_after_a_lost_signal(self: Any, backbone: Any) -> Any:
+        SignalsWhenCollected()  # collected at once
+        return original(self, backbone)
+
+    monkeypatch.setattr(LoRA, "apply", apply_after_a_lost_signal)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert main(["run", *BASE, "--tracking-uri", uri]) == 130
+    run = load_runs(uri).iloc[0]
+    assert run["status"] == "KILLED" and "checkpoint saved at step 1" in run["tags.mtbench.error"], \
+        run["tags.mtbench.error"]
+
+
 def test_sigterm_before_the_run_is_built_gives_one_line_too(tmp_path: Path) -> None:
     """A SIGTERM that arrives while mtbench is still loading (here: while it imports a plugin, before any
     configuration or model) ends the process the same way: one line, exit status 130, nothing recorded."""
