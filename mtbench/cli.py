@@ -302,10 +302,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     # The store's own folder: beside the sqlite database it reads (--tracking-uri, MLFLOW_TRACKING_URI), else home.
     db = sqlite_path(uri) if uri else None
     args.out = args.out or str((db.parent if db else home_dir()) / "leaderboard")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        from .errors import ConfigError
+    from .errors import ConfigError
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a file; name a folder (it is created if missing)")
+    named = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if db is not None and not db.is_file() and (named or not getattr(args, "from_results", [])):
+        # A mistyped store would otherwise give an empty board, written over the one in --out.
+        culprit = "--tracking-uri" if named else "the default store"
+        raise ConfigError(f"{culprit}: no store at {db}; name an existing one with --tracking-uri, run `mtbench run` "
+                          "first, or build from exported results alone with --no-store --from-results DIR")
     board = build_leaderboard(uri, getattr(args, "from_results", []), getattr(args, "reference", []))
     for line in board.rejected:
         print(f"mtbench: rejected {line}", file=sys.stderr)

@@ -108,6 +108,10 @@ CASES: list[Case] = [
     ("tracking_uri_a_file_uri", lambda t: ["runs", "--tracking-uri", (t / "store").as_uri()],
      "give a database or server URI"),
     ("resume_unknown_run", lambda t: ["run", "--resume", "f" * 32], "not found"),
+    # A board of a store that is not there would be empty, and written over the existing one.
+    ("leaderboard_mistyped_store", lambda t: ["leaderboard", "--tracking-uri",
+                                              f"sqlite:///{t / 'mtbench-run' / 'mlflow.db'}"],
+     "--tracking-uri: no store at"),
     ("check_method_not_python", lambda t: ["check-method", str(_write(t / "m.txt", "x"))], "not a .py file"),
     # Values: non-finite and out-of-range numbers, wrong types, in --set and in config files.
     ("lr_nan", lambda t: [*RUN, "--set", "train.lr=.nan"], "train.lr must be a finite number, got nan"),
@@ -459,3 +463,19 @@ def test_unknown_backbone_names_the_nearest_and_what_to_do_about_the_hub(offline
     assert "did you mean 'minilm_l6'?" in message and "\n" not in message
     assert ("HF_HUB_OFFLINE is set: unset it" in message) == bool(offline)
     assert ("HF_HUB_OFFLINE=1 stops the download retries" in message) != bool(offline)
+
+
+def test_leaderboard_of_a_missing_default_store_leaves_the_board_alone(store: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mtbench leaderboard`` where the default store does not exist (a new folder, a mistyped MTBENCH_HOME) is
+    refused in one line, and the board it would have replaced with an empty one is unchanged."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MTBENCH_HOME", str(tmp_path / "home"))
+    board = store / "leaderboard"
+    before = _tree_digest(board)
+    capsys.readouterr()
+    assert main(["leaderboard", "--out", str(board)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtbench: error: the default store: no store at") and len(err.splitlines()) == 1, err
+    assert _tree_digest(board) == before and not (tmp_path / "home").exists()
