@@ -24,16 +24,19 @@ class DataError(MtbenchError):
 
 
 def nearest(name: str, choices: Iterable[str]) -> str | None:
-    """The choice closest to a mistyped ``name``, or ``None`` where none is close."""
-    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.5)
-    return close[0] if close else None
+    """The choice closest to a mistyped ``name`` (letter case aside: ``MoSLD`` finds ``mosld``), or ``None`` where
+    none is close."""
+    by_folded = {c.casefold(): c for c in sorted(choices)}
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1, cutoff=0.5)
+    return by_folded[close[0]] if close else None
 
 
 def did_you_mean(name: str, choices: Iterable[str], kind: str) -> str:
-    """Return ``unknown <kind> 'x'; did you mean 'y'? available: a, b`` for an unknown name."""
+    """Return ``unknown <kind> 'x'; did you mean 'y'? available: a, b`` (``unknown <kind> 'x'; available: a, b``
+    where nothing is close) for an unknown name."""
     choices = sorted(choices)
     close = nearest(name, choices)
-    hint = f"; did you mean '{close}'?" if close else ""
+    hint = f"; did you mean '{close}'?" if close else ";"
     return f"unknown {kind} '{name}'{hint} available: {', '.join(choices) or '(none)'}"
 
 

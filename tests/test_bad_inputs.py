@@ -64,6 +64,9 @@ Case = tuple[str, Callable[[Path], list[str]], str]
 CASES: list[Case] = [
     ("unknown_method", lambda t: ["run", "--method", "lroa", "--task", "glue"], "did you mean 'lora'?"),
     ("unknown_task", lambda t: ["run", "--method", "lora", "--task", "glu"], "did you mean 'glue'?"),
+    ("method_letter_case", lambda t: ["run", "--method", "MoSLD", "--task", "glue"], "did you mean 'mosld'?"),
+    ("method_nothing_close", lambda t: ["run", "--method", "zzzz", "--task", "glue"],
+     "unknown method 'zzzz'; available: "),
     ("unknown_profile", lambda t: [*RUN, "--profile", "smok"], "did you mean 'smoke'?"),
     ("unknown_set_key", lambda t: [*RUN, "--set", "method.rr=4"], "did you mean 'method.r'?"),
     ("unknown_section", lambda t: [*RUN, "--set", "optimizer.lr=1"], "must start with one of method., task."),
