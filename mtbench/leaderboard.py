@@ -90,8 +90,11 @@ class Leaderboard:
                 "interval": f"{stats.CONFIDENCE:.0%} two-sided Student-t interval of the mean "
                             "(quality_ci95 = half-width)",
                 "test": paired.BOOTSTRAP.format(resamples=paired.RESAMPLES) + " where both sides have per-example "
-                        "predictions (ref_test says which rows); else " + paired.SEED_LEVEL.format(
-                            n="the shared", why="per-example predictions missing"),
+                        "predictions and the quality can be recomputed from them (ref_test says which rows); else "
+                        + paired.SEED_LEVEL.format(n="the shared", why="ref_test gives the reason"),
+                "multiplicity": "significant is decided on p_holm: the p-values of a comparison group's rows "
+                                "against its reference, Holm step-down adjusted (family-wise error at most alpha); "
+                                "p_value and the ref_ci interval are unadjusted",
                 "minimum_detectable_difference": f"mdd: smallest true difference found at alpha {paired.ALPHA} "
                                                  f"with {paired.POWER:.0%} power at the current n",
                 "alpha": stats.ALPHA,

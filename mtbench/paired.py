@@ -31,7 +31,7 @@ The bootstrap and McNemar are hand-assembled from numpy and scipy because no lib
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,17 @@ def usable(frame: pd.DataFrame) -> bool:
     headline = frame[frame["headline"]]
     return bool(len(headline)) and all(headline.loc[headline["subtask"] == s, "aggregate"].isin(SUPPORTED).any()
                                        for s in headline["subtask"].unique())
+
+
+def unusable_subtasks(frames: Iterable[pd.DataFrame]) -> list[str]:
+    """Headline subtasks of these prediction frames whose metric cannot be recomputed from their rows (no row with a
+    supported aggregate, e.g. ``none`` for STS-B's correlations), sorted."""
+    out: set[str] = set()
+    for frame in frames:
+        headline = frame[frame["headline"]]
+        out |= {str(s) for s in headline["subtask"].unique()
+                if not headline.loc[headline["subtask"] == s, "aggregate"].isin(SUPPORTED).any()}
+    return sorted(out)
 
 
 def subtask_metric(rows: pd.DataFrame) -> float:
@@ -267,7 +278,9 @@ def _compare_rows(rows: pd.DataFrame, i: int, j: int, frames: Any, per_seed: Seq
             result = compare_examples(mine, theirs, resamples)
             if result is not None:
                 return result
-            why = "the headline metrics cannot be recomputed from the predictions"
+            bad = unusable_subtasks(f for side in (mine, theirs) for fs in side.values() for f in fs)
+            why = (f"no per-example form of the headline metric of {', '.join(bad)}" if bad
+                   else "the headline metrics cannot be recomputed from the predictions")
     return seed_level(per_seed[i], per_seed[j], why)
 
 

@@ -120,6 +120,26 @@ def test_seed_level_fallback_says_so_and_uses_the_t_interval() -> None:
     assert result.mdd > half  # 80 % power needs more than the interval's half-width
 
 
+def test_the_fallback_names_the_subtasks_whose_metric_has_no_per_example_form() -> None:
+    """A run whose headline subtasks include one scored as a whole (STS-B's correlations: aggregate ``none``) has no
+    example-level comparison; ``ref_test`` says which subtask is why, not that predictions are missing."""
+    def with_stsb(correct: np.ndarray) -> pd.DataFrame:
+        stsb = to_frame({"subtask": "stsb", "example_id": str(i), "prediction": "2.5", "target": "3.0",
+                         "correct": math.nan, "score": math.nan, "aggregate": "none", "headline": True}
+                        for i in range(4))
+        return pd.concat([_run(correct), stsb], ignore_index=True)
+
+    a, b = _pair(n=50, seeds=2)
+    a = {s: [with_stsb(f["correct"].to_numpy() > 0.5) for f in runs] for s, runs in a.items()}
+    b = {s: [with_stsb(f["correct"].to_numpy() > 0.5) for f in runs] for s, runs in b.items()}
+    assert paired.compare_examples(a, b) is None
+    assert paired.unusable_subtasks(f for runs in a.values() for f in runs) == ["stsb"]
+    rows = pd.DataFrame({"quality_metric": ["val/avg", "val/avg"], "method": ["x", "lora"]})
+    result = paired._compare_rows(rows, 0, 1, lambda i: (a, b)[i], [{"0": 0.6, "1": 0.7}, {"0": 0.5, "1": 0.6}],
+                                  100)
+    assert result.test == "seed-level paired t-test over 2 seeds (no per-example form of the headline metric of stsb)"
+
+
 def test_the_minimum_detectable_difference_shrinks_with_more_examples() -> None:
     small = paired.compare_examples(*_pair(n=100), resamples=1000)
     large = paired.compare_examples(*_pair(n=1600), resamples=1000)
