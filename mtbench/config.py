@@ -305,6 +305,13 @@ def resolve(
     method_cfg = build_dataclass(method_cls.config_cls, merged["method"], "method")
     task_cfg = build_dataclass(task_cls.config_cls, merged["task"], "task")
     train = build_dataclass(TrainConfig, merged["train"], "train")
+    given = [layer.get(section) or {} for layer in (file, overrides) for section in ("train", "method")]
+    if method_cfg.lr is not None and any("lr" in g for g in given[0::2]) and not any("lr" in g for g in given[1::2]):
+        # The runner trains at method.lr where it is set: a train.lr the user gave would be ignored without a word
+        # (in a sweep, cells that differ only in it would train alike).
+        raise ConfigError(f"train.lr={train.lr:g} has no effect on method '{method}': the '{profile}' profile of task "
+                          f"'{task}' sets its method.lr={method_cfg.lr:g}, which replaces train.lr; set method.lr "
+                          "instead")
     train.weights_of(task_cls.selected_subtasks(task_cfg))  # a misspelt subtask fails here, not after loading data
     return Experiment(
         method_name=method,

@@ -21,6 +21,21 @@ def test_precedence_profile_then_file_then_set(tmp_path: Path) -> None:
     assert exp.task.backbone == "tiny_bert"  # from the smoke profile
 
 
+def test_a_train_lr_that_a_profile_method_lr_would_replace_is_refused(tmp_path: Path) -> None:
+    """The glue cpu profile gives full_ft its own method.lr, which the runner uses in place of train.lr: a train.lr
+    from --set or a file would be ignored without a word, so it is refused; method.lr, or train.lr for a method
+    without one, is taken."""
+    with pytest.raises(ConfigError, match=r"train.lr=0.0005 has no effect on method 'full_ft': the 'cpu' profile of "
+                                          r"task 'glue' sets its method.lr=0.0001"):
+        resolve("full_ft", "glue", "cpu", sets=["train.lr=5e-4"])
+    file = tmp_path / "exp.yaml"
+    file.write_text("train: {lr: 0.0005}\n")
+    with pytest.raises(ConfigError, match="has no effect on method 'full_ft'"):
+        resolve("full_ft", "glue", "cpu", config_file=file)
+    assert resolve("full_ft", "glue", "cpu", sets=["train.lr=5e-4", "method.lr=3e-4"]).method.lr == 3e-4
+    assert resolve("lora", "glue", "cpu", sets=["train.lr=5e-4"]).train.lr == 5e-4
+
+
 def test_unknown_set_key_has_did_you_mean() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'method\.rr'; did you mean 'method\.r'\?"):
         resolve("lora", "glue", "smoke", sets=["method.rr=4"])
