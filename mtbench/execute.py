@@ -10,6 +10,7 @@ with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -290,10 +291,19 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
     if trainer is not None and not trainer.is_global_zero:
         return Outcome(run_id, status, dict(module.final_metrics), {}, error, stop.received is not None)
     if status == "FINISHED":
-        checkpoint_path(uri, run_id).unlink(missing_ok=True)
+        _remove_resume_files(checkpoint_path(uri, run_id))
     outcome = _record(exp, mlflow, run_id, config, status, error, trace, module, trainer, measurements, started)
     outcome.interrupted = stop.received is not None
     return outcome
+
+
+def _remove_resume_files(checkpoint: Path) -> None:
+    """A FINISHED run's checkpoint, its folder and its lock file (nothing resumes a FINISHED run, and a later
+    ``--resume`` makes a new lock and is refused by the status it reads under it). Best effort: a file that cannot
+    be removed stays."""
+    for remove in (checkpoint.unlink, checkpoint.parent.rmdir, checkpoint.parent.with_suffix(".lock").unlink):
+        with contextlib.suppress(OSError):
+            remove()
 
 
 class DivergedError(RuntimeError):

@@ -100,6 +100,7 @@ def _interrupt_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args:
     assert resumed["status"] == "FINISHED"
     assert "tags.mtbench.error" not in resumed or resumed["tags.mtbench.error"] in (None, ""), "stale error tag"
     assert not (tmp_path / "checkpoints" / run_id / "last.ckpt").exists(), "checkpoint kept after FINISHED"
+    assert not list((tmp_path / "checkpoints").iterdir()), "resume files (folder, lock) kept after FINISHED"
     return db, run_id, error
 
 
