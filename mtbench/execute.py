@@ -128,7 +128,9 @@ def resume_run(run_id: str, uri: str | None = None, progress: bool = True) -> Ou
     try:
         run = mlflow.get_run(run_id)
     except Exception as exc:
-        raise MtbenchError(f"run {run_id} not found in {uri}") from exc
+        where = uri.partition("?")[0]  # without the connection options mtbench adds (a sqlite timeout)
+        full = "" if len(run_id) == 32 else "; give the full 32-character run id (`mtbench runs` lists them)"
+        raise MtbenchError(f"run {run_id} not found in {where}{full}") from exc
     with _run_lock(uri, run_id):
         run = mlflow.get_run(run_id)
         status = run.info.status

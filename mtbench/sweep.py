@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, nearest
 
 
 FILE_KEYS = ("methods", "tasks", "seeds", "profile", "set", "grid")
@@ -169,12 +169,10 @@ def make_spec(file: dict[str, Any] | None = None, methods: str | None = None, ta
         registry.tasks.get(name)
     from .config import check_seed
 
-    try:
-        seed_list = tuple(check_seed(int(s)) for s in _names(seeds if seeds is not None else data.get("seeds", [0])))
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"seeds must be integers ({exc})") from exc
+    given = _names(seeds if seeds is not None else data.get("seeds", [0]))
+    if bad := [s for s in given if not str(s).strip().lstrip("-").isdigit()]:
+        raise ConfigError(f"seeds must be integers in [0, 4294967295], got {', '.join(repr(str(s)) for s in bad)}")
+    seed_list = tuple(check_seed(int(s)) for s in given)
     file_sets = data.get("set") or {}
     file_sets = [f"{k}={_yaml_value(v)}" for k, v in file_sets.items()] if isinstance(file_sets, dict) \
         else [str(s) for s in file_sets]
@@ -209,8 +207,17 @@ def expand(spec: SweepSpec) -> list[Cell]:
     keys = [k.partition("=")[0] for k in spec.sets] + [k for k, _ in spec.grid]
     for key in keys:
         if not any(_applies(key, m, t) for m in spec.methods for t in spec.tasks):
-            section = key.partition(".")[0]
-            raise ConfigError(f"override '{key}' applies to none of the swept {section}s")
+            section, _, name = key.partition(".")
+            from . import registry
+
+            kinds = {"method": (registry.methods, spec.methods), "task": (registry.tasks, spec.tasks)}
+            hint = ""
+            if section in kinds:
+                reg, names = kinds[section]
+                fields = {f.name for n in names for f in dataclasses.fields(reg.get(n).config_cls)}
+                close = nearest(name, fields)
+                hint = f"; did you mean '{section}.{close}'?" if close else ""
+            raise ConfigError(f"override '{key}' applies to none of the swept {section}s{hint}")
     cells: list[Cell] = []
     for task in spec.tasks:
         for method in spec.methods:

@@ -111,6 +111,11 @@ CASES: list[Case] = [
     ("tracking_uri_a_file_uri", lambda t: ["runs", "--tracking-uri", (t / "store").as_uri()],
      "give a database or server URI"),
     ("resume_unknown_run", lambda t: ["run", "--resume", "f" * 32], "not found"),
+    ("resume_short_run_id", lambda t: ["run", "--resume", "80d63915"], "give the full 32-character run id"),
+    ("sweep_seed_not_a_number", lambda t: ["sweep", "--methods", "lora", "--tasks", "glue", "--seeds", "0,x"],
+     "seeds must be integers in [0, 4294967295], got 'x'"),
+    ("sweep_grid_key_mistyped", lambda t: ["sweep", "--methods", "lora", "--tasks", "glue", "--grid", "method.rr=4,8"],
+     "did you mean 'method.r'?"),
     # A board of a store that is not there would be empty, and written over the existing one.
     ("leaderboard_mistyped_store", lambda t: ["leaderboard", "--tracking-uri",
                                               f"sqlite:///{t / 'mtbench-run' / 'mlflow.db'}"],
