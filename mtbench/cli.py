@@ -397,7 +397,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
     task_cls = registry.tasks.get(args.task)
     task = task_cls(task_cls.config_cls())
-    print(task.prefetch(Path(args.data_root).expanduser() if args.data_root else None))
+    print(f"task {args.task}: {task.prefetch(Path(args.data_root).expanduser() if args.data_root else None)}")
     return 0
 
 

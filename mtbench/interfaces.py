@@ -585,7 +585,8 @@ class Task(ABC):
         Raises:
             DataError: offline, or the download does not verify; the message says where to put the data by hand.
         """
-        return f"task {type(self).__name__} has nothing to prefetch"
+        return ("nothing to prefetch: its data comes from task.data_root, or, where it reads the hub, from the "
+                "datasets library's cache on first use")
 
     def subtask_examples(self, batch: Mapping[str, Any]) -> Tensor:
         """Examples of each subtask in a batch, ``(len(subtasks),)`` int64: what every per-subtask share counts (the

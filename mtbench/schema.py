@@ -125,6 +125,11 @@ def describe(error: Mapping[str, Any], section: str, hints: Mapping[str, Any],
     if kind in ("too_short", "too_long", "missing"):
         whole = f"{section}.{name}" if section else name
         value = (values or {}).get(name, error.get("input"))
+        bound = {"too_short": ("at least", "min_length"), "too_long": ("at most", "max_length")}.get(kind)
+        if bound and bound[1] in ctx:
+            count = ctx[bound[1]]
+            return (f"{whole}={short_repr(value)} has {ctx.get('actual_length', '?')} entries; expected {bound[0]} "
+                    f"{count} ({type_name(hint)})")
         return f"{whole}={short_repr(value)} has the wrong length; expected {type_name(hint)}"
     if kind == "extra_forbidden":
         return f"unknown key '{key}'"
