@@ -64,6 +64,8 @@ Case = tuple[str, Callable[[Path], list[str]], str]
 CASES: list[Case] = [
     ("unknown_method", lambda t: ["run", "--method", "lroa", "--task", "glue"], "did you mean 'lora'?"),
     ("unknown_task", lambda t: ["run", "--method", "lora", "--task", "glu"], "did you mean 'glue'?"),
+    ("empty_list", lambda t: ["run", "--method", "mosld", "--task", "glue", "--set", "method.experts=[]"],
+     "method.experts=[] has 0 entries; expected at least 1"),
     ("method_letter_case", lambda t: ["run", "--method", "MoSLD", "--task", "glue"], "did you mean 'mosld'?"),
     ("method_nothing_close", lambda t: ["run", "--method", "zzzz", "--task", "glue"],
      "unknown method 'zzzz'; available: "),
