@@ -149,3 +149,12 @@ def test_file_without_method_is_usage_error(tmp_path: Path, capsys: pytest.Captu
     empty.write_text("x = 1\n")
     assert main(["check-method", str(empty)]) == 2
     assert "registers no new method" in capsys.readouterr().err
+
+
+def test_a_built_in_methods_own_file_is_checked_as_registered(capsys: pytest.CaptureFixture) -> None:
+    """``check-method methods/full_ft.py`` checks the built-in method that file registers, instead of loading it
+    again as a plugin (which clashed with itself: "duplicate method name 'full_ft'")."""
+    source = Path(__file__).resolve().parents[1] / "methods" / "full_ft.py"
+    assert main(["check-method", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "all checks passed for full_ft" and "FAIL" not in out
