@@ -437,3 +437,38 @@ def test_grouped_mixture_keeps_no_output_wide_tensor_for_the_backward_pass() -> 
             layer(x).sum().backward()
         layer.routed.clear()
         assert saved and not [s for s in saved if s and s[-1] == 32 and math.prod(s) >= 200 * 32], (mixture, saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_grouped_mixture_where_admitted_matches_the_rank_form_without_host_sync() -> None:
+    """On a GPU under bf16 autocast (the benchmark's setting) the grouped GEMM runs exactly where the layer admits it
+    (compute capability 9.0), its forward and backward never wait for the device (torch's sync debug mode raises on
+    a wait), and its output and gradients agree with the rank form's to bf16 rounding."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = MoSLDLinear(nn.Linear(64, 128), r=8, alpha=16.0, n_experts=8, top_k=2).to(device).train()
+    with torch.no_grad():
+        layer.mosld_B.normal_(0.0, 0.5)
+    x = torch.randn(4, 64, 64, device=device, requires_grad=True)
+    params = [x, layer.mosld_A, layer.mosld_B, layer.mosld_router]
+    admitted = hasattr(F, "grouped_mm") and torch.cuda.get_device_capability(device) == (9, 0)
+    results = {}
+    for mixture in ("grouped", "rank"):
+        layer.mixture = mixture  # type: ignore[assignment]
+        for timed in (False, True):  # a warm-up first: one-time set-up may wait for the device
+            torch.cuda.synchronize()
+            with _Products() as products:
+                torch.cuda.set_sync_debug_mode("error" if timed else 0)
+                try:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = layer(x)
+                    grads = torch.autograd.grad(out.float().sum(), params)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            layer.routed.clear()
+        results[mixture] = (out, grads, [op for op, _ in products.calls])
+    assert (torch.ops.aten._grouped_mm in results["grouped"][2]) == admitted
+    torch.testing.assert_close(results["grouped"][0].float(), results["rank"][0].float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(results["grouped"][1], results["rank"][1], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
