@@ -275,7 +275,9 @@ def run_sweep(spec: SweepSpec, uri: str | None = None, shard_of: tuple[int, int]
             report.skipped.append(cell.label)
             continue
         if dry_run:
-            say(f"{head}: would run (config {exp.config_id()})")
+            # Two ids: the cell's (all but the seed; what a rerun skips by) and the method config the board's
+            # "config" column shows (the row its runs join).
+            say(f"{head}: would run (cell {exp.config_id()}, board config {exp.method_config_id()})")
             report.would_run.append(cell.label)
             continue
         try:

@@ -319,6 +319,11 @@ def test_sweep_dry_run_counts_the_cells_it_would_run(tmp_path: Path, capsys: pyt
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     assert last == "sweep (dry run, nothing trained): 2 would run, 0 skipped (already FINISHED)", out
+    # Each cell names the id a rerun skips by and the method config id its board row shows.
+    from mtbench.config import resolve
+
+    board = resolve("lora", "glue", "smoke").method_config_id()
+    assert "lora on glue seed 0: would run (cell " in out and f", board config {board})" in out, out
 
 
 def test_validate_help_and_set(capsys: pytest.CaptureFixture) -> None:
