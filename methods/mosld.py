@@ -243,13 +243,12 @@ class MoSLDLinear(nn.Module):
         - the rows of the rank-space input (``K·r`` wide) and of the stacked ``B`` (``out`` wide) are multiples of
           16 bytes, which its kernels require; and there are tokens.
         """
-        if not hasattr(F, "grouped_mm") or z.numel() == 0 or not 0 < self.n_sets <= MAX_EXPERT_SETS:
+        if not hasattr(F, "grouped_mm") or z.numel() == 0 or self.n_sets > MAX_EXPERT_SETS:
             return False
-        device = z.device
-        autocast = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if autocast else z.dtype  # z is in the adapters' dtype
+        dtype = _product_dtype(z)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
+        device = z.device
         if device.type == "cuda" and (dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) != (9, 0)):
             return False
         size = torch.finfo(dtype).bits // 8
@@ -276,14 +275,13 @@ class MoSLDLinear(nn.Module):
         set_id = self.set_binomials.gather(0, experts).sum(dim=-1)  # (M,): Σ_i C(e_i, i + 1)
         sorted_ids, order = set_id.sort(stable=True)
         inverse = order.argsort()
-        n_sets = self.n_sets
         # Where each set's tokens end in that order: the offsets of the grouped GEMM, computed on the device.
         ends = torch.searchsorted(sorted_ids, self.set_ends, out_int32=True)
-        dtype = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
+        dtype = _product_dtype(z)
         u = (gates.to(dtype).unsqueeze(-1) * z.to(dtype).unsqueeze(-2)).flatten(-2)  # (M, K·r)
         # (sets, K·r, out): row k·r + j of set c is column j of B_{e_k}, matching u's (k, j) columns. Cast and
         # transposed once per expert, then gathered per set (C(N, K)·K blocks, more than N): one copy of that size.
-        b = self.mosld_B.to(dtype).transpose(1, 2).contiguous()[self.expert_sets].view(n_sets, k * r, -1)
+        b = self.mosld_B.to(dtype).transpose(1, 2).contiguous()[self.expert_sets].view(self.n_sets, k * r, -1)
         out = F.grouped_mm(_Permute.apply(u, order, inverse), b, offs=ends)  # tokens in set order
         return _Permute.apply(out, inverse, order).view(*lead, -1)  # back in token order
 
@@ -301,6 +299,12 @@ class MoSLDLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, experts={self.n_experts}, top_k={self.top_k}, scale={self.scale:g}, p={self.dropconnect}"
+
+
+def _product_dtype(z: Tensor) -> torch.dtype:
+    """The dtype the grouped mixture multiplies in: autocast's where it is on, else ``z``'s (the adapters')."""
+    device = z.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else z.dtype
 
 
 class _Permute(torch.autograd.Function):

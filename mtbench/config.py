@@ -305,8 +305,10 @@ def resolve(
     method_cfg = build_dataclass(method_cls.config_cls, merged["method"], "method")
     task_cfg = build_dataclass(task_cls.config_cls, merged["task"], "task")
     train = build_dataclass(TrainConfig, merged["train"], "train")
-    given = [layer.get(section) or {} for layer in (file, overrides) for section in ("train", "method")]
-    if method_cfg.lr is not None and any("lr" in g for g in given[0::2]) and not any("lr" in g for g in given[1::2]):
+    def user_gave(section: str, key: str) -> bool:
+        return any(key in (layer.get(section) or {}) for layer in (file, overrides))
+
+    if method_cfg.lr is not None and user_gave("train", "lr") and not user_gave("method", "lr"):
         # The runner trains at method.lr where it is set: a train.lr the user gave would be ignored without a word
         # (in a sweep, cells that differ only in it would train alike).
         raise ConfigError(f"train.lr={train.lr:g} has no effect on method '{method}': the '{profile}' profile of task "

@@ -43,6 +43,7 @@ from .tracking import (
     long_params,
     package_versions,
     safe_params,
+    shown_uri,
     sqlite_path,
     tracking_uri,
 )
@@ -128,9 +129,8 @@ def resume_run(run_id: str, uri: str | None = None, progress: bool = True) -> Ou
     try:
         run = mlflow.get_run(run_id)
     except Exception as exc:
-        where = uri.partition("?")[0]  # without the connection options mtbench adds (a sqlite timeout)
         full = "" if len(run_id) == 32 else "; give the full 32-character run id (`mtbench runs` lists them)"
-        raise MtbenchError(f"run {run_id} not found in {where}{full}") from exc
+        raise MtbenchError(f"run {run_id} not found in {shown_uri(uri)}{full}") from exc
     with _run_lock(uri, run_id):
         run = mlflow.get_run(run_id)
         status = run.info.status
@@ -184,7 +184,7 @@ def _run_lock(uri: str, run_id: str) -> Iterator[None]:
     trained or resumed is refused at once, while one of a dead run proceeds. (A lock file, because the store has no
     atomic "claim this run" operation; it covers processes that share the checkpoint folder.)
     """
-    path = checkpoint_path(uri, run_id).parent.with_suffix(".lock")
+    path = _lock_path(checkpoint_path(uri, run_id))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
@@ -299,11 +299,16 @@ def _train(exp: Experiment, mlflow: Any, run_id: str, uri: str, config: dict[str
     return outcome
 
 
+def _lock_path(checkpoint: Path) -> Path:
+    """``checkpoints/<run_id>.lock``, beside the run's checkpoint folder (see :func:`_run_lock`)."""
+    return checkpoint.parent.with_suffix(".lock")
+
+
 def _remove_resume_files(checkpoint: Path) -> None:
     """A FINISHED run's checkpoint, its folder and its lock file (nothing resumes a FINISHED run, and a later
     ``--resume`` makes a new lock and is refused by the status it reads under it). Best effort: a file that cannot
     be removed stays."""
-    for remove in (checkpoint.unlink, checkpoint.parent.rmdir, checkpoint.parent.with_suffix(".lock").unlink):
+    for remove in (checkpoint.unlink, checkpoint.parent.rmdir, _lock_path(checkpoint).unlink):
         with contextlib.suppress(OSError):
             remove()
 

@@ -94,9 +94,7 @@ def seed_level(a: Mapping[str, float], b: Mapping[str, float], why: str) -> Comp
 def usable(frame: pd.DataFrame) -> bool:
     """Whether a run's predictions reproduce its quality: there are headline subtasks, and each has rows with a
     supported aggregate."""
-    headline = frame[frame["headline"]]
-    return bool(len(headline)) and all(headline.loc[headline["subtask"] == s, "aggregate"].isin(SUPPORTED).any()
-                                       for s in headline["subtask"].unique())
+    return bool(frame["headline"].any()) and not unusable_subtasks([frame])
 
 
 def unusable_subtasks(frames: Iterable[pd.DataFrame]) -> list[str]:

@@ -170,9 +170,10 @@ def make_spec(file: dict[str, Any] | None = None, methods: str | None = None, ta
     from .config import check_seed
 
     given = _names(seeds if seeds is not None else data.get("seeds", [0]))
-    if bad := [s for s in given if not str(s).strip().lstrip("-").isdigit()]:
+    parsed = [_integer(s) for s in given]
+    if bad := [s for s, value in zip(given, parsed, strict=True) if value is None]:
         raise ConfigError(f"seeds must be integers in [0, 4294967295], got {', '.join(repr(str(s)) for s in bad)}")
-    seed_list = tuple(check_seed(int(s)) for s in given)
+    seed_list = tuple(check_seed(value) for value in parsed if value is not None)
     file_sets = data.get("set") or {}
     file_sets = [f"{k}={_yaml_value(v)}" for k, v in file_sets.items()] if isinstance(file_sets, dict) \
         else [str(s) for s in file_sets]
@@ -185,15 +186,27 @@ def make_spec(file: dict[str, Any] | None = None, methods: str | None = None, ta
                      (*file_sets, *sets), tuple(merged.items()))
 
 
-def _applies(key: str, method: str, task: str) -> bool:
-    """Whether an override ``key`` applies to this method and task (``method.r`` only to methods with an ``r``)."""
+def _integer(value: Any) -> int | None:
+    """``int(value)``, or ``None`` where ``int`` refuses it."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fields(section: str, name: str) -> set[str]:
+    """Field names of the config of method or task ``name`` (``section``: ``"method"`` or ``"task"``)."""
     from . import registry
 
+    entries = registry.methods if section == "method" else registry.tasks
+    return {f.name for f in dataclasses.fields(entries.get(name).config_cls)}
+
+
+def _applies(key: str, method: str, task: str) -> bool:
+    """Whether an override ``key`` applies to this method and task (``method.r`` only to methods with an ``r``)."""
     section, _, name = key.partition(".")
-    if section == "method":
-        return name in {f.name for f in dataclasses.fields(registry.methods.get(method).config_cls)}
-    if section == "task":
-        return name in {f.name for f in dataclasses.fields(registry.tasks.get(task).config_cls)}
+    if section in ("method", "task"):
+        return name in _fields(section, method if section == "method" else task)
     return True
 
 
@@ -208,14 +221,10 @@ def expand(spec: SweepSpec) -> list[Cell]:
     for key in keys:
         if not any(_applies(key, m, t) for m in spec.methods for t in spec.tasks):
             section, _, name = key.partition(".")
-            from . import registry
-
-            kinds = {"method": (registry.methods, spec.methods), "task": (registry.tasks, spec.tasks)}
             hint = ""
-            if section in kinds:
-                reg, names = kinds[section]
-                fields = {f.name for n in names for f in dataclasses.fields(reg.get(n).config_cls)}
-                close = nearest(name, fields)
+            if section in ("method", "task"):
+                swept = spec.methods if section == "method" else spec.tasks
+                close = nearest(name, set().union(*(_fields(section, n) for n in swept)))
                 hint = f"; did you mean '{section}.{close}'?" if close else ""
             raise ConfigError(f"override '{key}' applies to none of the swept {section}s{hint}")
     cells: list[Cell] = []

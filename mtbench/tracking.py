@@ -55,6 +55,12 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def shown_uri(uri: str) -> str:
+    """``uri`` as messages show it: without the ``?timeout=60`` :func:`tracking_uri` adds, which the user never
+    wrote."""
+    return uri.removesuffix("?timeout=60")
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (options stripped), else ``None``."""
     if not uri.startswith("sqlite:///"):
@@ -180,7 +186,7 @@ def experiment_id(mlflow_client: Any, uri: str) -> str:
     except Exception as exc:
         if isinstance(exc, MtbenchError):
             raise
-        raise MtbenchError(f"tracking store {uri} is not usable: {str(exc).splitlines()[0][:200]}") from exc
+        raise MtbenchError(f"tracking store {shown_uri(uri)} is not usable: {str(exc).splitlines()[0][:200]}") from exc
 
 
 def package_versions() -> dict[str, str]:

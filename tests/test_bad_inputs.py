@@ -116,6 +116,9 @@ CASES: list[Case] = [
     ("resume_short_run_id", lambda t: ["run", "--resume", "80d63915"], "give the full 32-character run id"),
     ("sweep_seed_not_a_number", lambda t: ["sweep", "--methods", "lora", "--tasks", "glue", "--seeds", "0,x"],
      "seeds must be integers in [0, 4294967295], got 'x'"),
+    # A digit int() refuses ("²".isdigit() holds): named too, no traceback.
+    ("sweep_seed_superscript", lambda t: ["sweep", "--methods", "lora", "--tasks", "glue", "--seeds", "0,²"],
+     "seeds must be integers in [0, 4294967295], got '²'"),
     ("sweep_grid_key_mistyped", lambda t: ["sweep", "--methods", "lora", "--tasks", "glue", "--grid", "method.rr=4,8"],
      "did you mean 'method.r'?"),
     # A board of a store that is not there would be empty, and written over the existing one.
@@ -489,3 +492,12 @@ def test_leaderboard_of_a_missing_default_store_leaves_the_board_alone(store: Pa
     err = capsys.readouterr().err.strip()
     assert err.startswith("mtbench: error: the default store: no store at") and len(err.splitlines()) == 1, err
     assert _tree_digest(board) == before and not (tmp_path / "home").exists()
+
+
+def test_store_messages_show_the_uri_as_given(store: Path, capsys: pytest.CaptureFixture) -> None:
+    """A message naming the store shows the URI the user gave, not the ``?timeout=60`` mtbench adds to it."""
+    uri = f"sqlite:///{store / 'm.db'}"
+    capsys.readouterr()
+    assert main(["run", "--resume", "f" * 32, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mtbench: error: run {'f' * 32} not found in {uri}", err
