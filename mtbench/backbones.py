@@ -545,7 +545,8 @@ def swin_feature_channels(model: nn.Module) -> list[int]:
 
 
 def swin_stage_features(
-    model: nn.Module, images: Tensor, tasks: Sequence[str] | None = None
+    model: nn.Module, images: Tensor, tasks: Sequence[str] | None = None,
+    project: Mapping[str, Sequence[nn.Module]] | None = None,
 ) -> list[Tensor] | dict[str, list[Tensor]]:
     """Multi-scale features of a timm Swin, taken after patch merging (methods.md §7.4), each ``B×C×H×W``.
 
@@ -559,10 +560,20 @@ def swin_stage_features(
     with LoRA or full fine-tuning) gets the shared features. Every image serves every task here, so per-example task
     ids set before the call are cleared for its duration.
 
+    With ``project`` (and ``tasks``) each task's maps come back through its first decoder layers, one module per
+    stage (``project[task][i](map_i)``, e.g. 1×1 convolutions to the decoder's widths). Where a task's map comes from
+    its own stream through a plain PatchMerging and its module is a plain 1×1 convolution, the merge's reduction
+    ``W_r`` (4C → 2C) and the convolution ``W_p`` (2C → w) are applied as one linear map, their product ``W_p W_r``
+    (w × 4C, formed per call): the same function (matrix products associate; the rounding differs), without forming
+    the stream's 2C-wide merged map, that only the convolution reads. At the PASCAL decoder's widths (18-72 against
+    192-768 channels) that stream's merge then costs about a tenth of its reduction's three GEMMs (forward, input and
+    weight gradients). Modules with hooks of their own (which would not see those rows) take the plain path.
+
     Args:
         model: a timm ``SwinTransformer`` (``patch_embed``, ``layers[i].downsample`` then ``layers[i].blocks``).
         images: ``(B, 3, H, W)`` at the model's input size.
         tasks: task names, or ``None`` for the shared features only.
+        project: per task of ``tasks``, one module per stage applied to its maps; ``None``: maps as they are.
     """
     layers: list[Any] = list(model.layers)  # type: ignore[arg-type]
     patch_embed: Any = model.patch_embed
@@ -577,15 +588,83 @@ def swin_stage_features(
             for block in blocks[:-1]:
                 x = block(x)
             out, streamed = _stream_block(blocks[-1], x, tuple(per_task))
-            if i + 1 < len(layers):
-                # Row-wise, so one call merges the shared rows and every stream.
-                out = _merge_patches(layers[i + 1].downsample, out)
-            parts = out.chunk(len(streamed) + 1)
-            x = parts[0]
+            merge = layers[i + 1].downsample if i + 1 < len(layers) else None
+            convs = [project[t][i] for t in streamed] if project is not None else []
+            projected: dict[str, Tensor] = {}
+            if merge is not None and convs and _fusable(merge, convs, out):
+                x, maps = _merge_and_project(merge, out, convs)
+                projected = dict(zip(streamed, maps))
+            else:
+                if merge is not None:
+                    # Row-wise, so one call merges the shared rows and every stream.
+                    out = _merge_patches(merge, out)
+                parts = out.chunk(len(streamed) + 1)
+                x = parts[0]
             shared.append(x.permute(0, 3, 1, 2))
             for task, feats in per_task.items():
-                feats.append(parts[1 + streamed.index(task)].permute(0, 3, 1, 2) if task in streamed else shared[-1])
+                if task in projected:
+                    feats.append(projected[task])
+                    continue
+                feat = parts[1 + streamed.index(task)].permute(0, 3, 1, 2) if task in streamed else shared[-1]
+                feats.append(project[task][i](feat) if project is not None else feat)
     return per_task if tasks is not None else shared
+
+
+def _hookless(module: nn.Module) -> bool:
+    """Whether ``module`` has no hooks of its own. (Global module hooks, such as those of torch's FLOP counter and
+    module tracker, do not stop the fused path; they see its modules' calls without the streams' rows.)"""
+    return not any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                    module._backward_pre_hooks))
+
+
+def _fusable(merging: nn.Module, convs: Sequence[nn.Module], rows: Tensor) -> bool:
+    """Whether :func:`_merge_and_project` computes ``conv(merging(rows))`` for these modules: timm's
+    ``PatchMerging`` (its own forward, an ``nn.Linear`` reduction) on even sizes, and plain 1×1 convolutions from
+    the reduction's width, no module with hooks."""
+    from timm.models.swin_transformer import PatchMerging
+
+    if type(merging) is not PatchMerging or "forward" in vars(merging) or rows.shape[1] % 2 or rows.shape[2] % 2:
+        return False
+    merge: Any = merging
+    reduction = merge.reduction
+    if type(reduction) is not nn.Linear or not _hookless(merging) or not _hookless(reduction):
+        return False
+    return all(type(conv) is nn.Conv2d and _hookless(conv) and conv.in_channels == reduction.out_features
+               and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+               and conv.padding in ((0, 0), "valid") and conv.groups == 1 for conv in convs)
+
+
+def _merge_and_project(merging: Any, rows: Tensor, convs: Sequence[Any]) -> tuple[Tensor, list[Tensor]]:
+    """PatchMerging of ``[shared; stream_1; ...; stream_k]`` rows with each stream's map projected by its 1×1
+    convolution in the same product (:func:`swin_stage_features`).
+
+    Args:
+        merging: a timm ``PatchMerging`` that :func:`_fusable` admits.
+        rows: ``((k + 1)·n, H, W, C)``, ``H`` and ``W`` even.
+        convs: ``k`` convolutions, stream by stream.
+
+    Returns:
+        ``(shared, maps)``: the shared rows merged, ``(n, H/2, W/2, 2C)``, and per stream its projected map
+        ``(n, w_t, H/2, W/2)`` (channels-last strides, as the convolution returns for such input).
+    """
+    b, h, w, c = rows.shape
+    gathered = rows.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+    normed = merging.norm(gathered)  # timm's order of the 2×2 neighbours; LayerNorm over all 4C
+    # One split (its backward is one concatenation; slicing would zero-fill a full-size gradient per slice).
+    own, *streams = normed.split(b // (len(convs) + 1))
+    reduction: nn.Linear = merging.reduction
+    shared = reduction(own)
+    maps = []
+    for conv, stream in zip(convs, streams):
+        projection = conv.weight.flatten(1)  # (w, 2C)
+        with torch.autocast(rows.device.type, enabled=False):  # one rounding of the product, in the weights' dtype
+            weight = projection @ reduction.weight.to(projection.dtype)  # (w, 4C)
+            bias = conv.bias
+            if reduction.bias is not None:
+                lifted = projection @ reduction.bias.to(projection.dtype)
+                bias = lifted if bias is None else bias + lifted
+        maps.append(nn.functional.linear(stream, weight, bias).permute(0, 3, 1, 2))
+    return shared, maps
 
 
 def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:

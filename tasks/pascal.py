@@ -187,9 +187,11 @@ class PascalHead(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(total, 4 * total, 1), nn.BatchNorm2d(4 * total, momentum=0.1),
                                   nn.ReLU(inplace=True), nn.Conv2d(4 * total, outputs, 1))
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        """Logits at the first scale's resolution from ``B×C_i×H_i×W_i`` maps."""
-        maps = [down(f) for down, f in zip(self.downsample, features)]
+    def forward(self, features: Sequence[Tensor], projected: bool = False) -> Tensor:
+        """Logits at the first scale's resolution from ``B×C_i×H_i×W_i`` maps; ``projected``: the maps already went
+        through :attr:`downsample` (``B×widths_i×H_i×W_i``, as ``swin_stage_features(..., project=...)`` returns
+        them)."""
+        maps = list(features) if projected else [down(f) for down, f in zip(self.downsample, features)]
         size = maps[0].shape[-2:]
         maps = [maps[0], *(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:])]
         return self.head(torch.cat(maps, 1))
@@ -322,9 +324,12 @@ class Pascal(Task):
         """Per present subtask, outputs at input resolution: logits ``(B, C, S, S)``, raw normals ``(B, 3, S, S)``."""
         present = self._present(batch)
         images = normalise(batch["image"])
-        features = swin_stage_features(model.backbone, images, tasks=present)
-        assert isinstance(features, dict)
-        return {t: F.interpolate(model.heads[t](features[t]), size=images.shape[-2:], mode="bilinear",
+        # The heads' 1×1 downsamplers go in with the features: on a task's own stream the backbone applies each
+        # together with the patch merging's reduction before it, as one product.
+        downsamplers = {t: list(model.heads[t].downsample) for t in present}
+        maps = swin_stage_features(model.backbone, images, tasks=present, project=downsamplers)
+        assert isinstance(maps, dict)
+        return {t: F.interpolate(model.heads[t](maps[t], projected=True), size=images.shape[-2:], mode="bilinear",
                                  align_corners=False) for t in present}
 
     def loss(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -625,6 +625,109 @@ def test_swin_all_tasks_fast_path_matches_per_task_reference(targets: tuple[str,
             assert gf is not None and torch.allclose(gf, gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item()), name
 
 
+def _projections(model: nn.Module, tasks: tuple[str, ...], bias: bool = False) -> dict[str, list[nn.Conv2d]]:
+    """Per task, 1×1 convolutions from each stage's map to a narrower width (a decoder's downsamplers)."""
+    from mtbench.backbones import swin_feature_channels
+
+    torch.manual_seed(3)
+    widths = (3, 5, 7, 9)
+    return {t: [nn.Conv2d(c, w, 1, bias=bias) for c, w in zip(swin_feature_channels(model), widths)]
+            for t in tasks}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swin_projected_streams_match_reference(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    """With ``project`` each task stream's merge and its 1×1 convolution run as one product (the reduction times the
+    convolution): maps and the gradients of every factor, reduction, norm and convolution equal the per-task
+    reference followed by the convolution, and the fused path really ran (stages 1-3)."""
+    from mtbench import backbones
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted())
+    _randomise(model, std=0.05)
+    tasks = ("normals", "semseg")
+    project = _projections(model, tasks, bias)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    params = [p for n, p in model.named_parameters() if "mtlora_" in n or "downsample" in n]
+    params += [p for convs in project.values() for conv in convs for p in conv.parameters()]
+    calls = []
+    fused = backbones._merge_and_project
+    monkeypatch.setattr(backbones, "_merge_and_project", lambda *a: calls.append(1) or fused(*a))
+
+    def run(maps: dict[str, list]) -> tuple[dict[str, list], tuple]:
+        loss = sum((m * torch.linspace(-1, 1, m.numel()).view_as(m)).sum() for ms in maps.values() for m in ms)
+        return maps, torch.autograd.grad(loss, params, allow_unused=True)
+
+    fast, fast_grads = run(backbones.swin_stage_features(model, images, tasks=tasks, project=project))
+    assert len(calls) == 3
+    ref_features = _reference_features(model, images, tasks)
+    ref, ref_grads = run({t: [conv(f) for conv, f in zip(project[t], ref_features[t])] for t in tasks})
+    for task in tasks:
+        for f, g in zip(fast[task], ref[task], strict=True):
+            assert f.shape == g.shape
+            assert torch.allclose(f, g, rtol=1e-4, atol=1e-5), task
+    for gf, gr in zip(fast_grads, ref_grads, strict=True):
+        if gr is None:
+            assert gf is None or not gf.any()
+        else:
+            assert gf is not None and torch.allclose(gf, gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item())
+
+
+def test_swin_projected_streams_plain_path_where_not_fusable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A convolution with a hook of its own keeps its stage on the plain path (merge, then convolution), where the
+    hook sees its map, and an adapted reduction (MTLoRA+) keeps every stage there; the maps are the same either
+    way."""
+    from mtbench import backbones
+
+    calls = []
+    fused = backbones._merge_and_project
+    monkeypatch.setattr(backbones, "_merge_and_project", lambda *a: calls.append(1) or fused(*a))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted())
+    _randomise(model, std=0.05)
+    project = _projections(model, SWIN_TASKS)
+    with torch.no_grad():
+        fused_maps = backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=project)
+        assert len(calls) == 3
+        seen = []
+        hook = project["sal"][0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+        plain = backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=project)
+        hook.remove()
+    assert len(calls) == 5 and seen == [fused_maps["sal"][0].shape]  # the hooked conv's stage alone is plain
+    for task in SWIN_TASKS:
+        for f, g in zip(fused_maps[task], plain[task], strict=True):
+            assert torch.allclose(f, g, rtol=1e-4, atol=1e-5)
+    plus = MTLoRA(dataclasses.replace(MTLoRAConfig(r=4, task_r=2), plus=True), tasks=SWIN_TASKS)
+    model = plus.apply(_swin_shifted())
+    with torch.no_grad():
+        backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=_projections(model, SWIN_TASKS))
+    assert len(calls) == 5
+
+
+def test_swin_projected_streams_bf16_autocast() -> None:
+    """Under bf16 autocast the fused product (formed in the weights' dtype, rounded once) stays as close to the
+    fp32 maps as the plain path's two bf16 products do."""
+    from mtbench.backbones import swin_stage_features
+
+    method = MTLoRA(MTLoRAConfig(r=4, task_r=2), tasks=SWIN_TASKS)
+    model = method.apply(_swin_shifted())
+    _randomise(model, std=0.05)
+    project = _projections(model, SWIN_TASKS)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = swin_stage_features(model, images, tasks=SWIN_TASKS, project=project)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = swin_stage_features(model, images, tasks=SWIN_TASKS, project=project)
+            features = swin_stage_features(model, images, tasks=SWIN_TASKS)
+            plain = {t: [conv(f) for conv, f in zip(project[t], features[t])] for t in SWIN_TASKS}
+    for task in SWIN_TASKS:
+        for e, f, p in zip(exact[task], fused[task], plain[task], strict=True):
+            assert f.dtype == p.dtype == torch.bfloat16
+            err_fused, err_plain = (f.float() - e).abs().max(), (p.float() - e).abs().max()
+            assert err_fused <= 2 * err_plain + 1e-3, (task, err_fused, err_plain)
+
+
 def _mlp_pair(dropout: float) -> tuple[MTLoRALinear, nn.GELU, MTLoRALinear, TaskRouting]:
     torch.manual_seed(0)
     routing = TaskRouting(SWIN_TASKS)

@@ -506,6 +506,29 @@ def test_training_forward_and_loss_never_wait_for_the_device(no_host_sync: Any) 
     assert set(losses) == set(ALL) and all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize("method", ["mtlora", "lora"])
+def test_forward_is_the_heads_on_the_stage_features(method: str) -> None:
+    """The task's forward hands the heads' 1×1 downsamplers to the backbone (with MTLoRA each task stream's merge
+    and downsampler run as one product): its outputs are the heads applied to the plain stage features."""
+    from mtbench.config import resolve
+    from mtbench.runner import build_module
+    from mtbench.tasks.pascal import normalise
+
+    module = build_module(resolve(method, "pascal", "smoke"))
+    model, task = module.model.eval(), module.task
+    _randomise(model, "mtlora_tasks_" if method == "mtlora" else "lora_B")
+    batch = next(iter(task.datamodule(module.train_cfg, seed=0).train_dataloader()))
+    with torch.no_grad():
+        outputs = task.forward(model, batch)
+        images = normalise(batch["image"])
+        features = swin_stage_features(model.backbone, images, tasks=list(ALL))
+        assert isinstance(features, dict)
+        for t in ALL:
+            expected = F.interpolate(model.heads[t](features[t]), size=images.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+            assert torch.allclose(outputs[t], expected, rtol=1e-4, atol=1e-5), t
+
+
 @pytest.mark.parametrize("subtasks", [ALL, ("semseg",), ("sal", "normals")])
 def test_runner_loss_is_the_papers_weighted_sum_for_any_number_of_subtasks(subtasks: tuple[str, ...]) -> None:
     """The runner's total is Σ_t w_t L_t (w = 1, 2, 5, 10), so the gradient clipping at 5 is the paper's whatever T."""
