@@ -618,9 +618,11 @@ def _hookless(module: nn.Module) -> bool:
 
 
 def _fusable(merging: nn.Module, convs: Sequence[nn.Module], rows: Tensor) -> bool:
-    """Whether :func:`_merge_and_project` computes ``conv(merging(rows))`` for these modules: timm's
-    ``PatchMerging`` (its own forward, an ``nn.Linear`` reduction) on even sizes, and plain 1×1 convolutions from
-    the reduction's width, no module with hooks."""
+    """Whether :func:`_merge_and_project` computes ``conv(merging(rows))`` for these modules, and with fewer
+    multiply-adds: timm's ``PatchMerging`` (its own forward, an ``nn.Linear`` reduction) on even sizes, plain 1×1
+    convolutions from the reduction's width, no module with hooks, and enough rows per stream that forming the
+    product ``W_p W_r`` (w × 2C × 4C, and as much again for each weight's gradient) costs less than the stream's
+    reduction GEMMs it replaces (``m`` rows: ``m·4C·2C + m·2C·w`` against ``w·2C·4C + m·4C·w``, each three times)."""
     from timm.models.swin_transformer import PatchMerging
 
     if type(merging) is not PatchMerging or "forward" in vars(merging) or rows.shape[1] % 2 or rows.shape[2] % 2:
@@ -629,9 +631,13 @@ def _fusable(merging: nn.Module, convs: Sequence[nn.Module], rows: Tensor) -> bo
     reduction = merge.reduction
     if type(reduction) is not nn.Linear or not _hookless(merging) or not _hookless(reduction):
         return False
-    return all(type(conv) is nn.Conv2d and _hookless(conv) and conv.in_channels == reduction.out_features
+    m = rows.shape[0] // (len(convs) + 1) * (rows.shape[1] // 2) * (rows.shape[2] // 2)
+    wide, narrow = reduction.in_features, reduction.out_features  # 4C, 2C
+    return all(type(conv) is nn.Conv2d and _hookless(conv) and conv.in_channels == narrow
                and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
-               and conv.padding in ((0, 0), "valid") and conv.groups == 1 for conv in convs)
+               and conv.padding in ((0, 0), "valid") and conv.groups == 1
+               and conv.out_channels * narrow * wide + m * wide * conv.out_channels
+               < m * wide * narrow + m * narrow * conv.out_channels for conv in convs)
 
 
 def _merge_and_project(merging: Any, rows: Tensor, convs: Sequence[Any]) -> tuple[Tensor, list[Tensor]]:
@@ -654,15 +660,16 @@ def _merge_and_project(merging: Any, rows: Tensor, convs: Sequence[Any]) -> tupl
     own, *streams = normed.split(b // (len(convs) + 1))
     reduction: nn.Linear = merging.reduction
     shared = reduction(own)
+    # Every stream's product W_p W_r in one GEMM (and one for each weight's gradient), then split by width.
+    projections = torch.cat([conv.weight.flatten(1) for conv in convs])  # (Σ w, 2C)
+    widths = [conv.out_channels for conv in convs]
+    with torch.autocast(rows.device.type, enabled=False):  # one rounding of the product, in the weights' dtype
+        weights = (projections @ reduction.weight.to(projections.dtype)).split(widths)  # (w, 4C) each
+        lifted = ([None] * len(convs) if reduction.bias is None
+                  else (projections @ reduction.bias.to(projections.dtype)).split(widths))
     maps = []
-    for conv, stream in zip(convs, streams):
-        projection = conv.weight.flatten(1)  # (w, 2C)
-        with torch.autocast(rows.device.type, enabled=False):  # one rounding of the product, in the weights' dtype
-            weight = projection @ reduction.weight.to(projection.dtype)  # (w, 4C)
-            bias = conv.bias
-            if reduction.bias is not None:
-                lifted = projection @ reduction.bias.to(projection.dtype)
-                bias = lifted if bias is None else bias + lifted
+    for conv, stream, weight, shift in zip(convs, streams, weights, lifted):
+        bias = shift if conv.bias is None else conv.bias if shift is None else conv.bias + shift
         maps.append(nn.functional.linear(stream, weight, bias).permute(0, 3, 1, 2))
     return shared, maps
 

@@ -625,12 +625,12 @@ def test_swin_all_tasks_fast_path_matches_per_task_reference(targets: tuple[str,
             assert gf is not None and torch.allclose(gf, gr, rtol=1e-4, atol=1e-5 * gr.abs().max().item()), name
 
 
-def _projections(model: nn.Module, tasks: tuple[str, ...], bias: bool = False) -> dict[str, list[nn.Conv2d]]:
+def _projections(model: nn.Module, tasks: tuple[str, ...], bias: bool = False,
+                 widths: tuple[int, ...] = (3, 5, 7, 9)) -> dict[str, list[nn.Conv2d]]:
     """Per task, 1×1 convolutions from each stage's map to a narrower width (a decoder's downsamplers)."""
     from mtbench.backbones import swin_feature_channels
 
     torch.manual_seed(3)
-    widths = (3, 5, 7, 9)
     return {t: [nn.Conv2d(c, w, 1, bias=bias) for c, w in zip(swin_feature_channels(model), widths)]
             for t in tasks}
 
@@ -675,8 +675,8 @@ def test_swin_projected_streams_match_reference(monkeypatch: pytest.MonkeyPatch,
 
 def test_swin_projected_streams_plain_path_where_not_fusable(monkeypatch: pytest.MonkeyPatch) -> None:
     """A convolution with a hook of its own keeps its stage on the plain path (merge, then convolution), where the
-    hook sees its map, and an adapted reduction (MTLoRA+) keeps every stage there; the maps are the same either
-    way."""
+    hook sees its map, as does a stage with too few rows for the product to pay, and an adapted reduction (MTLoRA+)
+    keeps every stage there; the maps are the same either way."""
     from mtbench import backbones
 
     calls = []
@@ -698,11 +698,17 @@ def test_swin_projected_streams_plain_path_where_not_fusable(monkeypatch: pytest
     for task in SWIN_TASKS:
         for f, g in zip(fused_maps[task], plain[task], strict=True):
             assert torch.allclose(f, g, rtol=1e-4, atol=1e-5)
+    # Stage 3 merges 2 × 2 × 2 = 8 rows per stream: forming the 16 × 128 × 256 product would cost more than the
+    # plain reduction saves (a width of 7, as above, costs less).
+    wide = _projections(model, SWIN_TASKS, widths=(3, 5, 16, 9))
+    with torch.no_grad():
+        backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=wide)
+    assert len(calls) == 7
     plus = MTLoRA(dataclasses.replace(MTLoRAConfig(r=4, task_r=2), plus=True), tasks=SWIN_TASKS)
     model = plus.apply(_swin_shifted())
     with torch.no_grad():
         backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=_projections(model, SWIN_TASKS))
-    assert len(calls) == 5
+    assert len(calls) == 7
 
 
 def test_swin_projected_streams_bf16_autocast() -> None:
