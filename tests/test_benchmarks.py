@@ -148,12 +148,14 @@ def test_options_refuse_what_they_cannot_run(argv: list[str], expected: list[str
 
 @pytest.mark.slow  # Swin-T at 224 px: about a minute on one thread
 def test_swin_suite_flops(capsys: pytest.CaptureFixture) -> None:
-    """The PASCAL model: MTLoRA's task streams run the frozen layers once (its floor is ~1.15x LoRA's FLOPs)."""
+    """The PASCAL model: MTLoRA's task streams run the frozen layers once, and each task stream's merge runs with its
+    decoder's downsampler as one product (1.076x LoRA's FLOPs at batch 1, where stage 3's merge stays plain;
+    1.146x without that product, more with frozen layers run per stream)."""
     table = _table(capsys, ["--suite", "swin", "--image-size", "224", "--batch", "1"])
     # peft's LoRA trains what mtbench's does besides the adapters (heads, norms, patch embedding, reductions).
     assert table["peft_lora_r64"][1] == table["lora_r64"][1] == "8,068,154"
     ratio = float(table["mtlora_r64_t4"][8])
-    assert 1.1 < ratio < 1.2
+    assert 1.03 < ratio < 1.10
 
 
 def test_pascal_loader_benchmark_runs(capsys: pytest.CaptureFixture, tmp_path: Path,
