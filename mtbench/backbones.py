@@ -567,7 +567,8 @@ def swin_stage_features(
     (w × 4C, formed per call): the same function (matrix products associate; the rounding differs), without forming
     the stream's 2C-wide merged map, that only the convolution reads. At the PASCAL decoder's widths (18-72 against
     192-768 channels) that stream's merge then costs about a tenth of its reduction's three GEMMs (forward, input and
-    weight gradients). Modules with hooks of their own (which would not see those rows) take the plain path.
+    weight gradients). Modules with hooks or a forward of their own (which would not see those rows) take the
+    plain path.
 
     Args:
         model: a timm ``SwinTransformer`` (``patch_embed``, ``layers[i].downsample`` then ``layers[i].blocks``).
@@ -611,10 +612,12 @@ def swin_stage_features(
 
 
 def _hookless(module: nn.Module) -> bool:
-    """Whether ``module`` has no hooks of its own. (Global module hooks, such as those of torch's FLOP counter and
-    module tracker, do not stop the fused path; they see its modules' calls without the streams' rows.)"""
-    return not any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-                    module._backward_pre_hooks))
+    """Whether ``module`` has no hooks of its own and no instance-level forward (which wrappers, such as device
+    offloading, install): the fused path reads its weights instead of calling it. (Global module hooks, such as those
+    of torch's FLOP counter and module tracker, do not stop the fused path; they see its modules' calls without the
+    streams' rows.)"""
+    return "forward" not in vars(module) and not any((module._forward_hooks, module._forward_pre_hooks,
+                                                      module._backward_hooks, module._backward_pre_hooks))
 
 
 def _fusable(merging: nn.Module, convs: Sequence[nn.Module], rows: Tensor) -> bool:
@@ -625,7 +628,7 @@ def _fusable(merging: nn.Module, convs: Sequence[nn.Module], rows: Tensor) -> bo
     reduction GEMMs it replaces (``m`` rows: ``m·4C·2C + m·2C·w`` against ``w·2C·4C + m·4C·w``, each three times)."""
     from timm.models.swin_transformer import PatchMerging
 
-    if type(merging) is not PatchMerging or "forward" in vars(merging) or rows.shape[1] % 2 or rows.shape[2] % 2:
+    if type(merging) is not PatchMerging or rows.shape[1] % 2 or rows.shape[2] % 2:
         return False
     merge: Any = merging
     reduction = merge.reduction

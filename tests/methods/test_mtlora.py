@@ -675,8 +675,8 @@ def test_swin_projected_streams_match_reference(monkeypatch: pytest.MonkeyPatch,
 
 def test_swin_projected_streams_plain_path_where_not_fusable(monkeypatch: pytest.MonkeyPatch) -> None:
     """A convolution with a hook of its own keeps its stage on the plain path (merge, then convolution), where the
-    hook sees its map, as does a stage with too few rows for the product to pay, and an adapted reduction (MTLoRA+)
-    keeps every stage there; the maps are the same either way."""
+    hook sees its map, as do a convolution with a forward of its own and a stage with too few rows for the product
+    to pay, and an adapted reduction (MTLoRA+) keeps every stage there; the maps are the same either way."""
     from mtbench import backbones
 
     calls = []
@@ -698,17 +698,25 @@ def test_swin_projected_streams_plain_path_where_not_fusable(monkeypatch: pytest
     for task in SWIN_TASKS:
         for f, g in zip(fused_maps[task], plain[task], strict=True):
             assert torch.allclose(f, g, rtol=1e-4, atol=1e-5)
+    # A forward installed on the instance (as offloading wrappers do) is honoured: that stage runs plain.
+    conv = project["sal"][1]
+    conv.forward = lambda x, conv=conv: nn.Conv2d.forward(conv, x) + 1
+    with torch.no_grad():
+        shifted = backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=project)
+    del conv.forward
+    assert len(calls) == 5 + 2
+    assert torch.allclose(shifted["sal"][1], plain["sal"][1] + 1, atol=1e-5)
     # Stage 3 merges 2 × 2 × 2 = 8 rows per stream: forming the 16 × 128 × 256 product would cost more than the
     # plain reduction saves (a width of 7, as above, costs less).
     wide = _projections(model, SWIN_TASKS, widths=(3, 5, 16, 9))
     with torch.no_grad():
         backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=wide)
-    assert len(calls) == 7
+    assert len(calls) == 9
     plus = MTLoRA(dataclasses.replace(MTLoRAConfig(r=4, task_r=2), plus=True), tasks=SWIN_TASKS)
     model = plus.apply(_swin_shifted())
     with torch.no_grad():
         backbones.swin_stage_features(model, images, tasks=SWIN_TASKS, project=_projections(model, SWIN_TASKS))
-    assert len(calls) == 7
+    assert len(calls) == 9
 
 
 def test_swin_projected_streams_bf16_autocast() -> None:
