@@ -656,11 +656,9 @@ def _merge_and_project(merging: Any, rows: Tensor, convs: Sequence[Any]) -> tupl
         ``(shared, maps)``: the shared rows merged, ``(n, H/2, W/2, 2C)``, and per stream its projected map
         ``(n, w_t, H/2, W/2)`` (channels-last strides, as the convolution returns for such input).
     """
-    b, h, w, c = rows.shape
-    gathered = rows.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
-    normed = merging.norm(gathered)  # timm's order of the 2×2 neighbours; LayerNorm over all 4C
+    normed = merging.norm(_neighbours(rows))  # LayerNorm over all 4C
     # One split (its backward is one concatenation; slicing would zero-fill a full-size gradient per slice).
-    own, *streams = normed.split(b // (len(convs) + 1))
+    own, *streams = normed.split(rows.shape[0] // (len(convs) + 1))
     reduction: nn.Linear = merging.reduction
     shared = reduction(own)
     # Every stream's product W_p W_r in one GEMM (and one for each weight's gradient), then split by width.
@@ -694,13 +692,18 @@ def _merge_patches(downsample: nn.Module, x: Tensor) -> Tensor:
     merging: Any = downsample
 
     def forward(x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        if h % 2 or w % 2:
+        if x.shape[1] % 2 or x.shape[2] % 2:
             return PatchMerging.forward(merging, x)
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return merging.reduction(merging.norm(x))
+        return merging.reduction(merging.norm(_neighbours(x)))
 
     return _call_through(merging, forward, x)
+
+
+def _neighbours(x: Tensor) -> Tensor:
+    """Each 2×2 patch's four rows side by side in timm's ``PatchMerging`` order, ``(B, H, W, C)`` in (``H``, ``W``
+    even), ``(B, H/2, W/2, 4C)`` out (a copy)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
 def _call_through(module: nn.Module, forward: Any, x: Tensor) -> Any:
