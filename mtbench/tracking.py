@@ -38,6 +38,11 @@ def home_dir() -> Path:
     return Path(os.environ.get("MTBENCH_HOME", "mtbench-runs")).resolve()
 
 
+SQLITE_TIMEOUT_S = 60
+"""Seconds a writer to the sqlite store waits for its lock (the driver's default is 5): concurrent runs queue."""
+_SQLITE_OPTIONS = f"?timeout={SQLITE_TIMEOUT_S}"
+
+
 def tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: explicit, else ``MLFLOW_TRACKING_URI``, else the embedded sqlite store.
 
@@ -51,14 +56,14 @@ def tracking_uri(uri: str | None = None) -> str:
         raise ConfigError(f"tracking URI {uri!r}: give a database or server URI, e.g. sqlite:////abs/path/mlflow.db "
                           "(four slashes for an absolute path) or http://host:5000")
     if uri.startswith("sqlite:///") and "?" not in uri:
-        uri += "?timeout=60"
+        uri += _SQLITE_OPTIONS
     return uri
 
 
 def shown_uri(uri: str) -> str:
     """``uri`` as messages show it: without the ``?timeout=60`` :func:`tracking_uri` adds, which the user never
     wrote."""
-    return uri.removesuffix("?timeout=60")
+    return uri.removesuffix(_SQLITE_OPTIONS)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -121,7 +126,7 @@ def _open_sqlite_store(db: Path, uri: str) -> Any:
             try:
                 # Before MLflow opens its pooled connections: the journal mode changes only with none open.
                 try:
-                    with closing(sqlite3.connect(db, timeout=60)) as conn:
+                    with closing(sqlite3.connect(db, timeout=SQLITE_TIMEOUT_S)) as conn:
                         conn.execute("pragma journal_mode=wal")
                 except sqlite3.OperationalError:
                     pass  # another process holds the store open; it stays in its current mode, which still works
